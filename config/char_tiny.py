@@ -1,0 +1,20 @@
+# The quick start: a small character model of Python's reference docs, ~1 minute on a 2-core CPU.
+#   python prepare_char.py && python train.py config/char_tiny.py && python sample.py --out_dir=out-char-tiny
+out_dir = "out-char-tiny"
+dataset = "pydocs_char"
+eval_interval = 500
+eval_iters = 50
+log_interval = 50
+# 16 batch * 128 block = 2,048 tokens per step
+batch_size = 16
+block_size = 128
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+learning_rate = 2e-3
+max_iters = 1500
+lr_decay_iters = 1500
+warmup_iters = 100
+min_lr = 2e-4
+beta2 = 0.99

@@ -1,0 +1,141 @@
+"""
+Settings for every script, nanoGPT style, but strict.
+
+A script keeps its settings as commented module globals and then calls
+
+    config, explicit = configure(globals())
+
+which applies, in order, the config files and the --key=value overrides on the command line:
+
+    python train.py config/char_tiny.py --batch_size=32 --compile=False
+
+Unlike nanoGPT's exec-based version, an unknown key (from a file or the command line) or a
+value of the wrong type stops the script with one line naming the problem. `--help` prints
+every setting with its default and its comment. Values are parsed with ast.literal_eval and
+fall back to a plain string; an int is fine for a float setting; a setting whose default is
+None takes any literal.
+"""
+
+import ast
+import difflib
+import os
+import re
+import sys
+
+SIMPLE_TYPES = (bool, int, float, str, tuple, list, type(None))
+
+
+def die(msg):
+    """Stop a user-facing script with one clear line on stderr and exit status 1."""
+    sys.exit(f"error: {msg}")
+
+
+def _settings(scope):
+    # settings are the script's lower-case module globals of simple types; CONSTANTS and _private are not
+    return {k: v for k, v in scope.items() if not k.startswith("_") and not k.isupper() and isinstance(v, SIMPLE_TYPES)}
+
+
+def _coerce(key, value, default, source):
+    """Check `value` against the type of `default`; return it converted, or stop with one line."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = True
+        value = value if isinstance(value, str) else str(value)
+    else:  # tuple / list
+        ok = isinstance(value, (tuple, list))
+        value = type(default)(value) if ok else value
+    if not ok:
+        die(f"{source}: {key}={value!r} should be a {type(default).__name__} (default {default!r})")
+    return value
+
+
+def _parse(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def _unknown(key, known, source):
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run with --help to list the settings"
+    die(f"{source}: unknown setting '{key}'{hint}")
+
+
+def _comments(path):
+    """Map each top-level `name = value  # comment` in the script to its comment, for --help."""
+    comments = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                m = re.match(r"^(\w+)\s*=.*?#\s*(.*)$", line)
+                if m:
+                    comments.setdefault(m.group(1), m.group(2).strip())
+    except OSError:
+        pass
+    return comments
+
+
+def print_help(scope, settings):
+    doc = (scope.get("__doc__") or "").strip()
+    if doc:
+        print(doc, end="\n\n")
+    comments = _comments(scope.get("__file__", ""))
+    width = min(40, max(len(f"{k}={v!r}") for k, v in settings.items()))
+    print("settings (--key=value, after any config/*.py files):")
+    for k, v in settings.items():
+        print(f"  --{k}={v!r}".ljust(width + 6) + ("  # " + comments[k] if k in comments else ""))
+
+
+def configure(scope, argv=None):
+    """Apply config files, then --key=value overrides from argv, to the settings in `scope` (a module's
+    globals(), updated in place). Returns (settings dict, set of the names a file or flag set)."""
+    argv = sys.argv[1:] if argv is None else argv
+    settings = _settings(scope)
+    known = list(settings)
+    explicit = set()
+    if any(a in ("-h", "--help") for a in argv):
+        print_help(scope, settings)
+        sys.exit(0)
+    for arg in argv:
+        if not arg.startswith("--"):
+            # a config file: python code whose top-level names must all be known settings
+            if not arg.endswith(".py"):
+                die(f"'{arg}' is neither a config file (*.py) nor a --key=value setting")
+            if not os.path.isfile(arg):
+                die(f"config file '{arg}' not found")
+            namespace = {}
+            with open(arg, encoding="utf-8") as f:
+                code = f.read()
+            try:
+                exec(compile(code, arg, "exec"), namespace)
+            except Exception as e:  # a config file is user input: report it in one line
+                die(f"{arg}: {type(e).__name__}: {e}")
+            for key, value in namespace.items():
+                if key.startswith("_") or not isinstance(value, SIMPLE_TYPES):
+                    continue  # helpers (_tokens = ...), imported modules, functions
+                if key not in settings:
+                    _unknown(key, known, arg)
+                settings[key] = _coerce(key, value, scope[key], arg)
+                explicit.add(key)
+        else:
+            key, eq, text = arg[2:].partition("=")
+            if key not in settings:
+                _unknown(key, known, "command line")
+            if not eq:
+                if not isinstance(scope[key], bool):
+                    die(f"--{key} needs a value: --{key}=VALUE")
+                text = "True"  # a bare --flag switches a boolean on
+            value = text if isinstance(scope[key], str) and not text[:1] in "'\"" else _parse(text)
+            settings[key] = _coerce(key, value, scope[key], "command line")
+            explicit.add(key)
+    scope.update(settings)
+    return settings, explicit

@@ -1,0 +1,357 @@
+"""
+The GPT language model, with every architecture variant behind a GPTConfig field.
+
+The default config is the GPT-2 block (learned positions, LayerNorm, GELU MLP, biases, tied
+embeddings) with nanoGPT's parameter names, so nanoGPT and GPT-2 weights load into it. The
+presets in PRESETS bundle the modern variants (RoPE, RMSNorm, SwiGLU/ReLU², GQA, QK-norm,
+logit soft-capping); each is chosen once in __init__, so forward passes read the same for all.
+
+    python -c "from model import GPT, GPTConfig; print(GPT(GPTConfig(n_layer=2)))"
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304  # tokens in the vocabulary (GPT-2's 50257 padded up to a multiple of 64)
+    block_size: int = 1024  # longest context the model sees
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # query heads per attention layer
+    n_kv_head: int = 0  # key/value heads (grouped-query attention); 0 = n_head, 1 = multi-query
+    n_embd: int = 768  # width of the residual stream
+    dropout: float = 0.0  # dropout on attention weights and residual branches (0.0 for pretraining)
+    bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2: True)
+    tie_weights: bool = True  # share the token embedding with the lm_head
+    pos_emb: str = "learned"  # position encoding: "learned" (GPT-2) | "rope" (rotary, on q and k)
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_affine: bool = True  # learnable scale (and LayerNorm bias when bias=True) in every norm
+    mlp: str = "gelu"  # "gelu" (GPT-2) | "swiglu" (Llama) | "relu2" (ReLU squared, modded-nanogpt)
+    mlp_hidden: int = 0  # MLP hidden width; 0 = 4*n_embd (gelu, relu2) or 8/3*n_embd rounded up to 64 (swiglu)
+    qk_norm: bool = False  # RMS-normalise q and k per head before attention
+    logit_softcap: float = 0.0  # if > 0, logits = cap * tanh(logits / cap)
+    attn_impl: str = "sdpa"  # "sdpa" (fused kernels where the device has them) | "manual" (reference)
+    grad_checkpoint: bool = False  # recompute each block's activations in backward (training only)
+    init_std: float = 0.02  # std of the normal init of weights; residual projections get std/sqrt(2*n_layer)
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if not self.mlp_hidden:
+            self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
+        self.validate()
+
+    def validate(self):
+        """Check every field once; raise ValueError with a message that names the bad value."""
+        choices = dict(pos_emb=POS_EMBS, norm=NORMS, mlp=ACTIVATIONS, attn_impl=ATTENTIONS)
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, allowed))}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.logit_softcap < 0 or self.rope_theta <= 0 or self.init_std <= 0:
+            raise ValueError("logit_softcap must be >= 0, rope_theta and init_std > 0")
+
+
+# Presets: bundles of fields that a run may still override one by one (see train.py's model_type).
+PRESETS = {
+    "gpt": {},  # the GPT-2 block
+    "gpt_plus": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False),  # accuracy
+    "gpt_fast": dict(pos_emb="rope", norm="rmsnorm", norm_affine=False, mlp="relu2", bias=False),  # speed
+}
+MODEL_FIELDS = [f.name for f in fields(GPTConfig)]
+
+
+def config_from_preset(model_type, **overrides):
+    """GPTConfig from a preset name plus field overrides (None values are ignored)."""
+    if model_type not in PRESETS:
+        raise ValueError(f"model_type={model_type!r} is not one of {', '.join(map(repr, PRESETS))}")
+    return GPTConfig(**{**PRESETS[model_type], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+# -----------------------------------------------------------------------------
+# building blocks, each chosen by name in __init__
+
+
+def layer_norm(cfg, dim):
+    return nn.LayerNorm(dim, elementwise_affine=cfg.norm_affine, bias=cfg.bias and cfg.norm_affine)
+
+
+def rms_norm(cfg, dim):
+    return nn.RMSNorm(dim, elementwise_affine=cfg.norm_affine)
+
+
+NORMS = {"layernorm": layer_norm, "rmsnorm": rms_norm}
+
+
+def swiglu(x):
+    a, b = x.chunk(2, dim=-1)
+    return F.silu(a) * b
+
+
+ACTIVATIONS = {"gelu": F.gelu, "swiglu": swiglu, "relu2": lambda x: F.relu(x).square()}
+POS_EMBS = ("learned", "rope")
+
+
+def sdpa_attention(q, k, v, mask, dropout_p):
+    # q: (B, n_head, Tq, hs); k, v: (B, n_kv_head, Tk, hs); mask: None (causal) or (Tq, Tk) bool
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=mask is None, enable_gqa=q.size(1) != k.size(1))
+
+
+def manual_attention(q, k, v, mask, dropout_p):
+    # the reference that tests compare SDPA against: explicit scores, causal mask and softmax
+    groups = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
+    if mask is None:
+        mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
+    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    att = F.dropout(att, p=dropout_p)
+    return att @ v  # (B, nh, Tq, hs)
+
+
+ATTENTIONS = {"sdpa": sdpa_attention, "manual": manual_attention}
+
+
+def rope_tables(head_size, length, theta):
+    """cos and sin tables for rotary embeddings, each (length, head_size/2), in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, nh, T, hs); cos, sin: (T, hs/2). Rotates pairs (x1[i], x2[i]) of the two halves.
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+def no_rope(x, cos, sin):
+    return x
+
+
+class KVCache:
+    """Keys and values of every layer for generation: only n_kv_head heads are stored, so grouped-query
+    attention shrinks the cache by n_head / n_kv_head."""
+
+    def __init__(self, cfg):
+        self.n_layer, self.block_size = cfg.n_layer, cfg.block_size
+        self.k = self.v = None  # (n_layer, B, n_kv_head, block_size, hs), allocated by the first update
+        self.pos = 0  # tokens stored so far
+
+    def update(self, layer, k, v):
+        """Append this step's k, v (B, n_kv_head, T, hs) for `layer`; return all keys/values so far."""
+        if self.k is None:  # take batch, heads, device and dtype (autocast's, say) from the first keys
+            B, nkv, _, hs = k.shape
+            self.k = k.new_zeros(self.n_layer, B, nkv, self.block_size, hs)
+            self.v = torch.zeros_like(self.k)
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def nbytes(self):
+        return self.k.nbytes + self.v.nbytes
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head = layer, cfg.n_head, cfg.n_kv_head
+        self.head_size = cfg.n_embd // cfg.n_head
+        # one matmul for q (n_head heads), k and v (n_kv_head heads each); nanoGPT's name and shape when n_kv_head == n_head
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * self.head_size, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.q_norm = nn.RMSNorm(self.head_size, elementwise_affine=False) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_size, elementwise_affine=False) if cfg.qk_norm else nn.Identity()
+        self.rope = apply_rope if cfg.pos_emb == "rope" else no_rope
+        self.attend = ATTENTIONS[cfg.attn_impl]
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache):
+        B, T, C = x.size()
+        hs = self.head_size
+        q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
+        q = self.rope(self.q_norm(q.view(B, T, self.n_head, hs).transpose(1, 2)), cos, sin)  # (B, nh, T, hs)
+        k = self.rope(self.k_norm(k.view(B, T, self.n_kv_head, hs).transpose(1, 2)), cos, sin)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        mask = None  # plain causal attention over this chunk
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+            if cache.pos > 0:  # new queries attend to every cached key and causally among themselves
+                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=cache.pos)
+        y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        gated = 2 if cfg.mlp == "swiglu" else 1  # SwiGLU's c_fc makes the gate and the value at once
+        self.c_fc = nn.Linear(cfg.n_embd, gated * cfg.mlp_hidden, bias=cfg.bias)
+        self.act = ACTIVATIONS[cfg.mlp]
+        self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.ln_1 = NORMS[cfg.norm](cfg, cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = NORMS[cfg.norm](cfg, cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None,
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
+            ln_f=NORMS[cfg.norm](cfg, cfg.n_embd),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.transformer.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
+        # rotary tables are derived, not learned: kept out of the state dict (empty when unused)
+        cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size if cfg.pos_emb == "rope" else 0, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; by default without the position embedding (as nanoGPT reports it)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.transformer.wpe is not None:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward): 6 per weight plus attention (PaLM, appendix B)."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0):
+        """idx: (B, T) token ids. With targets (B, T), returns logits (B, T, vocab) and the mean
+        cross-entropy (targets of -1 are ignored); without, the logits of the last position only
+        (B, 1, vocab) and None. With a KVCache, idx continues the sequence the cache holds."""
+        B, T = idx.size()
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.transformer.wpe is not None:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        x = self.transformer.drop(x)
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        for block in self.transformer.h:
+            if self.config.grad_checkpoint and self.training:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            x = x[:, [-1], :]  # only the last position is needed to sample the next token
+        logits = self.lm_head(x).float()  # (B, T, vocab) in fp32 for a stable softmax
+        if self.config.logit_softcap:
+            logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               label_smoothing=label_smoothing)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                        generator=None, use_cache=True):
+        """Yield the next token ids, a (B,) tensor at a time, continuing idx (B, T).
+        temperature 0 is greedy; top_k keeps the k likeliest tokens; top_p the smallest set whose
+        probability reaches p. Stops early once every row has produced eos_id. Beyond block_size
+        the context slides: the cache is refilled with the newest half block of tokens."""
+        was_training = self.training
+        self.eval()
+        cache, pending = None, idx
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        try:
+            for _ in range(max_new_tokens):
+                if not use_cache:
+                    logits, _ = self(idx[:, -self.config.block_size:])
+                else:
+                    if cache is None or cache.pos + pending.size(1) > self.config.block_size:
+                        keep = self.config.block_size if cache is None else self.config.block_size // 2
+                        cache, pending = KVCache(self.config), idx[:, -keep:]
+                    logits, _ = self(pending, cache=cache)
+                next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+                idx, pending = torch.cat([idx, next_id[:, None]], dim=1), next_id[:, None]
+                yield next_id
+                if eos_id is not None:
+                    finished |= next_id == eos_id
+                    if finished.all():
+                        break
+        finally:
+            self.train(was_training)
+
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """Like generate_stream, but returns idx (B, T) with the new tokens appended."""
+        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token from logits (B, vocab): greedy at temperature 0, else sample after the
+    top-k and top-p (nucleus) cuts. Returns (B,) token ids."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep tokens until the mass before them reaches p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]

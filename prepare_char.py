@@ -1,0 +1,143 @@
+"""
+Prepare a character-level dataset: train.bin / val.bin (raw uint16 token ids, interchangeable with
+nanoGPT's) and meta.json (the vocabulary as a list of characters, counts, source, split).
+
+    python prepare_char.py                          # Python's reference docs -> data/pydocs_char
+    python prepare_char.py --input=shakespeare      # tiny Shakespeare (downloaded once) -> data/shakespeare_char
+    python prepare_char.py --input=notes.txt        # a file, a folder of *.txt, or an http(s) URL
+"""
+
+import json
+import os
+import random
+import urllib.request
+
+import numpy as np
+
+from configurator import configure, die
+
+# -----------------------------------------------------------------------------
+input = "pydocs"  # pydocs | shakespeare | a .txt file | a folder of *.txt | an http(s):// URL
+out_dir = ""  # where to write; '' = data/<name>_char, e.g. data/pydocs_char
+val_fraction = 0.1  # share of the text held out for validation
+split = "tail"  # tail (the last val_fraction of the text) | random (whole chunks, seeded)
+chunk_size = 10000  # characters per chunk for split=random
+seed = 1337  # seed for split=random
+# -----------------------------------------------------------------------------
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def download(url, path):
+    """Fetch url into path once (later calls reuse the cached copy)."""
+    if os.path.isfile(path):
+        return path
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            data = r.read()
+    except OSError as e:
+        die(f"could not download {url} ({getattr(e, 'reason', e)}); offline? "
+            f"save the text yourself and use --input=FILE")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def decode_text(raw, where):
+    """Bytes to str, refusing what is not a text corpus."""
+    if b"\x00" in raw:
+        die(f"{where} looks binary (it contains NUL bytes); give a UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        die(f"{where} is not UTF-8 text (bad byte at offset {e.start}); convert it, e.g. `iconv -t utf-8`")
+
+
+def resolve_input(spec):
+    """Return (name, source description, list of document texts) for the --input spec."""
+    if spec == "pydocs":
+        import pydoc_data.topics
+        topics = pydoc_data.topics.topics
+        return "pydocs", "pydoc_data.topics (Python reference docs)", [topics[k].strip("\n") + "\n\n" for k in sorted(topics)]
+    if spec == "shakespeare":
+        path = download(SHAKESPEARE_URL, os.path.join("data", "shakespeare_char", "input.txt"))
+        return "shakespeare", SHAKESPEARE_URL, [decode_text(open(path, "rb").read(), path)]
+    if spec.startswith(("http://", "https://")):
+        name = os.path.splitext(os.path.basename(spec.rstrip("/")))[0] or "download"
+        path = download(spec, os.path.join("data", f"{name}_char", "input.txt"))
+        return name, spec, [decode_text(open(path, "rb").read(), path)]
+    if os.path.isdir(spec):
+        files = sorted(f for f in os.listdir(spec) if f.endswith(".txt"))
+        if not files:
+            die(f"folder {spec} has no *.txt files")
+        docs = [decode_text(open(os.path.join(spec, f), "rb").read(), os.path.join(spec, f)) for f in files]
+        return os.path.basename(os.path.abspath(spec)), os.path.abspath(spec), docs
+    if os.path.isfile(spec):
+        name = os.path.splitext(os.path.basename(spec))[0]
+        return name, os.path.abspath(spec), [decode_text(open(spec, "rb").read(), spec)]
+    die(f"--input={spec!r} is not pydocs, shakespeare, a URL, an existing file or a folder")
+
+
+def split_text(text, val_fraction, split, chunk_size, seed):
+    """Return (train_text, val_text)."""
+    if split == "tail":
+        n = int(len(text) * (1 - val_fraction))
+        return text[:n], text[n:]
+    chunks = [text[i:i + chunk_size] for i in range(0, len(text), chunk_size)]
+    n_val = max(1, round(len(chunks) * val_fraction))
+    val_ids = set(random.Random(seed).sample(range(len(chunks)), n_val)) if len(chunks) > 1 else set()
+    train = "".join(c for i, c in enumerate(chunks) if i not in val_ids)
+    return train, "".join(c for i, c in enumerate(chunks) if i in val_ids)
+
+
+def write_dataset(out_dir, train_ids, val_ids, meta):
+    """Write the bins and meta.json via temporary files, so a failure leaves no half dataset."""
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = np.dtype(meta["dtype"])
+    files = {"train.bin": train_ids, "val.bin": val_ids}
+    for fname, ids in files.items():
+        np.asarray(ids, dtype=dtype).tofile(os.path.join(out_dir, fname + ".tmp"))
+    with open(os.path.join(out_dir, "meta.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+    for fname in list(files) + ["meta.json"]:
+        os.replace(os.path.join(out_dir, fname + ".tmp"), os.path.join(out_dir, fname))
+
+
+def check_out_dir(out_dir, source):
+    """Refuse to replace a dataset that was prepared from a different source."""
+    path = os.path.join(out_dir, "meta.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f).get("source")
+        if old != source:
+            die(f"{out_dir} already holds a dataset prepared from {old}; choose another --out_dir or delete it")
+
+
+if __name__ == "__main__":
+    configure(globals())
+    if split not in ("tail", "random"):
+        die(f"--split={split!r} is not one of tail, random")
+    if not 0.0 < val_fraction < 1.0:
+        die(f"--val_fraction={val_fraction} must be between 0 and 1")
+    name, source, docs = resolve_input(input)
+    text = "".join(docs)
+    if not text.strip():
+        die(f"--input={input} is empty; give a text with some content")
+    train_text, val_text = split_text(text, val_fraction, split, chunk_size, seed)
+    if not train_text or not val_text:
+        die(f"--input={input} ({len(text)} characters) is too small to split with val_fraction={val_fraction}")
+    chars = sorted(set(text))
+    if len(chars) > 65535:
+        die(f"{len(chars)} distinct characters do not fit uint16; use prepare_bpe.py for this corpus")
+    stoi = {c: i for i, c in enumerate(chars)}
+    out_dir = out_dir or os.path.join("data", f"{name}_char")
+    check_out_dir(out_dir, source)
+    meta = dict(tokenizer="char", vocab=chars, vocab_size=len(chars), dtype="uint16",
+                train_tokens=len(train_text), val_tokens=len(val_text),
+                train_bytes=len(train_text.encode("utf-8")), val_bytes=len(val_text.encode("utf-8")),
+                source=source, split=split, val_fraction=val_fraction, seed=seed)
+    write_dataset(out_dir, [stoi[c] for c in train_text], [stoi[c] for c in val_text], meta)
+    print(f"{source}: {len(text):,} characters, {len(docs):,} documents, vocab {len(chars)}")
+    print(f"wrote {out_dir}/train.bin ({len(train_text):,} tokens), val.bin ({len(val_text):,} tokens), meta.json")

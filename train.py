@@ -1,0 +1,399 @@
+"""
+Train a GPT: one flat loop with mixed precision, gradient accumulation, AdamW or Muon, a cosine or
+warmup-stable-decay LR schedule, exact resume, and DDP when launched by torchrun.
+
+    python train.py config/char_tiny.py                      # the quick start, ~1 minute on a CPU
+    python train.py config/char_tiny.py --device=mps --batch_size=32
+    python train.py config/char_tiny.py --init_from=resume --max_iters=3000
+    torchrun --standalone --nproc_per_node=8 train.py        # the defaults: a GPT-2-small-class run
+"""
+
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import autocast, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype, read_meta, save_checkpoint
+from configurator import configure, die
+from model import GPT, MODEL_FIELDS, config_from_preset
+from tokenizer import load_tokenizer
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out"  # checkpoints, metrics.csv, run_meta.json and the tokenizer go here
+eval_interval = 2000  # evaluate (and save) every this many iterations
+log_interval = 1  # print a log line every this many iterations
+eval_iters = 200  # batches per split in each evaluation
+eval_only = False  # evaluate once and exit
+init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | auto (resume if there is one) | path/to/ckpt.pt (weights only)
+strict_init = True  # with init_from=<path>: False loads matching weights and reports missing/unexpected keys
+overwrite = False  # let init_from=scratch replace a checkpoint already in out_dir
+save_strategy = "latest"  # latest (ckpt.pt at every eval) | best (best.pt on a new best val loss) | both | none
+early_stopping_patience = 0  # stop after this many evals without a new best val loss; 0 = never
+# data
+dataset = "pydocs_char"  # a folder under data/ made by prepare_char.py or prepare_bpe.py
+batch_size = 12  # sequences per micro-batch (per process)
+block_size = 1024  # context length
+gradient_accumulation_steps = 1  # micro-batches per optimizer step, over all processes (nanoGPT's meaning)
+total_batch_size = 0  # tokens per optimizer step; if set, it decides gradient_accumulation_steps
+# model: model_type picks a preset (model.py PRESETS); any field set here overrides it
+model_type = "gpt"  # gpt (GPT-2 block) | gpt_plus (RoPE, RMSNorm, SwiGLU) | gpt_fast (RoPE, RMSNorm, ReLU²)
+n_layer = 12  # transformer blocks
+n_head = 12  # attention heads
+n_embd = 768  # model width
+dropout = 0.0  # 0 for pretraining; try 0.1-0.2 when finetuning or on tiny data
+n_kv_head = None  # key/value heads for grouped-query attention (None: the preset's, i.e. n_head)
+bias = None  # biases in Linear and LayerNorm layers (None: the preset's)
+tie_weights = None  # share wte and lm_head (None: the preset's)
+pos_emb = None  # learned | rope (None: the preset's)
+rope_theta = None  # RoPE base (None: 10000)
+norm = None  # layernorm | rmsnorm (None: the preset's)
+norm_affine = None  # learnable norm scale (None: the preset's)
+mlp = None  # gelu | swiglu | relu2 (None: the preset's)
+mlp_hidden = None  # MLP hidden width (None: 4*n_embd, or 8/3*n_embd for swiglu)
+qk_norm = None  # RMS-normalise q and k (None: the preset's)
+logit_softcap = None  # cap * tanh(logits / cap) (None: off)
+attn_impl = None  # sdpa | manual (None: sdpa)
+grad_checkpoint = None  # recompute activations in backward to save memory (None: off)
+init_std = None  # weight init std (None: 0.02)
+# optimizer
+optimizer = "adamw"  # adamw | muon (Muon on the 2-D matrices in the blocks, AdamW on the rest)
+learning_rate = 6e-4  # peak AdamW learning rate
+weight_decay = 0.1  # AdamW weight decay, on parameters with >= 2 dimensions only
+beta1 = 0.9  # AdamW beta1
+beta2 = 0.95  # AdamW beta2
+eps = 1e-8  # AdamW epsilon
+muon_lr = 0.02  # peak Muon learning rate
+muon_momentum = 0.95  # Muon momentum (Nesterov)
+muon_weight_decay = 0.0  # Muon decoupled weight decay
+muon_ns_steps = 5  # Newton-Schulz iterations per Muon step
+grad_clip = 1.0  # clip the gradient norm to this; 0 = off
+label_smoothing = 0.0  # cross-entropy label smoothing
+# schedule
+max_iters = 600000  # total optimizer steps (also after a resume)
+max_time = 0.0  # if > 0: seconds of training; the LR schedule runs on the elapsed fraction of it
+decay_lr = True  # False: constant LR after warmup
+lr_schedule = "cosine"  # cosine (to min_lr) | wsd (warmup, stable, linear warmdown to min_lr)
+warmup_iters = 2000  # linear warmup steps
+lr_decay_iters = 0  # the schedule ends here (0 = max_iters)
+min_lr = 6e-5  # the AdamW LR at the end of the schedule (Muon's ends at the same fraction)
+warmdown_frac = 0.2  # wsd: share of the run spent decaying
+# system
+device = ""  # cpu | cuda | cuda:N | mps; '' picks cuda > mps > cpu
+dtype = "auto"  # float32 | bfloat16 | float16 | auto (bfloat16 on GPUs that have it, float32 on CPU)
+compile = False  # torch.compile the model (faster steps, slower start)
+seed = 1337  # seeds the weights, dropout and the batch stream
+# -----------------------------------------------------------------------------
+config, explicit = configure(globals())
+
+# checks that need no data or model
+choices = dict(optimizer=("adamw", "muon"), lr_schedule=("cosine", "wsd"),
+               save_strategy=("latest", "best", "both", "none"))
+for key, allowed in choices.items():
+    if config[key] not in allowed:
+        die(f"--{key}={config[key]!r} is not one of {', '.join(allowed)}")
+
+# distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+ddp = "RANK" in os.environ
+rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+if ddp:
+    if torch.cuda.is_available() and device in ("", "auto") or device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+master = rank == 0  # only rank 0 prints and writes files
+device = pick_device(device)
+device_type = device.split(":")[0]
+dtype = pick_dtype(dtype, device)
+ctx = autocast(device, dtype)
+torch.manual_seed(seed + rank)  # weights are the same on every rank (DDP broadcasts rank 0's); dropout differs
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+# batch arithmetic
+tokens_per_micro = batch_size * block_size * world_size
+if total_batch_size:
+    if total_batch_size % tokens_per_micro:
+        die(f"total_batch_size={total_batch_size} is not a multiple of batch_size*block_size*world_size "
+            f"= {batch_size}*{block_size}*{world_size} = {tokens_per_micro}")
+    gradient_accumulation_steps = total_batch_size // tokens_per_micro * world_size
+if gradient_accumulation_steps % world_size:
+    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
+accum_steps = gradient_accumulation_steps // world_size  # micro-batches per process per step
+tokens_per_iter = tokens_per_micro * accum_steps
+
+# data: uint16 or uint32 token ids in memory-mapped bins, tokenizer described by meta.json
+data_dir = os.path.join("data", dataset)
+meta = read_meta(data_dir)
+token_dtype = np.dtype(meta["dtype"])
+tokenizer = load_tokenizer(meta)
+for split in ("train", "val"):
+    n = os.path.getsize(os.path.join(data_dir, f"{split}.bin")) // token_dtype.itemsize
+    if n <= block_size:
+        die(f"data/{dataset}/{split}.bin has {n} tokens, fewer than block_size+1={block_size + 1}; lower --block_size")
+
+
+def get_batch(split, step, k):
+    """The k-th micro-batch of optimizer step `step`: each (step, k) seeds its own generator, so every
+    rank draws distinct, reproducible batches and a resumed run continues the same stream."""
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=token_dtype, mode="r")
+    gen = torch.Generator().manual_seed(hash((seed, split == "val", step, k)) % 2**62)  # ints hash the same in every process
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen)
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    if device_type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# model: from scratch, from out_dir's checkpoint (resume), or warm-started from another checkpoint
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "auto":
+    init_from = "resume" if os.path.isfile(ckpt_path) else "scratch"
+model_settings = {k: config[k] for k in MODEL_FIELDS if k in config and k != "vocab_size"}
+iter_num, best_val_loss, train_time, ckpt = 0, float("inf"), 0.0, None
+if init_from == "resume":
+    ckpt = load_checkpoint(ckpt_path)
+    old = ckpt["config"]
+    if old["dataset"] != dataset:
+        die(f"{ckpt_path} was trained on dataset={old['dataset']!r}, not {dataset!r}; resume with "
+            f"--dataset={old['dataset']} or start a new --out_dir")
+    if ckpt["meta"].get("vocab") != meta.get("vocab") or ckpt["meta"]["vocab_size"] != meta["vocab_size"]:
+        die(f"data/{dataset} has a different vocabulary from the one {ckpt_path} was trained with; "
+            f"re-prepare the same data or start a new --out_dir")
+    for key in sorted(explicit & (set(model_settings) | {"model_type"}) - {"dropout"}):
+        saved = old[key] if key == "model_type" else ckpt["model_config"][key]
+        if config[key] is not None and config[key] != saved:
+            die(f"--{key}={config[key]!r} differs from the checkpoint's {saved!r}; the architecture is fixed "
+                f"on resume: drop the setting or start a new --out_dir")
+    ckpt["model_config"]["dropout"] = dropout
+    model = model_from_checkpoint(ckpt, device)
+    iter_num, best_val_loss, train_time = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["train_time"]
+else:
+    if init_from == "scratch" and os.path.isfile(ckpt_path) and not overwrite:
+        die(f"{ckpt_path} already exists; continue it with --init_from=resume, pick another --out_dir, "
+            f"or pass --overwrite=True to replace it")
+    try:
+        model_config = config_from_preset(model_type, **model_settings, vocab_size=meta["vocab_size"])
+    except ValueError as e:
+        die(str(e))
+    model = GPT(model_config).to(device)
+    if init_from != "scratch":  # a path: warm start from its weights only
+        source = load_checkpoint(init_from)
+        result = model.load_state_dict(source["model"], strict=False)
+        if (result.missing_keys or result.unexpected_keys) and strict_init:
+            die(f"{init_from} does not match this model (missing {result.missing_keys[:3]}, unexpected "
+                f"{result.unexpected_keys[:3]}); use the same architecture or --strict_init=False")
+        if master:
+            print(f"warm start from {init_from}: missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}")
+raw_model = model  # the plain module: saved, evaluated and counted
+model_config = raw_model.config
+
+# optimizers: AdamW for everything, or Muon for the 2-D matrices inside the blocks and AdamW for the rest
+params = {n: p for n, p in raw_model.named_parameters() if p.requires_grad}
+muon_names = [n for n, p in params.items() if optimizer == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
+adam_names = [n for n in params if n not in muon_names]
+adam_groups = [
+    dict(params=[params[n] for n in adam_names if params[n].dim() >= 2], weight_decay=weight_decay, base_lr=learning_rate),
+    dict(params=[params[n] for n in adam_names if params[n].dim() < 2], weight_decay=0.0, base_lr=learning_rate),
+]
+optimizers = [torch.optim.AdamW(adam_groups, lr=learning_rate, betas=(beta1, beta2), eps=eps,
+                                fused=device_type == "cuda")]
+if muon_names:
+    optimizers.append(torch.optim.Muon([dict(params=[params[n] for n in muon_names], base_lr=muon_lr)],
+                                       lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum,
+                                       ns_steps=muon_ns_steps))
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # a no-op unless float16
+if ckpt is not None:
+    for opt, state in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(state)
+    scaler.load_state_dict(ckpt["scaler"])
+    random.setstate((ckpt["rng"]["python"][0], tuple(ckpt["rng"]["python"][1]), ckpt["rng"]["python"][2]))
+    np.random.set_state(tuple(np.array(v, dtype=np.uint32) if i == 1 else v for i, v in enumerate(ckpt["rng"]["numpy"])))
+    torch.set_rng_state(ckpt["rng"]["torch"][rank % len(ckpt["rng"]["torch"])])
+    if device_type == "cuda" and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank % len(ckpt["rng"]["cuda"])])
+    del ckpt  # free the memory
+
+if compile:
+    if master:
+        print("compiling the model (the first steps are slow)...")
+    model = torch.compile(model)
+eval_model = model  # compiled, but not wrapped in DDP
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+
+def all_ranks_mean(value):
+    """The mean of a float over all processes (the value itself without DDP)."""
+    if not ddp:
+        return value
+    t = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / world_size
+
+
+token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=device)  # UTF-8 bytes per token id
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean loss over eval_iters fixed batches of each split, and val bits per byte."""
+    eval_model.eval()
+    out = {}
+    for split in ("train", "val"):
+        nats, nbytes, loss_sum = 0.0, 0.0, 0.0
+        for i in range(eval_iters):
+            x, y = get_batch(split, -1 - i, rank)  # negative steps: the same batches at every eval
+            with ctx:
+                logits, loss = eval_model(x, y)
+            loss_sum += loss.item()
+            token_nats = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
+            nats += token_nats.double().sum().item()
+            nbytes += token_bytes[y.view(-1)].sum().item()
+        out[split] = all_ranks_mean(loss_sum / eval_iters)
+        out[f"{split}_bpb"] = all_ranks_mean(nats) / max(all_ranks_mean(nbytes), 1.0) / math.log(2)
+    eval_model.train()
+    return out
+
+
+decay_iters = lr_decay_iters or max_iters
+
+
+def lr_factor(it, elapsed):
+    """LR multiplier: linear warmup over warmup_iters, then lr_schedule over the rest of the run, which is
+    measured in iterations (to decay_iters) or, with max_time, in seconds of training."""
+    if it < warmup_iters:
+        return (it + 1) / (warmup_iters + 1)
+    if not decay_lr:
+        return 1.0
+    progress = elapsed / max_time if max_time else (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    progress = min(progress, 1.0)
+    floor = min_lr / learning_rate
+    if lr_schedule == "cosine":
+        return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1 - floor) * min(1.0, (1.0 - progress) / warmdown_frac)  # wsd
+
+
+def rng_states():
+    """Every process's RNG states (python, numpy, torch, cuda), gathered for the checkpoint."""
+    torch_states = [torch.get_rng_state()]
+    cuda_states = [torch.cuda.get_rng_state()] if device_type == "cuda" else None
+    if ddp:  # each rank has its own dropout stream
+        torch_states = [None] * world_size
+        dist.all_gather_object(torch_states, torch.get_rng_state())
+        if cuda_states is not None:
+            cuda_states = [None] * world_size
+            dist.all_gather_object(cuda_states, torch.cuda.get_rng_state())
+    py = random.getstate()
+    npy = np.random.get_state()
+    return dict(python=[py[0], list(py[1]), py[2]], numpy=[npy[0], npy[1].tolist(), *npy[2:]],
+                torch=torch_states, cuda=cuda_states)
+
+
+def checkpoint_dict():
+    return dict(model=raw_model.state_dict(), model_config=vars(model_config), config=config,
+                optimizers=[opt.state_dict() for opt in optimizers], scaler=scaler.state_dict(),
+                iter_num=iter_num, best_val_loss=best_val_loss, train_time=train_time, rng=rng_states(),
+                sampler=dict(seed=seed, note="batches are a function of (seed, iter_num); nothing else to save"),
+                meta=meta)
+
+
+# outputs
+csv_fields = ["iter", "loss", "train_loss", "val_loss", "val_bpb", "lr", "ms_per_iter", "tok_per_s", "grad_norm", "gflops"]
+n_params = raw_model.num_params()
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, ensure_ascii=False)  # what sample.py and chat.py need to decode
+    with open(os.path.join(out_dir, "run_meta.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(config=config, model_config=vars(model_config), parameters=n_params, device=device,
+                       dtype=dtype, world_size=world_size, torch=torch.__version__, argv=sys.argv), f, indent=1)
+    metrics_path = os.path.join(out_dir, "metrics.csv")
+    new_metrics = iter_num == 0 or not os.path.isfile(metrics_path)
+    metrics_file = open(metrics_path, "w" if new_metrics else "a", newline="")
+    metrics = csv.DictWriter(metrics_file, fieldnames=csv_fields)
+    if new_metrics:
+        metrics.writeheader()
+    print(f"{n_params / 1e6:.2f}M parameters | {device} {dtype} | {world_size} process(es) x {accum_steps} micro-steps "
+          f"x {batch_size} x {block_size} = {tokens_per_iter:,} tokens per step")
+
+# the training loop
+start_iter, evals_since_best, t0 = iter_num, 0, time.time()
+while True:
+    last_step = iter_num >= max_iters or (max_time > 0 and all_ranks_mean(train_time) >= max_time)
+    if (iter_num % eval_interval == 0 and iter_num != start_iter) or last_step or iter_num == 0 or eval_only:
+        losses = evaluate()
+        if master:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                  f"val bpb {losses['val_bpb']:.4f}")
+            metrics.writerow(dict(iter=iter_num, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}",
+                                  val_bpb=f"{losses['val_bpb']:.4f}"))
+            metrics_file.flush()
+        improved = losses["val"] < best_val_loss
+        best_val_loss, evals_since_best = (losses["val"], 0) if improved else (best_val_loss, evals_since_best + 1)
+        if iter_num > start_iter and not eval_only:
+            state = checkpoint_dict() if save_strategy != "none" else None  # every rank joins the RNG gather
+            if master and save_strategy in ("latest", "both"):
+                save_checkpoint(state, ckpt_path)
+            if master and improved and save_strategy in ("best", "both"):
+                save_checkpoint(state, os.path.join(out_dir, "best.pt"))
+        if early_stopping_patience and evals_since_best >= early_stopping_patience:
+            last_step = True
+            if master:
+                print(f"early stop: no new best val loss in {early_stopping_patience} evals")
+    if last_step or eval_only:
+        break
+
+    # one optimizer step: accumulate gradients over micro-batches, syncing across processes on the last
+    t_step = time.time()
+    lr_mult = lr_factor(iter_num, train_time)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_mult
+    loss_sum = 0.0
+    for micro_step in range(accum_steps):
+        x, y = get_batch("train", iter_num, rank * accum_steps + micro_step)
+        model.require_backward_grad_sync = micro_step == accum_steps - 1  # DDP: all-reduce only once
+        with ctx:
+            _, loss = model(x, y, label_smoothing=label_smoothing)
+        scaler.scale(loss / accum_steps).backward()
+        loss_sum += loss.detach()
+    for opt in optimizers:
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip else float("inf"))
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    iter_num += 1
+    step_time = time.time() - t_step
+    train_time += step_time
+
+    if iter_num % log_interval == 0:
+        loss_value = all_ranks_mean(loss_sum.item() / accum_steps)  # the mean over micro-steps (and ranks)
+        tok_per_s = tokens_per_iter / step_time
+        gflops = raw_model.flops_per_token() * tok_per_s / 1e9
+        if master:
+            print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_mult * learning_rate:.2e}, {step_time * 1000:.1f} ms/iter, "
+                  f"{tok_per_s:,.0f} tok/s, {gflops:,.1f} GFLOP/s")
+            metrics.writerow(dict(iter=iter_num, loss=f"{loss_value:.4f}", lr=f"{lr_mult * learning_rate:.3e}",
+                                  ms_per_iter=f"{step_time * 1000:.2f}", tok_per_s=f"{tok_per_s:.0f}",
+                                  grad_norm=f"{grad_norm.item():.4f}", gflops=f"{gflops:.2f}"))
+
+if master:
+    metrics_file.close()
+    print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, {train_time:.1f} s of training, "
+          f"{time.time() - t0:.1f} s in all")
+if ddp:
+    dist.destroy_process_group()
