@@ -11,6 +11,7 @@ import torch
 
 from configurator import die
 from model import GPT, GPTConfig, MODEL_FIELDS
+from tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,6 +79,25 @@ def load_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, not a traceback
         die(f"{path} is not a readable yoctoGPT checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def resolve_checkpoint(out_dir, name=""):
+    """out_dir/name, defaulting to ckpt.pt and then best.pt."""
+    if name:
+        return os.path.join(out_dir, name)
+    latest, best = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
+    return best if not os.path.isfile(latest) and os.path.isfile(best) else latest
+
+
+def load_for_inference(out_dir, name, device):
+    """(model in eval mode, tokenizer) from a training run's out_dir: all sample.py and chat.py need."""
+    ckpt = load_checkpoint(resolve_checkpoint(out_dir, name))
+    model = model_from_checkpoint(ckpt, device).eval()
+    try:
+        tokenizer = load_tokenizer(ckpt["meta"])
+    except (KeyError, ValueError) as e:
+        die(f"the checkpoint in {out_dir} carries no usable tokenizer ({e}); re-train with this version")
+    return model, tokenizer
 
 
 def model_from_checkpoint(ckpt, device):

@@ -126,7 +126,7 @@ if __name__ == "__main__":
     if not text.strip():
         die(f"--input={input} is empty; give a text with some content")
     train_text, val_text = split_text(text, val_fraction, split, chunk_size, seed)
-    if not train_text or not val_text:
+    if len(train_text) < 2 or len(val_text) < 2:
         die(f"--input={input} ({len(text)} characters) is too small to split with val_fraction={val_fraction}")
     chars = sorted(set(text))
     if len(chars) > 65535:

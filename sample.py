@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from common import autocast, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
+from common import autocast, load_for_inference, pick_device, pick_dtype
 from configurator import configure, die
-from tokenizer import StreamDecoder, load_tokenizer
+from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
 out_dir = "out-char-tiny"  # the training run to sample from
@@ -29,14 +29,6 @@ seed = 1337  # random seed (the same seed and settings give the same text)
 device = ""  # cpu | cuda | mps; '' picks cuda > mps > cpu
 dtype = "auto"  # float32 | bfloat16 | float16 | auto
 # -----------------------------------------------------------------------------
-
-
-def resolve_checkpoint(out_dir, ckpt):
-    """out_dir/ckpt, defaulting to ckpt.pt and then best.pt."""
-    if ckpt:
-        return os.path.join(out_dir, ckpt)
-    latest, best = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
-    return best if not os.path.isfile(latest) and os.path.isfile(best) else latest
 
 
 def encode_prompt(tokenizer, text):
@@ -63,9 +55,7 @@ if __name__ == "__main__":
             prompt = f.read()
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    checkpoint = load_checkpoint(resolve_checkpoint(out_dir, ckpt))
-    model = model_from_checkpoint(checkpoint, device).eval()
-    tokenizer = load_tokenizer(checkpoint["meta"])
+    model, tokenizer = load_for_inference(out_dir, ckpt, device)
     ids = encode_prompt(tokenizer, prompt)
     if len(ids) >= model.config.block_size:
         print(f"note: the prompt is {len(ids)} tokens; only the last {model.config.block_size} are used", file=sys.stderr)

@@ -94,6 +94,24 @@ seed = 1337  # seeds the weights, dropout and the batch stream
 # -----------------------------------------------------------------------------
 config, explicit = configure(globals())
 
+# resuming continues the run as it was: every setting not given now comes from the checkpoint
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "auto":
+    init_from = "resume" if os.path.isfile(ckpt_path) else "scratch"
+iter_num, best_val_loss, train_time, ckpt = 0, float("inf"), 0.0, None
+if init_from == "resume":
+    ckpt = load_checkpoint(ckpt_path)
+    for key, saved in ckpt["config"].items():
+        if key in config and key not in explicit | {"init_from", "device", "eval_only", "overwrite"}:
+            config[key] = saved
+    globals().update(config)
+    init_from = "resume"
+    for key in sorted(explicit & (set(MODEL_FIELDS) | {"model_type", "dataset"}) - {"dropout"}):
+        saved = ckpt["config"][key] if key in ("model_type", "dataset") else ckpt["model_config"][key]
+        if config[key] is not None and config[key] != saved:
+            die(f"--{key}={config[key]!r} differs from the checkpoint's {saved!r}; a resumed run keeps its "
+                f"architecture and data: drop the setting or start a new --out_dir")
+
 # checks that need no data or model
 choices = dict(optimizer=("adamw", "muon"), lr_schedule=("cosine", "wsd"),
                save_strategy=("latest", "best", "both", "none"))
@@ -119,6 +137,15 @@ if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
+# data: uint16 or uint32 token ids in memory-mapped bins, tokenizer described by meta.json
+data_dir = os.path.join("data", dataset)
+meta = read_meta(data_dir)
+token_dtype = np.dtype(meta["dtype"])
+tokenizer = load_tokenizer(meta)
+if ckpt is not None and (ckpt["meta"].get("vocab") != meta.get("vocab") or ckpt["meta"]["vocab_size"] != meta["vocab_size"]):
+    die(f"data/{dataset} has a different vocabulary from the one {ckpt_path} was trained with; "
+        f"re-prepare the same data or start a new --out_dir")
+
 # batch arithmetic
 tokens_per_micro = batch_size * block_size * world_size
 if total_batch_size:
@@ -131,11 +158,6 @@ if gradient_accumulation_steps % world_size:
 accum_steps = gradient_accumulation_steps // world_size  # micro-batches per process per step
 tokens_per_iter = tokens_per_micro * accum_steps
 
-# data: uint16 or uint32 token ids in memory-mapped bins, tokenizer described by meta.json
-data_dir = os.path.join("data", dataset)
-meta = read_meta(data_dir)
-token_dtype = np.dtype(meta["dtype"])
-tokenizer = load_tokenizer(meta)
 for split in ("train", "val"):
     n = os.path.getsize(os.path.join(data_dir, f"{split}.bin")) // token_dtype.itemsize
     if n <= block_size:
@@ -156,25 +178,8 @@ def get_batch(split, step, k):
 
 
 # model: from scratch, from out_dir's checkpoint (resume), or warm-started from another checkpoint
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-if init_from == "auto":
-    init_from = "resume" if os.path.isfile(ckpt_path) else "scratch"
-model_settings = {k: config[k] for k in MODEL_FIELDS if k in config and k != "vocab_size"}
-iter_num, best_val_loss, train_time, ckpt = 0, float("inf"), 0.0, None
-if init_from == "resume":
-    ckpt = load_checkpoint(ckpt_path)
-    old = ckpt["config"]
-    if old["dataset"] != dataset:
-        die(f"{ckpt_path} was trained on dataset={old['dataset']!r}, not {dataset!r}; resume with "
-            f"--dataset={old['dataset']} or start a new --out_dir")
-    if ckpt["meta"].get("vocab") != meta.get("vocab") or ckpt["meta"]["vocab_size"] != meta["vocab_size"]:
-        die(f"data/{dataset} has a different vocabulary from the one {ckpt_path} was trained with; "
-            f"re-prepare the same data or start a new --out_dir")
-    for key in sorted(explicit & (set(model_settings) | {"model_type"}) - {"dropout"}):
-        saved = old[key] if key == "model_type" else ckpt["model_config"][key]
-        if config[key] is not None and config[key] != saved:
-            die(f"--{key}={config[key]!r} differs from the checkpoint's {saved!r}; the architecture is fixed "
-                f"on resume: drop the setting or start a new --out_dir")
+model_settings = {k: config[k] for k in MODEL_FIELDS if k in config}
+if ckpt is not None:
     ckpt["model_config"]["dropout"] = dropout
     model = model_from_checkpoint(ckpt, device)
     iter_num, best_val_loss, train_time = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["train_time"]

@@ -1,0 +1,195 @@
+"""
+Chat with a trained model in the terminal: replies stream as they are sampled, the conversation is
+kept as `User: ...` / `Assistant: ...` turns cut to fit the context, and /commands adjust it.
+Piped stdin works too (one user turn per line, replies printed plainly), so chats can be scripted.
+
+    python chat.py                                   # the quick start's model (out-char-tiny)
+    python chat.py --out_dir=out-bpe-small --system_prompt="A conversation about Python." --temperature=0.7
+    printf 'hello\\n/set temperature=0\\nwhat is a list?\\n' | python chat.py
+"""
+
+import sys
+
+import torch
+
+from common import autocast, load_for_inference, pick_device, pick_dtype
+from configurator import configure
+from tokenizer import StreamDecoder
+
+# -----------------------------------------------------------------------------
+out_dir = "out-char-tiny"  # the training run to chat with
+ckpt = ""  # checkpoint file in out_dir; '' = ckpt.pt, or best.pt if that is all there is
+system_prompt = ""  # text kept at the top of every prompt (never cut)
+user_prefix = "User: "  # how a user turn starts in the transcript
+assistant_prefix = "Assistant: "  # how a reply starts in the transcript
+max_new_tokens = 200  # longest reply, in tokens
+temperature = 0.8  # 0 = greedy
+top_k = 200  # sample from the k likeliest tokens only (0 = all)
+top_p = 1.0  # nucleus sampling (1.0 = off)
+seed = 1337  # random seed
+device = ""  # cpu | cuda | mps; '' picks cuda > mps > cpu
+dtype = "auto"  # float32 | bfloat16 | float16 | auto
+# -----------------------------------------------------------------------------
+
+SETTABLE = ("temperature", "top_k", "top_p", "max_new_tokens", "seed")
+HELP = """commands:
+  /exit            leave (also Ctrl-D; Ctrl-C stops a reply, and leaves at the prompt)
+  /reset           forget the conversation
+  /history         show the transcript as the model sees it
+  /set KEY=VALUE   change temperature, top_k, top_p, max_new_tokens or seed
+  /help            this text"""
+
+
+def fit_context(system_ids, turn_ids, budget):
+    """Token ids of the prompt: the system prompt, then as many of the newest turns as fit in budget.
+    turn_ids is a list of per-turn id lists, the last being the new user turn (with the reply prefix).
+    Returns (ids, turns dropped, tokens cut from the start of the last turn)."""
+    room = budget - len(system_ids)
+    kept = []
+    for ids in reversed(turn_ids):
+        if len(ids) > room:
+            break
+        kept.insert(0, ids)
+        room -= len(ids)
+    cut = 0
+    if not kept:  # the newest turn alone is too long: keep its end
+        last = turn_ids[-1]
+        cut = len(last) - max(room, 1)
+        kept = [last[cut:]]
+    return system_ids + [t for ids in kept for t in ids], len(turn_ids) - len(kept), cut
+
+
+def held_back(text, stops):
+    """How many trailing characters of text could be the start of a stop string (so are not printed yet)."""
+    return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+class Chat:
+    def __init__(self, model, tokenizer, settings, write):
+        self.model, self.tokenizer, self.s, self.write = model, tokenizer, settings, write
+        self.turns = []  # (user message, reply) pairs
+        self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(settings["seed"])
+        # a reply ends where the model starts the next user turn
+        self.stops = ["\n" + settings["user_prefix"].strip(), "\n" + settings["assistant_prefix"].strip()]
+
+    def transcript(self, pending=None):
+        s = self.s
+        turns = [f"{s['user_prefix']}{u}\n{s['assistant_prefix']}{a}\n" for u, a in self.turns]
+        if pending is not None:
+            turns.append(f"{s['user_prefix']}{pending}\n{s['assistant_prefix']}".rstrip(" "))
+        system = s["system_prompt"] + "\n" if s["system_prompt"] else ""
+        return system, turns
+
+    def prompt_ids(self, message):
+        """Encode the transcript plus the new message, cut to fit block_size with room for the reply."""
+        system, turns = self.transcript(message)
+        bos = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
+        system_ids = bos + self.tokenizer.encode(system)
+        block = self.model.config.block_size
+        budget = max(block - self.s["max_new_tokens"], block // 2)
+        ids, dropped, cut = fit_context(system_ids, [self.tokenizer.encode(t) for t in turns], budget)
+        if cut:
+            print(f"(note: your message is longer than the model's context; its first {cut} tokens were left out)",
+                  file=sys.stderr)
+        return ids
+
+    def reply(self, message):
+        """Stream the model's reply to message; return the reply text (cut at a stop string)."""
+        try:
+            ids = self.prompt_ids(message)
+        except ValueError as e:  # characters a char-level vocabulary lacks
+            print(f"(skipped: your message has {e})", file=sys.stderr)
+            return None
+        x = torch.tensor([ids], dtype=torch.long, device=self.generator.device)
+        decoder, text, printed = StreamDecoder(self.tokenizer), "", 0
+        s = self.s
+        try:
+            with torch.no_grad(), autocast(str(self.generator.device), s["dtype"]):
+                for token in self.model.generate_stream(x, s["max_new_tokens"], temperature=s["temperature"],
+                                                        top_k=s["top_k"] or None, top_p=s["top_p"],
+                                                        eos_id=self.tokenizer.eos_id, generator=self.generator):
+                    if token.item() == self.tokenizer.eos_id:
+                        break
+                    text += decoder.push(token.item())
+                    hits = [text.find(stop) for stop in self.stops if stop in text]
+                    if hits:
+                        text = text[:min(hits)]
+                        break
+                    safe = len(text) - held_back(text, self.stops)
+                    self.write(text[printed:safe])
+                    printed = safe
+        except KeyboardInterrupt:  # Ctrl-C stops this reply only
+            pass
+        self.write(text[printed:] + "\n")
+        text = text.strip()
+        self.turns.append((message, text))
+        return text
+
+    def command(self, line):
+        """Handle a /command; return False to leave."""
+        cmd, _, arg = line.partition(" ")
+        if cmd in ("/exit", "/quit"):
+            return False
+        if cmd == "/reset":
+            self.turns = []
+            self.write("(conversation cleared)\n")
+        elif cmd == "/history":
+            system, turns = self.transcript()
+            self.write(system + "".join(turns))
+        elif cmd == "/set":
+            key, eq, value = arg.strip().partition("=")
+            if key not in SETTABLE or not eq:
+                self.write(f"(usage: /set KEY=VALUE with KEY one of {', '.join(SETTABLE)})\n")
+                return True
+            try:
+                self.s[key] = (int if key in ("top_k", "max_new_tokens", "seed") else float)(value)
+            except ValueError:
+                self.write(f"(/set {key}: {value!r} is not a number)\n")
+                return True
+            if key == "seed":
+                self.generator.manual_seed(self.s["seed"])
+            self.write(f"({key} = {self.s[key]})\n")
+        else:
+            self.write(HELP + "\n")
+        return True
+
+
+def main():
+    config, _ = configure(globals())
+    config["device"] = pick_device(device)
+    config["dtype"] = pick_dtype(dtype, config["device"])
+    model, tokenizer = load_for_inference(out_dir, ckpt, config["device"])
+    interactive = sys.stdin.isatty()
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    chat = Chat(model, tokenizer, config, write)
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history where available)
+        except ImportError:
+            pass
+        write(f"chatting with {out_dir} ({model.num_params() / 1e6:.1f}M parameters, context {model.config.block_size} "
+              f"tokens). /help for commands, /exit to leave.\n")
+    while True:
+        try:
+            line = input("You: " if interactive else "")
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt
+            if interactive:
+                write("\n")
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not chat.command(line):
+                break
+            continue
+        if interactive:
+            write(assistant_prefix)
+        chat.reply(line)
+
+
+if __name__ == "__main__":
+    main()

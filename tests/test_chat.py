@@ -1,0 +1,112 @@
+"""chat.py: scripted (piped) sessions, context cutting, stop strings, and a real terminal session."""
+
+import os
+import select
+import subprocess
+import sys
+import time
+
+import torch
+
+from chat import Chat, fit_context, held_back
+from conftest import ROOT, run
+from tokenizer import CharTokenizer
+
+
+def test_piped_session_turns_commands_and_transcript(trained):
+    script = "hello\n/set temperature=0\n/set max_new_tokens=30\nwhat is a list\n/history\n/reset\n/history\nbye\n/exit\nnot read\n"
+    out = run("chat.py", "--out_dir=out-tiny", "--system_prompt=Docs chat.", "--device=cpu", input=script, cwd=trained).stdout
+    assert "You:" not in out  # no prompt decoration when stdin is not a terminal
+    assert "(temperature = 0.0)" in out and "(max_new_tokens = 30)" in out
+    history = out.split("(max_new_tokens = 30)\n")[1]
+    assert "Docs chat.\nUser: hello\nAssistant:" in history and "User: what is a list\nAssistant:" in history
+    after_reset = out.split("(conversation cleared)\n")[1]
+    assert "User: hello" not in after_reset
+    assert "not read" not in out
+    # greedy replies are reproducible
+    again = run("chat.py", "--out_dir=out-tiny", "--system_prompt=Docs chat.", "--device=cpu", input=script, cwd=trained).stdout
+    assert again.split("(max_new_tokens = 30)\n")[1] == history
+
+
+def test_unknown_characters_skip_the_turn_not_the_session(trained):
+    proc = run("chat.py", "--out_dir=out-tiny", "--max_new_tokens=5", input="snow ☃\n/history\n", cwd=trained)
+    assert "☃" in proc.stderr and "Traceback" not in proc.stderr and "User: snow" not in proc.stdout
+
+
+def test_fit_context_keeps_system_and_newest_turns():
+    system, turns = [0, 0], [[1] * 5, [2] * 5, [3] * 5, [4] * 4]
+    ids, dropped, cut = fit_context(system, turns, budget=12)
+    assert ids == [0, 0] + [3] * 5 + [4] * 4 and dropped == 2 and cut == 0
+    ids, dropped, cut = fit_context(system, [[9] * 30], budget=12)  # one message longer than the window
+    assert ids == [0, 0] + [9] * 10 and cut == 20
+
+
+def test_long_history_is_cut_to_the_block(trained):
+    """Many turns: every prompt still fits block_size minus the reply, the system prompt stays first."""
+    from common import load_for_inference
+    model, tok = load_for_inference(str(trained / "out-tiny"), "", "cpu")
+    settings = dict(system_prompt="S", user_prefix="User: ", assistant_prefix="Assistant: ", max_new_tokens=8,
+                    temperature=0.0, top_k=0, top_p=1.0, seed=1, dtype="float32")
+    chat = Chat(model, tok, settings, write=lambda s: None)
+    for i in range(6):
+        chat.reply(f"t{i}")
+        ids = chat.prompt_ids("x")  # block_size 32: room for the system prompt and the newest turn or two
+        assert len(ids) <= model.config.block_size - 8
+        text = tok.decode(ids)
+        assert text.startswith("S\n") and text.endswith("User: x\nAssistant:") and "User: t0" not in text
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for GPT: 'generates' a fixed text, one character token at a time."""
+
+    def __init__(self, tok, text):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.tok, self.text = tok, text
+        self.config = type("C", (), {"block_size": 256})
+
+    def generate_stream(self, x, max_new_tokens, **kw):
+        for i in self.tok.encode(self.text)[:max_new_tokens]:
+            yield torch.tensor([i])
+
+
+def test_stop_strings_cut_the_reply_and_are_never_printed():
+    tok = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyzSUA:! \n")))
+    printed = []
+    settings = dict(system_prompt="", user_prefix="User: ", assistant_prefix="Assistant: ", max_new_tokens=100,
+                    temperature=1.0, top_k=0, top_p=1.0, seed=1, dtype="float32")
+    chat = Chat(ScriptedModel(tok, " sure thing!\nUser: and more\nUser: x"), tok, settings, write=printed.append)
+    assert chat.reply("hi") == "sure thing!"
+    assert "".join(printed) == " sure thing!\n" and chat.turns == [("hi", "sure thing!")]
+    assert held_back("abc\nUs", ["\nUser:"]) == 3 and held_back("abc", ["\nUser:"]) == 0
+
+
+def test_interactive_terminal_session(trained):
+    """A person at a terminal: the prompt shows, a reply streams, /exit leaves cleanly."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "chat.py"), "--out_dir=out-tiny", "--max_new_tokens=20"],
+                            cwd=trained, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker, count=1, timeout=60):
+        nonlocal seen
+        end = time.time() + timeout
+        while seen.count(marker) < count and time.time() < end:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+        return seen.count(marker) >= count
+
+    try:
+        assert read_until(b"You: "), seen
+        os.write(master, b"hello\n")
+        assert read_until(b"You: ", 2), seen
+        os.write(master, b"/exit\n")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+    assert b"Assistant: " in seen and b"/help" in seen and b"Traceback" not in seen

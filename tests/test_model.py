@@ -1,0 +1,135 @@
+"""model.py: shapes, initial loss, generation with and without the KV cache, and every variant."""
+
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, PRESETS, KVCache, config_from_preset, manual_attention, sdpa_attention, apply_rope, rope_tables
+
+TINY = dict(vocab_size=67, block_size=24, n_layer=2, n_head=4, n_embd=32)
+VARIANTS = [dict(model_type=p) for p in PRESETS] + [
+    dict(model_type="gpt", n_kv_head=2, qk_norm=True),
+    dict(model_type="gpt_plus", n_kv_head=1, logit_softcap=15.0, tie_weights=False),
+    dict(model_type="gpt_fast", attn_impl="manual", norm="layernorm", bias=True),
+    dict(model_type="gpt", mlp="relu2", pos_emb="rope", norm_affine=False, grad_checkpoint=True),
+]
+
+
+def build(variant, seed=0, **extra):
+    torch.manual_seed(seed)
+    v = dict(variant)
+    return GPT(config_from_preset(v.pop("model_type"), **TINY, **v, **extra))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_shapes_and_initial_loss(variant):
+    """The logits have the right shape and an untrained model is close to uniform: loss ~ ln(vocab)."""
+    model = build(variant)
+    x, y = torch.randint(0, 67, (3, 24)), torch.randint(0, 67, (3, 24))
+    logits, loss = model(x, y)
+    assert logits.shape == (3, 24, 67) and torch.isfinite(loss)
+    assert abs(loss.item() - math.log(67)) < 0.3
+    logits, loss = model(x)
+    assert logits.shape == (3, 1, 67) and loss is None
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_one_step_changes_every_parameter(variant):
+    model = build(variant)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _, loss = model(torch.randint(0, 67, (2, 24)), torch.randint(0, 67, (2, 24)))
+    loss.backward()
+    opt.step()
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_kv_cached_greedy_generation_equals_uncached(variant):
+    model = build(variant)
+    prompt = torch.randint(0, 67, (2, 5))
+    cached = model.generate(prompt, 19, temperature=0)
+    uncached = model.generate(prompt, 19, temperature=0, use_cache=False)
+    assert cached.shape == (2, 24) and torch.equal(cached, uncached)
+
+
+def test_generation_past_block_size_slides_the_window():
+    model = build(VARIANTS[0])
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 60, temperature=1.0, top_k=10, top_p=0.9)
+    assert out.shape == (1, 63) and out.max() < 67
+
+
+def test_sampling_options():
+    """Seeds reproduce; top_k=1 and a tiny top_p are greedy; generation stops at EOS."""
+    model = build(VARIANTS[0])
+    prompt = torch.randint(0, 67, (1, 4))
+    gen = lambda s, **kw: model.generate(prompt, 15, generator=torch.Generator().manual_seed(s), **kw)
+    assert torch.equal(gen(1), gen(1)) and not torch.equal(gen(1), gen(2))
+    greedy = model.generate(prompt, 15, temperature=0)
+    assert torch.equal(gen(3, top_k=1), greedy) and torch.equal(gen(4, top_p=1e-6), greedy)
+    eos = greedy[0, 6].item()
+    stopped = model.generate(prompt, 15, temperature=0, eos_id=eos)
+    assert stopped.size(1) <= 7 and stopped[0, -1].item() == eos
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_sdpa_equals_manual_attention(n_kv_head):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 10, 8)
+    k, v = torch.randn(2, n_kv_head, 10, 8), torch.randn(2, n_kv_head, 10, 8)
+    assert torch.allclose(sdpa_attention(q, k, v, None, 0.0), manual_attention(q, k, v, None, 0.0), atol=1e-5)
+    mask = torch.ones(3, 10, dtype=torch.bool).tril(diagonal=7)  # 3 new queries after 7 cached keys
+    assert torch.allclose(sdpa_attention(q[:, :, 7:], k, v, mask, 0.0), manual_attention(q[:, :, 7:], k, v, mask, 0.0), atol=1e-5)
+
+
+def test_whole_model_sdpa_equals_manual():
+    sdpa, manual = build(dict(model_type="gpt_plus", n_kv_head=2)), build(dict(model_type="gpt_plus", n_kv_head=2, attn_impl="manual"))
+    manual.load_state_dict(sdpa.state_dict())
+    x = torch.randint(0, 67, (2, 24))
+    assert torch.allclose(sdpa(x, x)[0], manual(x, x)[0], atol=1e-5)
+
+
+def test_full_kv_heads_is_plain_multi_head():
+    """n_kv_head == n_head is ordinary attention: same weights as the default, same outputs."""
+    a, b = build(dict(model_type="gpt")), build(dict(model_type="gpt", n_kv_head=4))
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 67, (2, 24))
+    assert a.config.n_kv_head == 4 and torch.equal(a(x, x)[0], b(x, x)[0])
+
+
+def test_mqa_cache_is_n_head_times_smaller():
+    sizes = {}
+    for kv in (4, 1):
+        model = build(dict(model_type="gpt", n_kv_head=kv))
+        cache = KVCache(model.config)
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+        sizes[kv] = cache.nbytes()
+    assert sizes[4] == 4 * sizes[1]
+
+
+def test_rope_is_relative():
+    """Shifting the positions of q and k together leaves their dot products unchanged."""
+    cos, sin = rope_tables(8, 40, 10000.0)
+    q, k = torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
+    scores = lambda s: apply_rope(q, cos[s:s + 5], sin[s:s + 5]) @ apply_rope(k, cos[s:s + 5], sin[s:s + 5]).transpose(-1, -2)
+    assert torch.allclose(scores(0), scores(17), atol=1e-5)
+    assert not torch.allclose(apply_rope(q, cos[:5], sin[:5]), apply_rope(q, cos[17:22], sin[17:22]))
+
+
+def test_nanogpt_parameter_names():
+    names = set(build(VARIANTS[0]).state_dict())
+    for n in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.1.ln_1.weight", "transformer.h.0.attn.c_attn.weight",
+              "transformer.h.0.attn.c_attn.bias", "transformer.h.0.attn.c_proj.weight", "transformer.h.0.ln_2.bias",
+              "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight", "transformer.ln_f.weight", "lm_head.weight"]:
+        assert n in names, n
+
+
+@pytest.mark.parametrize("bad,word", [(dict(n_head=5), "n_head"), (dict(n_kv_head=3), "n_kv_head"), (dict(norm="batchnorm"), "norm"),
+                                      (dict(mlp="tanh"), "mlp"), (dict(pos_emb="alibi"), "pos_emb"), (dict(dropout=1.5), "dropout")])
+def test_bad_config_names_the_field(bad, word):
+    with pytest.raises(ValueError, match=word):
+        GPTConfig(**{**TINY, **bad})
+    with pytest.raises(ValueError, match="model_type"):
+        config_from_preset("gpt_huge")

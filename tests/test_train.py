@@ -1,0 +1,105 @@
+"""train.py and sample.py end to end on a tiny model: learning, exact resume, safe checkpoints, clear errors."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run
+
+
+def losses(out_dir):
+    with open(out_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [(r["iter"], r["loss"]) for r in rows if r["loss"]], [(r["iter"], r["val_loss"]) for r in rows if r["val_loss"]]
+
+
+def test_tiny_run_lowers_the_loss_and_checkpoint_loads_weights_only(workdir):
+    run("train.py", "--dataset=tiny_char", "--out_dir=out-learn", "--max_iters=60", "--eval_interval=30", *TINY, cwd=workdir)
+    _, vals = losses(workdir / "out-learn")
+    assert [it for it, _ in vals] == ["0", "30", "60"]
+    assert float(vals[-1][1]) < float(vals[0][1]) - 0.8
+    ckpt = torch.load(workdir / "out-learn" / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 60 and "_orig_mod." not in "".join(ckpt["model"])
+    assert ckpt["model_config"]["n_layer"] == 2 and ckpt["config"]["dataset"] == "tiny_char"
+    for f in ("meta.json", "run_meta.json", "metrics.csv"):
+        assert (workdir / "out-learn" / f).is_file()
+
+
+def test_resume_is_exact(workdir):
+    """40 iterations straight == 20 iterations, then resume to 40: identical weights and logged losses."""
+    args = ["--dataset=tiny_char", "--eval_interval=20", "--dropout=0.1", "--lr_decay_iters=40", *TINY]  # same schedule
+    run("train.py", "--out_dir=out-a", "--max_iters=40", *args, cwd=workdir)
+    run("train.py", "--out_dir=out-b", "--max_iters=20", *args, cwd=workdir)
+    run("train.py", "--out_dir=out-b", "--max_iters=40", "--init_from=resume", *args, cwd=workdir)
+    a, b = (torch.load(workdir / d / "ckpt.pt", weights_only=True) for d in ("out-a", "out-b"))
+    assert a["iter_num"] == b["iter_num"] == 40
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert losses(workdir / "out-a") == losses(workdir / "out-b")
+    assert len(losses(workdir / "out-a")[0]) == 40
+
+
+def test_scratch_refuses_to_overwrite_and_resume_checks_what_it_continues(workdir):
+    run("train.py", "--dataset=tiny_char", "--out_dir=out-keep", "--max_iters=4", "--eval_interval=2", *TINY, cwd=workdir)
+    before = (workdir / "out-keep" / "ckpt.pt").read_bytes()
+    base = ["--out_dir=out-keep", "--max_iters=8", *TINY]
+    proc = run("train.py", "--dataset=tiny_char", *base, cwd=workdir, ok=False)
+    assert "already exists" in proc.stderr and "--init_from=resume" in proc.stderr
+    proc = run("train.py", "--dataset=tiny_char", "--init_from=resume", *base, "--n_layer=3", cwd=workdir, ok=False)
+    assert "n_layer" in proc.stderr and "differs" in proc.stderr
+    proc = run("train.py", "--dataset=pydocs_char", "--init_from=resume", *base, cwd=workdir, ok=False)
+    assert "dataset" in proc.stderr
+    assert (workdir / "out-keep" / "ckpt.pt").read_bytes() == before
+    # no architecture flags at all: everything comes from the checkpoint
+    run("train.py", "--dataset=tiny_char", "--init_from=resume", "--out_dir=out-keep", "--max_iters=6", "--device=cpu",
+        "--batch_size=4", "--eval_iters=2", cwd=workdir)
+    assert torch.load(workdir / "out-keep" / "ckpt.pt", weights_only=True)["iter_num"] == 6
+
+
+@pytest.mark.parametrize("argv,word", [(["--dataset=nothing_here"], "prepare_char.py"), (["--optimizer=sgd"], "optimizer"),
+                                       (["--n_head=3"], "n_head"), (["--block_size=100000"], "block_size"),
+                                       (["--device=tpu"], "device"), (["--total_batch_size=1000"], "total_batch_size"),
+                                       (["--init_from=resume"], "not found")])
+def test_bad_settings_fail_with_one_line(workdir, argv, word):
+    proc = run("train.py", "--dataset=tiny_char", "--out_dir=out-bad", *TINY, *argv, cwd=workdir, ok=False)
+    assert word in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (workdir / "out-bad" / "ckpt.pt").exists()
+
+
+def test_atomic_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """A save that dies half-way leaves the previous ckpt.pt whole and no temporary file behind."""
+    import common
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint({"x": torch.ones(3)}, path)
+
+    def broken_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        common.save_checkpoint({"x": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_sample_streams_text_from_a_trained_checkpoint(trained):
+    workdir, out = trained, "--out_dir=out-tiny"
+    a = run("sample.py", out, "--prompt=The ", "--max_new_tokens=50", "--seed=3", "--num_samples=2", cwd=workdir).stdout
+    b = run("sample.py", out, "--prompt=The ", "--max_new_tokens=50", "--seed=3", "--num_samples=2", cwd=workdir).stdout
+    assert a == b and a.startswith("The ") and a.count("The ") >= 2 and len(a) > 100
+    (workdir / "p.txt").write_text("class ", encoding="utf-8")
+    greedy = run("sample.py", out, "--prompt=FILE:p.txt", "--temperature=0", "--max_new_tokens=20", cwd=workdir).stdout
+    assert greedy.startswith("class ") and len(greedy) == len("class ") + 20 + 1
+    proc = run("sample.py", out, "--prompt=naïve ☃", cwd=workdir, ok=False)
+    assert "☃" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = run("sample.py", "--out_dir=missing", cwd=workdir, ok=False)
+    assert "not found" in proc.stderr
+    (workdir / "broken").mkdir(exist_ok=True)
+    (workdir / "broken" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    proc = run("sample.py", "--out_dir=broken", cwd=workdir, ok=False)
+    assert "not a readable" in proc.stderr
