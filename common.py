@@ -53,8 +53,13 @@ def read_meta(data_dir):
     """A prepared dataset's meta.json, or one line saying how to make it."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
-        die(f"{path} not found; prepare the dataset first, e.g. `python prepare_char.py` "
-            f"(writes data/pydocs_char) or `python prepare_char.py --input=FILE`")
+        name = os.path.basename(os.path.normpath(data_dir))
+        stem, _, kind = name.rpartition("_")
+        source = "" if stem == "pydocs" else f" --input={stem or 'FILE'}"
+        command = {"char": f"python prepare_char.py{source}", "bpe": f"python prepare_bpe.py{source}",
+                   "gpt2": f"python prepare_bpe.py{source} --tokenizer=gpt2"}.get(kind)
+        hint = f"`{command}` makes it" if command else "make it with prepare_char.py or prepare_bpe.py"
+        die(f"{path} not found; prepare the dataset first: {hint} (--input=FILE/FOLDER for your own text)")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 

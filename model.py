@@ -47,6 +47,13 @@ class GPTConfig:
             self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
         self.validate()
 
+    def describe(self):
+        """The resolved architecture in one line, for logs and run names."""
+        return (f"{self.n_layer}L {self.n_embd}d {self.n_head}h/{self.n_kv_head}kv {self.pos_emb} {self.norm}"
+                f"{'' if self.norm_affine else '(no scale)'} {self.mlp}({self.mlp_hidden}) bias={self.bias} "
+                f"tie={self.tie_weights}{' qk_norm' if self.qk_norm else ''}"
+                f"{f' softcap={self.logit_softcap:g}' if self.logit_softcap else ''} {self.attn_impl}")
+
     def validate(self):
         """Check every field once; raise ValueError with a message that names the bad value."""
         choices = dict(pos_emb=POS_EMBS, norm=NORMS, mlp=ACTIVATIONS, attn_impl=ATTENTIONS)

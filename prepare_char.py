@@ -11,6 +11,7 @@ import json
 import os
 import random
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 
@@ -55,29 +56,34 @@ def decode_text(raw, where):
         die(f"{where} is not UTF-8 text (bad byte at offset {e.start}); convert it, e.g. `iconv -t utf-8`")
 
 
-def resolve_input(spec):
-    """Return (name, source description, list of document texts) for the --input spec."""
+def find_documents(spec):
+    """Return (name, source description, documents) for an --input spec. A document is a str (built-in
+    text) or a Path to read later, so that big corpora can be streamed (see prepare_bpe.py)."""
     if spec == "pydocs":
         import pydoc_data.topics
         topics = pydoc_data.topics.topics
         return "pydocs", "pydoc_data.topics (Python reference docs)", [topics[k].strip("\n") + "\n\n" for k in sorted(topics)]
     if spec == "shakespeare":
-        path = download(SHAKESPEARE_URL, os.path.join("data", "shakespeare_char", "input.txt"))
-        return "shakespeare", SHAKESPEARE_URL, [decode_text(open(path, "rb").read(), path)]
+        return "shakespeare", SHAKESPEARE_URL, [Path(download(SHAKESPEARE_URL, os.path.join("data", "shakespeare_char", "input.txt")))]
     if spec.startswith(("http://", "https://")):
         name = os.path.splitext(os.path.basename(spec.rstrip("/")))[0] or "download"
-        path = download(spec, os.path.join("data", f"{name}_char", "input.txt"))
-        return name, spec, [decode_text(open(path, "rb").read(), path)]
+        return name, spec, [Path(download(spec, os.path.join("data", f"{name}_char", "input.txt")))]
     if os.path.isdir(spec):
         files = sorted(f for f in os.listdir(spec) if f.endswith(".txt"))
         if not files:
             die(f"folder {spec} has no *.txt files")
-        docs = [decode_text(open(os.path.join(spec, f), "rb").read(), os.path.join(spec, f)) for f in files]
-        return os.path.basename(os.path.abspath(spec)), os.path.abspath(spec), docs
+        return os.path.basename(os.path.abspath(spec)), os.path.abspath(spec), [Path(spec, f) for f in files]
     if os.path.isfile(spec):
-        name = os.path.splitext(os.path.basename(spec))[0]
-        return name, os.path.abspath(spec), [decode_text(open(spec, "rb").read(), spec)]
+        return os.path.splitext(os.path.basename(spec))[0], os.path.abspath(spec), [Path(spec)]
     die(f"--input={spec!r} is not pydocs, shakespeare, a URL, an existing file or a folder")
+
+
+def read_document(doc):
+    """A document's whole text."""
+    if isinstance(doc, str):
+        return doc
+    with open(doc, "rb") as f:
+        return decode_text(f.read(), doc)
 
 
 def split_text(text, val_fraction, split, chunk_size, seed):
@@ -121,8 +127,8 @@ if __name__ == "__main__":
         die(f"--split={split!r} is not one of tail, random")
     if not 0.0 < val_fraction < 1.0:
         die(f"--val_fraction={val_fraction} must be between 0 and 1")
-    name, source, docs = resolve_input(input)
-    text = "".join(docs)
+    name, source, docs = find_documents(input)
+    text = "".join(read_document(d) for d in docs)
     if not text.strip():
         die(f"--input={input} is empty; give a text with some content")
     train_text, val_text = split_text(text, val_fraction, split, chunk_size, seed)

@@ -1,7 +1,14 @@
 """
-Tokenizers behind one small interface (encode, decode, vocab_size, bos_id, eos_id), rebuilt from
-a dataset's meta.json (which a checkpoint also carries). Not run by itself.
+Tokenizers behind one small interface (encode, decode, token_bytes, vocab_size, bos_id, eos_id),
+rebuilt from a dataset's meta.json, which a checkpoint also carries: characters, a byte-level BPE
+trained by prepare_bpe.py (Hugging Face tokenizers), or GPT-2's encoding (tiktoken). Not run by itself.
 """
+
+import os
+
+from configurator import die
+
+BOS, EOS = "<|bos|>", "<|eos|>"  # document boundaries in our trained BPE
 
 
 class CharTokenizer:
@@ -27,11 +34,73 @@ class CharTokenizer:
         return [len(c.encode("utf-8")) for c in self.chars]
 
 
-def load_tokenizer(meta):
-    """The tokenizer a prepared dataset (or a checkpoint's copy of its meta.json) was encoded with."""
+class BPETokenizer:
+    """A byte-level BPE from Hugging Face tokenizers (a tokenizer.json), with BOS/EOS specials."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size()
+        self.bos_id, self.eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
+        self.specials = {i for i in (self.bos_id, self.eos_id) if i is not None}
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.tok.decode([i for i in ids if i not in self.specials], skip_special_tokens=False)
+
+    def token_bytes(self):
+        # byte-level BPE: each character of a token's string stands for exactly one byte
+        return [0 if i in self.specials else len(self.tok.id_to_token(i)) for i in range(self.vocab_size)]
+
+
+class TiktokenTokenizer:
+    """GPT-2's encoding from tiktoken; <|endoftext|> separates documents (both BOS and EOS)."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.vocab_size = enc.n_vocab
+        self.bos_id = self.eos_id = enc.eot_token
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts):
+        return self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids):
+        return self.enc.decode([i for i in ids if i != self.eos_id], errors="replace")
+
+    def token_bytes(self):
+        return [0 if i == self.eos_id else len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)]
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 encoding; it downloads its files on first use, so offline this says how to fix it."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # a network error from deep inside tiktoken: one line instead
+        die(f"tiktoken could not load the gpt2 encoding ({type(e).__name__}); it downloads its files on first use: "
+            f"go online once, or point TIKTOKEN_CACHE_DIR at a folder holding a cached copy")
+
+
+def load_tokenizer(meta, folder=None):
+    """The tokenizer a prepared dataset (or a checkpoint's copy of its meta.json) was encoded with.
+    A BPE comes from meta['tokenizer_json'] (checkpoints carry it) or folder/tokenizer.json."""
     kind = meta.get("tokenizer")
     if kind == "char":
         return CharTokenizer(meta["vocab"])
+    if kind == "bpe":
+        from tokenizers import Tokenizer
+        if "tokenizer_json" in meta:
+            return BPETokenizer(Tokenizer.from_str(meta["tokenizer_json"]))
+        return BPETokenizer(Tokenizer.from_file(os.path.join(folder or ".", "tokenizer.json")))
+    if kind == "gpt2":
+        return TiktokenTokenizer(gpt2_encoding())
     raise ValueError(f"unknown tokenizer {kind!r} in meta.json; re-run the prepare script")
 
 

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from common import autocast, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype, read_meta, save_checkpoint
 from configurator import configure, die
@@ -39,10 +41,10 @@ overwrite = False  # let init_from=scratch replace a checkpoint already in out_d
 save_strategy = "latest"  # latest (ckpt.pt at every eval) | best (best.pt on a new best val loss) | both | none
 early_stopping_patience = 0  # stop after this many evals without a new best val loss; 0 = never
 # data
-dataset = "pydocs_char"  # a folder under data/ made by prepare_char.py or prepare_bpe.py
+dataset = "pydocs_gpt2"  # a folder under data/ made by prepare_char.py or prepare_bpe.py
 batch_size = 12  # sequences per micro-batch (per process)
 block_size = 1024  # context length
-gradient_accumulation_steps = 1  # micro-batches per optimizer step, over all processes (nanoGPT's meaning)
+gradient_accumulation_steps = 40  # micro-batches per optimizer step over all processes: 40*12*1024 = 491,520 tokens
 total_batch_size = 0  # tokens per optimizer step; if set, it decides gradient_accumulation_steps
 # model: model_type picks a preset (model.py PRESETS); any field set here overrides it
 model_type = "gpt"  # gpt (GPT-2 block) | gpt_plus (RoPE, RMSNorm, SwiGLU) | gpt_fast (RoPE, RMSNorm, ReLU²)
@@ -90,8 +92,16 @@ warmdown_frac = 0.2  # wsd: share of the run spent decaying
 device = ""  # cpu | cuda | cuda:N | mps; '' picks cuda > mps > cpu
 dtype = "auto"  # float32 | bfloat16 | float16 | auto (bfloat16 on GPUs that have it, float32 on CPU)
 compile = False  # torch.compile the model (faster steps, slower start)
+auto_microbatch = False  # on out-of-memory (CUDA), halve batch_size and double the micro-steps, then go on
+peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 = look the GPU up in PEAK_FLOPS
+wandb_log = False  # log to Weights & Biases (needs `pip install wandb`)
+wandb_project = "yoctogpt"  # wandb project
+wandb_run_name = ""  # wandb run name ('' = wandb's)
 seed = 1337  # seeds the weights, dropout and the batch stream
 # -----------------------------------------------------------------------------
+# dense bf16 peak FLOP/s per GPU, matched against torch.cuda.get_device_name() for MFU
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+              "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 config, explicit = configure(globals())
 
 # resuming continues the run as it was: every setting not given now comes from the checkpoint
@@ -140,9 +150,13 @@ if device_type == "cuda":
 # data: uint16 or uint32 token ids in memory-mapped bins, tokenizer described by meta.json
 data_dir = os.path.join("data", dataset)
 meta = read_meta(data_dir)
+if meta["tokenizer"] == "bpe":  # the checkpoint carries the tokenizer itself, so out_dir alone can decode
+    with open(os.path.join(data_dir, meta["tokenizer_file"]), encoding="utf-8") as f:
+        meta["tokenizer_json"] = f.read()
 token_dtype = np.dtype(meta["dtype"])
 tokenizer = load_tokenizer(meta)
-if ckpt is not None and (ckpt["meta"].get("vocab") != meta.get("vocab") or ckpt["meta"]["vocab_size"] != meta["vocab_size"]):
+vocab_keys = ("tokenizer", "vocab_size", "vocab", "tokenizer_json")
+if ckpt is not None and any(ckpt["meta"].get(k) != meta.get(k) for k in vocab_keys):
     die(f"data/{dataset} has a different vocabulary from the one {ckpt_path} was trained with; "
         f"re-prepare the same data or start a new --out_dir")
 
@@ -152,7 +166,7 @@ if total_batch_size:
     if total_batch_size % tokens_per_micro:
         die(f"total_batch_size={total_batch_size} is not a multiple of batch_size*block_size*world_size "
             f"= {batch_size}*{block_size}*{world_size} = {tokens_per_micro}")
-    gradient_accumulation_steps = total_batch_size // tokens_per_micro * world_size
+    gradient_accumulation_steps = total_batch_size // tokens_per_micro * world_size  # e.g. 524288 // (12*1024*8) * 8 = 40
 if gradient_accumulation_steps % world_size:
     die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
 accum_steps = gradient_accumulation_steps // world_size  # micro-batches per process per step
@@ -193,13 +207,17 @@ else:
         die(str(e))
     model = GPT(model_config).to(device)
     if init_from != "scratch":  # a path: warm start from its weights only
-        source = load_checkpoint(init_from)
-        result = model.load_state_dict(source["model"], strict=False)
-        if (result.missing_keys or result.unexpected_keys) and strict_init:
-            die(f"{init_from} does not match this model (missing {result.missing_keys[:3]}, unexpected "
-                f"{result.unexpected_keys[:3]}); use the same architecture or --strict_init=False")
+        source = {k.removeprefix("_orig_mod."): v for k, v in load_checkpoint(init_from)["model"].items()}
+        own = model.state_dict()
+        fits = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+        missing = [k for k in own if k not in fits]
+        unexpected = [k for k in source if k not in fits]
+        if (missing or unexpected) and strict_init:
+            die(f"{init_from} does not match this model (missing or reshaped: {missing[:3]}, unexpected: {unexpected[:3]}); "
+                f"use the same architecture, or --strict_init=False to load what fits")
+        model.load_state_dict(fits, strict=False)
         if master:
-            print(f"warm start from {init_from}: missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}")
+            print(f"warm start from {init_from}: {len(fits)} tensors loaded; missing keys {missing}; unexpected keys {unexpected}")
 raw_model = model  # the plain module: saved, evaluated and counted
 model_config = raw_model.config
 
@@ -252,21 +270,23 @@ token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=
 
 @torch.no_grad()
 def evaluate():
-    """Mean loss over eval_iters fixed batches of each split, and val bits per byte."""
+    """Loss on the same eval_iters batches of each split at every eval (shared out among the processes), and
+    bits per byte: the total nats over the UTF-8 bytes of the targets, / ln 2, comparable across tokenizers."""
     eval_model.eval()
     out = {}
     for split in ("train", "val"):
-        nats, nbytes, loss_sum = 0.0, 0.0, 0.0
-        for i in range(eval_iters):
-            x, y = get_batch(split, -1 - i, rank)  # negative steps: the same batches at every eval
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+        for i in range(rank, eval_iters, world_size):
+            x, y = get_batch(split, -1 - i, 0)  # negative steps: batches that no training step draws
             with ctx:
-                logits, loss = eval_model(x, y)
-            loss_sum += loss.item()
-            token_nats = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
-            nats += token_nats.double().sum().item()
-            nbytes += token_bytes[y.view(-1)].sum().item()
-        out[split] = all_ranks_mean(loss_sum / eval_iters)
-        out[f"{split}_bpb"] = all_ranks_mean(nats) / max(all_ranks_mean(nbytes), 1.0) / math.log(2)
+                logits, _ = eval_model(x, y)
+            nats = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
+            sums += torch.stack([nats.double().sum(), torch.tensor(float(nats.numel()), dtype=torch.float64, device=device),
+                                 token_bytes[y.view(-1)].sum()])
+        if ddp:
+            dist.all_reduce(sums)
+        nats, tokens, nbytes = sums.tolist()
+        out[split], out[f"{split}_bpb"] = nats / tokens, nats / max(nbytes, 1.0) / math.log(2)
     eval_model.train()
     return out
 
@@ -283,7 +303,7 @@ def lr_factor(it, elapsed):
         return 1.0
     progress = elapsed / max_time if max_time else (it - warmup_iters) / max(1, decay_iters - warmup_iters)
     progress = min(progress, 1.0)
-    floor = min_lr / learning_rate
+    floor = min_lr / learning_rate if learning_rate else 0.0
     if lr_schedule == "cosine":
         return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return floor + (1 - floor) * min(1.0, (1.0 - progress) / warmdown_frac)  # wsd
@@ -313,37 +333,76 @@ def checkpoint_dict():
                 meta=meta)
 
 
-# outputs
-csv_fields = ["iter", "loss", "train_loss", "val_loss", "val_bpb", "lr", "ms_per_iter", "tok_per_s", "grad_norm", "gflops"]
+# outputs: only rank 0 writes
+csv_fields = ["iter", "loss", "train_loss", "val_loss", "val_bpb", "lr", "ms_per_iter", "tok_per_s", "grad_norm", "gflops", "mfu"]
 n_params = raw_model.num_params()
+gpu_name = torch.cuda.get_device_name(device) if device_type == "cuda" else ""
+peak = peak_flops or next((f for name, f in PEAK_FLOPS.items() if name in gpu_name), 0.0)  # per process
+peak *= world_size
+sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)  # honest step times on a GPU
 if master:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, ensure_ascii=False)  # what sample.py and chat.py need to decode
+        json.dump({k: v for k, v in meta.items() if k != "tokenizer_json"}, f, ensure_ascii=False, indent=1)
+    if meta["tokenizer"] == "bpe":
+        shutil.copy(os.path.join(data_dir, meta["tokenizer_file"]), os.path.join(out_dir, "tokenizer.json"))
     with open(os.path.join(out_dir, "run_meta.json"), "w", encoding="utf-8") as f:
         json.dump(dict(config=config, model_config=vars(model_config), parameters=n_params, device=device,
-                       dtype=dtype, world_size=world_size, torch=torch.__version__, argv=sys.argv), f, indent=1)
+                       gpu=gpu_name, dtype=dtype, world_size=world_size, torch=torch.__version__, argv=sys.argv,
+                       optimizer_params=dict(muon=muon_names, adamw=adam_names)), f, indent=1)
     metrics_path = os.path.join(out_dir, "metrics.csv")
     new_metrics = iter_num == 0 or not os.path.isfile(metrics_path)
     metrics_file = open(metrics_path, "w" if new_metrics else "a", newline="")
     metrics = csv.DictWriter(metrics_file, fieldnames=csv_fields)
     if new_metrics:
         metrics.writeheader()
+    if wandb_log:
+        try:
+            import wandb
+        except ImportError:
+            die("wandb_log=True needs wandb: pip install wandb (or run with --wandb_log=False)")
+        wandb.init(project=wandb_project, name=wandb_run_name or f"{model_type} {model_config.describe()}",
+                   config=dict(config, model_config=vars(model_config)))
+    print(f"{model_type}: {model_config.describe()}")
     print(f"{n_params / 1e6:.2f}M parameters | {device} {dtype} | {world_size} process(es) x {accum_steps} micro-steps "
           f"x {batch_size} x {block_size} = {tokens_per_iter:,} tokens per step")
 
+
+def record(**row):
+    """One row of metrics.csv (and of wandb when on), written by rank 0 only."""
+    if not master:
+        return
+    metrics.writerow({k: f"{v:.8g}" if isinstance(v, float) else v for k, v in row.items() if v is not None})
+    metrics_file.flush()
+    if wandb_log:
+        wandb.log({k: v for k, v in row.items() if v is not None}, step=row["iter"])
+
+
 # the training loop
+def forward_backward():
+    """Accumulate gradients over accum_steps micro-batches (syncing across processes on the last one);
+    return the mean loss over the micro-steps."""
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(accum_steps):
+        x, y = get_batch("train", iter_num, rank * accum_steps + micro_step)
+        model.require_backward_grad_sync = micro_step == accum_steps - 1  # DDP: all-reduce only once
+        with ctx:
+            _, loss = model(x, y, label_smoothing=label_smoothing)
+        scaler.scale(loss / accum_steps).backward()
+        loss_sum += loss.detach()
+    return loss_sum / accum_steps
+
+
 start_iter, evals_since_best, t0 = iter_num, 0, time.time()
+bar = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True, disable=not (master and sys.stdout.isatty()))
 while True:
     last_step = iter_num >= max_iters or (max_time > 0 and all_ranks_mean(train_time) >= max_time)
     if (iter_num % eval_interval == 0 and iter_num != start_iter) or last_step or iter_num == 0 or eval_only:
         losses = evaluate()
         if master:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                  f"val bpb {losses['val_bpb']:.4f}")
-            metrics.writerow(dict(iter=iter_num, train_loss=f"{losses['train']:.4f}", val_loss=f"{losses['val']:.4f}",
-                                  val_bpb=f"{losses['val_bpb']:.4f}"))
-            metrics_file.flush()
+            tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                       f"val bpb {losses['val_bpb']:.4f}")
+        record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_bpb=losses["val_bpb"])
         improved = losses["val"] < best_val_loss
         best_val_loss, evals_since_best = (losses["val"], 0) if improved else (best_val_loss, evals_since_best + 1)
         if iter_num > start_iter and not eval_only:
@@ -355,24 +414,29 @@ while True:
         if early_stopping_patience and evals_since_best >= early_stopping_patience:
             last_step = True
             if master:
-                print(f"early stop: no new best val loss in {early_stopping_patience} evals")
+                tqdm.write(f"early stop: no new best val loss in {early_stopping_patience} evals")
     if last_step or eval_only:
         break
 
-    # one optimizer step: accumulate gradients over micro-batches, syncing across processes on the last
+    # one optimizer step
     t_step = time.time()
     lr_mult = lr_factor(iter_num, train_time)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_mult
-    loss_sum = 0.0
-    for micro_step in range(accum_steps):
-        x, y = get_batch("train", iter_num, rank * accum_steps + micro_step)
-        model.require_backward_grad_sync = micro_step == accum_steps - 1  # DDP: all-reduce only once
-        with ctx:
-            _, loss = model(x, y, label_smoothing=label_smoothing)
-        scaler.scale(loss / accum_steps).backward()
-        loss_sum += loss.detach()
+    while True:
+        try:
+            loss = forward_backward()
+            break
+        except torch.OutOfMemoryError:
+            if not auto_microbatch or batch_size == 1:
+                raise
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            batch_size, accum_steps = batch_size // 2, accum_steps * 2  # same tokens per step, half the memory
+            if device_type == "cuda":
+                torch.cuda.empty_cache()
+            tqdm.write(f"out of memory: auto_microbatch retries with batch_size={batch_size} x {accum_steps} micro-steps")
     for opt in optimizers:
         scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip else float("inf"))
@@ -382,20 +446,24 @@ while True:
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     iter_num += 1
+    sync()
     step_time = time.time() - t_step
     train_time += step_time
+    bar.update(1)
 
     if iter_num % log_interval == 0:
-        loss_value = all_ranks_mean(loss_sum.item() / accum_steps)  # the mean over micro-steps (and ranks)
+        loss_value = all_ranks_mean(loss.item())  # the mean over micro-steps and ranks
         tok_per_s = tokens_per_iter / step_time
-        gflops = raw_model.flops_per_token() * tok_per_s / 1e9
-        if master:
+        flops = raw_model.flops_per_token() * tok_per_s * world_size  # achieved by all processes together
+        speed = f"MFU {flops / peak:.1%}" if peak else f"{flops / 1e9:,.1f} GFLOP/s"
+        if master and bar.disable:
             print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_mult * learning_rate:.2e}, {step_time * 1000:.1f} ms/iter, "
-                  f"{tok_per_s:,.0f} tok/s, {gflops:,.1f} GFLOP/s")
-            metrics.writerow(dict(iter=iter_num, loss=f"{loss_value:.4f}", lr=f"{lr_mult * learning_rate:.3e}",
-                                  ms_per_iter=f"{step_time * 1000:.2f}", tok_per_s=f"{tok_per_s:.0f}",
-                                  grad_norm=f"{grad_norm.item():.4f}", gflops=f"{gflops:.2f}"))
+                  f"{tok_per_s:,.0f} tok/s, {speed}")
+        bar.set_postfix_str(f"loss {loss_value:.4f}, {tok_per_s:,.0f} tok/s, {speed}")
+        record(iter=iter_num, loss=loss_value, lr=lr_mult * learning_rate, ms_per_iter=step_time * 1000,
+               tok_per_s=tok_per_s, grad_norm=grad_norm.item(), gflops=flops / 1e9, mfu=flops / peak if peak else None)
 
+bar.close()
 if master:
     metrics_file.close()
     print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, {train_time:.1f} s of training, "

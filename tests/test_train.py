@@ -60,7 +60,7 @@ def test_scratch_refuses_to_overwrite_and_resume_checks_what_it_continues(workdi
     assert torch.load(workdir / "out-keep" / "ckpt.pt", weights_only=True)["iter_num"] == 6
 
 
-@pytest.mark.parametrize("argv,word", [(["--dataset=nothing_here"], "prepare_char.py"), (["--optimizer=sgd"], "optimizer"),
+@pytest.mark.parametrize("argv,word", [(["--dataset=nothing_char"], "python prepare_char.py --input=nothing"), (["--optimizer=sgd"], "optimizer"),
                                        (["--n_head=3"], "n_head"), (["--block_size=100000"], "block_size"),
                                        (["--device=tpu"], "device"), (["--total_batch_size=1000"], "total_batch_size"),
                                        (["--init_from=resume"], "not found")])
@@ -103,3 +103,16 @@ def test_sample_streams_text_from_a_trained_checkpoint(trained):
     (workdir / "broken" / "ckpt.pt").write_bytes(b"not a checkpoint")
     proc = run("sample.py", "--out_dir=broken", cwd=workdir, ok=False)
     assert "not a readable" in proc.stderr
+
+
+@pytest.mark.parametrize("variant", [["--model_type=gpt_plus"], ["--model_type=gpt_fast"],
+                                     ["--model_type=gpt", "--n_kv_head=1", "--qk_norm=True", "--logit_softcap=10"]], ids=str)
+def test_every_preset_resumes_and_samples_with_no_architecture_flags(workdir, variant):
+    """The checkpoint remembers the resolved fields: resume and sample need only out_dir."""
+    out = f"--out_dir=out-{'-'.join(v.split('=')[1] for v in variant)}"
+    run("train.py", "--dataset=tiny_char", out, "--max_iters=3", "--eval_interval=3", *TINY, *variant, cwd=workdir)
+    ckpt = torch.load(workdir / out.split("=")[1] / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["n_kv_head"] in (1, 2) and ckpt["model_config"]["mlp_hidden"] > 0  # resolved, not None
+    run("train.py", out, "--init_from=resume", "--max_iters=5", cwd=workdir)
+    text = run("sample.py", out, "--max_new_tokens=30", "--prompt=def ", cwd=workdir).stdout
+    assert text.startswith("def ") and len(text) >= 34

@@ -1,0 +1,24 @@
+# A token-level quick run on the built-in corpus: a BPE of Python's reference docs, a few minutes on a CPU.
+#   python prepare_bpe.py && python train.py config/bpe_small.py && python sample.py --out_dir=out-bpe-small
+out_dir = "out-bpe-small"
+dataset = "pydocs_bpe"  # ~2,048-token BPE, ~130 K tokens
+eval_interval = 200
+eval_iters = 50
+log_interval = 50
+# 16 batch * 128 block * 1 accumulation step = 2,048 tokens per step
+batch_size = 16
+gradient_accumulation_steps = 1
+block_size = 128
+model_type = "gpt_plus"
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.1  # ~130 K tokens overfit quickly
+optimizer = "muon"
+muon_lr = 0.02
+learning_rate = 2e-3
+max_iters = 800
+lr_decay_iters = 800
+warmup_iters = 50
+min_lr = 2e-4
+beta2 = 0.99

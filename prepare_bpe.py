@@ -1,0 +1,267 @@
+"""
+Prepare a token-level dataset: train a byte-level BPE (Hugging Face tokenizers) or use GPT-2's
+(tiktoken) or an existing tokenizer.json, then encode the corpus into train.bin / val.bin (uint16,
+or uint32 for vocabularies over 65,535) and meta.json. Corpora larger than RAM are streamed: read
+in pieces, encoded in batches on all cores, appended to the bins.
+
+    python prepare_bpe.py                                       # Python's docs, trained BPE -> data/pydocs_bpe
+    python prepare_bpe.py --input=shakespeare --tokenizer=gpt2  # -> data/shakespeare_gpt2
+    python prepare_bpe.py --input=corpus/ --vocab_size=16384    # a folder of *.txt, one document each
+    python prepare_bpe.py --input=shard.parquet                 # a 'text' (or pre-tokenized 'tokens') column
+    python prepare_bpe.py --tokenizer=data/pydocs_bpe/tokenizer.json --input=more.txt --out_dir=data/more_bpe
+    python prepare_bpe.py --info=data/pydocs_bpe                # what a prepared dataset holds
+"""
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from configurator import configure, die
+from prepare_char import check_out_dir, decode_text, find_documents
+from tokenizer import BOS, EOS, BPETokenizer, TiktokenTokenizer, gpt2_encoding
+
+# -----------------------------------------------------------------------------
+input = "pydocs"  # pydocs | shakespeare | a .txt file | a folder of *.txt | a URL | a .parquet file or folder of them
+out_dir = ""  # where to write; '' = data/<name>_bpe (or _gpt2)
+tokenizer = "bpe"  # bpe (train one here) | gpt2 (tiktoken) | path/to/tokenizer.json (reuse one)
+vocab_size = 0  # bpe: size of the trained vocabulary; 0 = by corpus size (~4*sqrt(bytes), 512..32768)
+no_bos_eos = False  # do not wrap each document in BOS ... EOS
+val_fraction = 0.1  # share of the documents held out for validation
+split = "tail"  # tail (the last documents) | random (whole documents, seeded)
+seed = 1337  # seed for split=random
+chunk_bytes = 4_000_000  # text encoded per batch; memory use follows this, not the corpus size
+info = ""  # print what data/<name> holds (splits, vocab, tokenizer, dtype) and exit
+# -----------------------------------------------------------------------------
+
+CUT = re.compile(r"(?<=\S)\n(?=\S)")  # a safe place to split text: pre-tokenizers never join across it
+
+
+def parquet_files(spec):
+    """The .parquet files that --input names, or [] if it names none."""
+    if os.path.isdir(spec):
+        return sorted(str(p) for p in Path(spec).glob("*.parquet"))
+    return [spec] if spec.endswith(".parquet") else []
+
+
+def parquet_rows(files, column):
+    """Yield the values of `column`, one per row (a document), reading row group by row group."""
+    for path in files:
+        pf = pq.ParquetFile(path)
+        for group in range(pf.num_row_groups):
+            yield from pf.read_row_group(group, columns=[column]).column(column).to_pylist()
+
+
+def pieces(doc, size):
+    """Yield a document's text in pieces of about `size` characters, cut only at a newline between two
+    non-space characters, where pre-tokenization never joins text, so pieces encode exactly like the whole."""
+    if isinstance(doc, str):
+        yield doc
+        return
+    try:
+        with open(doc, encoding="utf-8", newline="") as f:
+            buf = ""
+            while chunk := f.read(size):
+                if "\x00" in chunk:
+                    die(f"{doc} looks binary (it contains NUL bytes); give UTF-8 text files")
+                buf += chunk
+                cut = None
+                for cut in CUT.finditer(buf, max(0, len(buf) - size)):
+                    pass
+                if cut is not None:
+                    yield buf[:cut.end()]
+                    buf = buf[cut.end():]
+            if buf:
+                yield buf
+    except UnicodeDecodeError as e:
+        die(f"{doc} is not UTF-8 text (bad byte at offset {e.start} of a chunk); convert it, e.g. `iconv -t utf-8`")
+
+
+def documents(docs, rows):
+    """Yield each document as an iterable of parts: text pieces (files are read lazily), or one list of
+    token ids for a pre-tokenized parquet row."""
+    if rows is None:
+        for doc in docs:
+            yield pieces(doc, chunk_bytes)
+    else:
+        for row in rows:
+            yield [row if isinstance(row, list) else row or ""]
+
+
+def with_ends(parts):
+    """Yield (is_first, is_last, part) for each part."""
+    prev, first = None, True
+    for part in parts:
+        if prev is not None:
+            yield first, False, prev
+            first = False
+        prev = part
+    if prev is not None:
+        yield first, True, prev
+
+
+def encode_documents(tok, docs, split_of, bos, eos, chunk):
+    """Yield (split, token ids, text bytes) part by part in corpus order; the text of about `chunk`
+    characters at a time is encoded in one batch (tokenizers and tiktoken use all cores for it)."""
+    batch, size = [], 0
+
+    def encode_batch():
+        encoded = iter(tok.encode_batch([part for _, _, _, part in batch if isinstance(part, str)]))
+        for split, first, last, part in batch:
+            ids = next(encoded) if isinstance(part, str) else [int(t) for t in part]
+            yield split, (bos if first else []) + ids + (eos if last else []), len(part.encode("utf-8")) if isinstance(part, str) else 0
+        batch.clear()
+
+    for i, doc in enumerate(docs):
+        for first, last, part in with_ends(doc):
+            batch.append((split_of(i), first, last, part))
+            size += len(part)
+            if size >= chunk:
+                yield from encode_batch()
+                size = 0
+    yield from encode_batch()
+
+
+def train_bpe(docs, rows, size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[BOS, EOS], show_progress=True,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = (piece for doc in documents(docs, rows) for piece in doc)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return BPETokenizer(tok)
+
+
+def print_info(folder):
+    path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(path):
+        die(f"{path} not found; prepare it first")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    for key in ("source", "tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "train_bytes", "val_bytes",
+                "documents", "bos_id", "eos_id", "split"):
+        if key in meta:
+            print(f"{key:>13}: {meta[key]:,}" if isinstance(meta[key], int) else f"{key:>13}: {meta[key]}")
+
+
+if __name__ == "__main__":
+    configure(globals())
+    if info:
+        print_info(info)
+        raise SystemExit
+    if split not in ("tail", "random"):
+        die(f"--split={split!r} is not one of tail, random")
+    if not 0.0 < val_fraction < 1.0:
+        die(f"--val_fraction={val_fraction} must be between 0 and 1")
+    t0 = time.time()
+
+    # the documents: files, built-in texts, or parquet rows
+    files = parquet_files(input)
+    rows, docs = None, []
+    if files:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            die("parquet input needs pyarrow: pip install pyarrow")
+        schema = pq.read_schema(files[0])
+        column = "text" if "text" in schema.names else "tokens" if "tokens" in schema.names else None
+        if column is None:
+            die(f"{files[0]} has no 'text' or 'tokens' column (it has {', '.join(schema.names)})")
+        if column == "tokens" and tokenizer == "bpe":
+            die("a pre-tokenized 'tokens' column needs the tokenizer it was made with: --tokenizer=gpt2 or PATH.json")
+        n_docs = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        name, source = Path(input).stem, os.path.abspath(input)
+        n_bytes = sum(os.path.getsize(f) for f in files)
+        make_rows = lambda: parquet_rows(files, column)  # noqa: E731
+    else:
+        name, source, docs = find_documents(input)
+        n_docs = len(docs)
+        n_bytes = sum(len(d.encode("utf-8")) if isinstance(d, str) else os.path.getsize(d) for d in docs)
+        make_rows = lambda: None  # noqa: E731
+        if n_bytes == 0:
+            die(f"--input={input} is empty; give a text with some content")
+
+    # the tokenizer
+    if tokenizer == "gpt2":
+        tok, kind = TiktokenTokenizer(gpt2_encoding()), "gpt2"
+    elif tokenizer == "bpe":
+        size = vocab_size or int(min(32768, max(512, 2 ** round(math.log2(4 * math.sqrt(n_bytes))))))
+        print(f"training a byte-level BPE with {size:,} tokens on {n_bytes / 1e6:.1f} MB")
+        tok, kind = train_bpe(docs, make_rows(), size), "bpe"
+    elif os.path.isfile(tokenizer) and tokenizer.endswith(".json"):
+        from tokenizers import Tokenizer
+        tok, kind = BPETokenizer(Tokenizer.from_file(tokenizer)), "bpe"
+    else:
+        die(f"--tokenizer={tokenizer!r} is not bpe, gpt2 or an existing tokenizer.json file")
+    suffix = "gpt2" if kind == "gpt2" else "bpe"
+    out_dir = out_dir or os.path.join("data", f"{name}_{suffix}")
+    check_out_dir(out_dir, source)
+    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+    bos = [] if no_bos_eos or tok.bos_id is None or tok.bos_id == tok.eos_id else [tok.bos_id]
+    eos = [] if no_bos_eos or tok.eos_id is None else [tok.eos_id]
+
+    # which documents are validation: the tail, or a seeded random choice; a single document is split at its tail
+    n_val = max(1, round(n_docs * val_fraction)) if n_docs > 1 else 0
+    rng = random.Random(seed)
+    val_set = set(range(n_docs - n_val, n_docs)) if split == "tail" else set(rng.sample(range(n_docs), n_val))
+
+    # encode, streaming: parts appended to temporary bins as they come
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = {s: os.path.join(out_dir, f"{s}.bin.tmp") for s in ("train", "val")}
+    counts, nbytes = dict(train=0, val=0), dict(train=0, val=0)
+    try:
+        with open(tmp["train"], "wb") as train_out, open(tmp["val"], "wb") as val_out, \
+                tqdm(total=n_bytes, unit="B", unit_scale=True, desc="encoding") as bar:
+            outs = dict(train=train_out, val=val_out)
+            split_of = lambda i: "val" if i in val_set else "train"  # noqa: E731
+            for split_name, ids, nb in encode_documents(tok, documents(docs, make_rows()), split_of, bos, eos, chunk_bytes):
+                np.asarray(ids, dtype=dtype).tofile(outs[split_name])
+                counts[split_name] += len(ids)
+                nbytes[split_name] += nb
+                bar.update(nb)
+        if n_docs == 1:  # one document: hold out the tail of its tokens, copied without loading the bin
+            cut = int(counts["train"] * (1 - val_fraction))
+            with open(tmp["train"], "rb+") as f, open(tmp["val"], "wb") as v:
+                f.seek(cut * np.dtype(dtype).itemsize)
+                shutil.copyfileobj(f, v)
+                f.truncate(cut * np.dtype(dtype).itemsize)
+            share = cut / max(counts["train"], 1)
+            counts = dict(train=cut, val=counts["train"] - cut)
+            nbytes = dict(train=round(nbytes["train"] * share), val=nbytes["train"] - round(nbytes["train"] * share))
+    except BaseException:
+        for p in tmp.values():
+            if os.path.exists(p):
+                os.remove(p)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    if counts["train"] < 2 or counts["val"] < 2:
+        for p in tmp.values():
+            os.remove(p)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        die(f"--input={input} is too small to split with val_fraction={val_fraction}")
+    for s in ("train", "val"):
+        os.replace(tmp[s], os.path.join(out_dir, f"{s}.bin"))
+    if kind == "bpe":
+        tok.tok.save(os.path.join(out_dir, "tokenizer.json"))
+    meta = dict(tokenizer=kind, tokenizer_file="tokenizer.json" if kind == "bpe" else None, vocab_size=tok.vocab_size,
+                dtype=np.dtype(dtype).name, bos_id=tok.bos_id, eos_id=tok.eos_id, bos_eos=not no_bos_eos,
+                train_tokens=counts["train"], val_tokens=counts["val"], train_bytes=nbytes["train"], val_bytes=nbytes["val"],
+                documents=n_docs, source=source, split=split, val_fraction=val_fraction, seed=seed)
+    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+    total_tokens, total_bytes = counts["train"] + counts["val"], nbytes["train"] + nbytes["val"]
+    print(f"{source}: {n_docs:,} documents, {total_bytes / 1e6:.1f} MB -> {total_tokens:,} tokens "
+          f"({total_tokens / max(total_bytes, 1):.3f} tokens per byte), vocab {tok.vocab_size:,}, {time.time() - t0:.1f} s")
+    print(f"wrote {out_dir}/train.bin ({counts['train']:,} tokens), val.bin ({counts['val']:,} tokens), meta.json")
