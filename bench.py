@@ -1,10 +1,14 @@
 """
-Benchmark training runs: each variant of train.py's arguments is run `runs` times (round-robin, so
-machine noise spreads evenly), and the medians are printed as a Markdown table with ratios against
-the first variant, which is the baseline measured in the same session.
+Benchmarks, as medians of several runs with ratios against a baseline measured in the same session.
+
+mode=train: each variant of train.py's arguments is run `runs` times (round-robin, so machine noise
+spreads evenly); the table has val loss, bits per byte, training and wall time, ms/iter and tok/s.
+mode=prepare: prepare_bpe.py's throughput (MB/s) and peak memory on a corpus, against the tokenizer's
+own encode_batch on the same text in memory (the ceiling).
 
     python bench.py --args="config/char_tiny.py --eval_iters=200"
     python bench.py --args="config/shakespeare_char_cpu.py" --variants="['', '--optimizer=adamw']" --runs=3
+    python bench.py --mode=prepare --args="--input=corpus/ --tokenizer=data/pydocs_bpe/tokenizer.json"
 """
 
 import csv
@@ -20,7 +24,8 @@ import time
 from configurator import configure, die
 
 # -----------------------------------------------------------------------------
-args = "config/char_tiny.py"  # train.py arguments shared by every variant
+mode = "train"  # train | prepare
+args = "config/char_tiny.py"  # train.py (or prepare_bpe.py) arguments shared by every variant
 variants = [""]  # extra train.py arguments per variant; the first is the baseline
 runs = 3  # runs per variant; the table shows medians
 # -----------------------------------------------------------------------------
@@ -46,8 +51,54 @@ def one_run(extra):
                 tok_per_s=statistics.median(float(r["tok_per_s"]) for r in steps) if steps else float("nan"))
 
 
+def run_measured(cmd):
+    """Run cmd; return (wall seconds, peak RSS in MB of that process) or stop on failure."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        die(f"{' '.join(cmd)} failed: {err.strip().splitlines()[-1] if err.strip() else status}")
+    return time.time() - t0, usage.ru_maxrss / 1024
+
+
+def bench_prepare():
+    """prepare_bpe.py end to end vs the raw tokenizer's encode_batch over the same documents in memory."""
+    from tokenizers import Tokenizer
+    opts = dict(a[2:].split("=", 1) for a in shlex.split(args) if a.startswith("--") and "=" in a)
+    files = sorted(os.path.join(opts["input"], f) for f in os.listdir(opts["input"]) if f.endswith(".txt"))
+    nbytes = sum(os.path.getsize(f) for f in files)
+    tok = Tokenizer.from_file(opts["tokenizer"])
+    prep, raw, rss = [], [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as out:
+            wall, peak = run_measured([sys.executable, "prepare_bpe.py", *shlex.split(args), f"--out_dir={out}"])
+        prep.append(nbytes / 1e6 / wall)
+        rss.append(peak)
+        texts = [open(f, encoding="utf-8").read() for f in files]
+        t0, batch, size = time.time(), [], 0
+        for t in texts + [None]:
+            if t is None or size >= 4_000_000:
+                tok.encode_batch(batch, add_special_tokens=False)
+                batch, size = [], 0
+            if t is not None:
+                batch.append(t)
+                size += len(t)
+        raw.append(nbytes / 1e6 / (time.time() - t0))
+        del texts
+        print(f"prepare {prep[-1]:.2f} MB/s, peak RSS {peak:.0f} MB; raw encode_batch {raw[-1]:.2f} MB/s", file=sys.stderr)
+    p, r = statistics.median(prep), statistics.median(raw)
+    print(f"prepare_bpe.py {args} — {nbytes / 1e6:.0f} MB, medians of {runs} runs")
+    print("| corpus | prepare_bpe MB/s | raw encode_batch MB/s | ratio | peak RSS MB |")
+    print("|---|---|---|---|---|")
+    print(f"| {nbytes / 1e6:.0f} MB | {p:.2f} | {r:.2f} | {p / r:.0%} | {statistics.median(rss):.0f} |")
+
+
 if __name__ == "__main__":
     configure(globals())
+    if mode == "prepare":
+        bench_prepare()
+        raise SystemExit
     results = {v: [] for v in variants}
     for i in range(runs):
         for v in variants:

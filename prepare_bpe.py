@@ -42,6 +42,7 @@ info = ""  # print what data/<name> holds (splits, vocab, tokenizer, dtype) and 
 # -----------------------------------------------------------------------------
 
 CUT = re.compile(r"(?<=\S)\n(?=\S)")  # a safe place to split text: pre-tokenizers never join across it
+PIECE = 1 << 16  # characters per piece of a big file: a batch holds many pieces, so all cores encode
 
 
 def parquet_files(spec):
@@ -89,7 +90,7 @@ def documents(docs, rows):
     token ids for a pre-tokenized parquet row."""
     if rows is None:
         for doc in docs:
-            yield pieces(doc, chunk_bytes)
+            yield pieces(doc, min(chunk_bytes, PIECE))
     else:
         for row in rows:
             yield [row if isinstance(row, list) else row or ""]
