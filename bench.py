@@ -5,10 +5,13 @@ mode=train: each variant of train.py's arguments is run `runs` times (round-robi
 spreads evenly); the table has val loss, bits per byte, training and wall time, ms/iter and tok/s.
 mode=prepare: prepare_bpe.py's throughput (MB/s) and peak memory on a corpus, against the tokenizer's
 own encode_batch on the same text in memory (the ceiling).
+mode=step / mode=sample: in-process timings of model variants (GPTConfig fields as --key=value, the shape
+from `args`): one training step (forward, backward, AdamW) on random tokens, or KV-cached sampling.
 
     python bench.py --args="config/char_tiny.py --eval_iters=200"
     python bench.py --args="config/shakespeare_char_cpu.py" --variants="['', '--optimizer=adamw']" --runs=3
     python bench.py --mode=prepare --args="--input=corpus/ --tokenizer=data/pydocs_bpe/tokenizer.json"
+    python bench.py --mode=step --variants="['', '--mlp=relu2', '--n_kv_head=1', '--model_type=gpt_fast']"
 """
 
 import csv
@@ -21,13 +24,15 @@ import sys
 import tempfile
 import time
 
-from configurator import configure, die
+from configurator import parse_value, configure, die
 
 # -----------------------------------------------------------------------------
-mode = "train"  # train | prepare
+mode = "train"  # train | prepare | step | sample
 args = "config/char_tiny.py"  # train.py (or prepare_bpe.py) arguments shared by every variant
 variants = [""]  # extra train.py arguments per variant; the first is the baseline
 runs = 3  # runs per variant; the table shows medians
+batch_size = 12  # step/sample modes: sequences per step (sample: 1 sequence of block_size tokens)
+steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
 # -----------------------------------------------------------------------------
 
 
@@ -60,6 +65,51 @@ def run_measured(cmd):
     if status:
         die(f"{' '.join(cmd)} failed: {err.strip().splitlines()[-1] if err.strip() else status}")
     return time.time() - t0, usage.ru_maxrss / 1024
+
+
+def options(text):
+    """--key=value arguments as a dict of parsed values."""
+    return {k: parse_value(v) for k, v in (a[2:].split("=", 1) for a in shlex.split(text) if a.startswith("--") and "=" in a)}
+
+
+def bench_model():
+    """Median step time (ms) or sampling speed (tokens/s) of each variant against the first."""
+    import torch
+    from common import autocast
+    from model import GPT, config_from_preset
+    shape = dict(dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65), **options(args))
+    results = {v: [] for v in variants}
+    for _ in range(runs):
+        for v in variants:
+            opts = {**shape, **options(v)}
+            ctx = autocast("cpu", opts.pop("dtype", "float32"))  # --dtype=bfloat16: autocast, as train.py does
+            torch.manual_seed(0)
+            model = GPT(config_from_preset(opts.pop("model_type", "gpt"), **opts))
+            if mode == "sample":
+                model.eval()
+                t0 = time.perf_counter()
+                model.generate(torch.zeros(1, 1, dtype=torch.long), model.config.block_size - 1, top_k=50)
+                results[v].append((model.config.block_size - 1) / (time.perf_counter() - t0))
+                continue
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            x = torch.randint(0, model.config.vocab_size, (batch_size, model.config.block_size))
+            for i in range(5 + steps):
+                if i == 5:
+                    t0 = time.perf_counter()
+                with ctx:
+                    _, loss = model(x, x)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            results[v].append((time.perf_counter() - t0) / steps * 1000)
+    unit = "tokens/s" if mode == "sample" else "ms/step"
+    base = statistics.median(results[variants[0]])
+    print(f"bench.py --mode={mode} --args={args!r} — medians of {runs} runs")
+    print(f"| variant | {unit} | vs baseline |" + (" tok/s |" if mode == "step" else "") + "\n|---|---|---|---|")
+    for v, r in results.items():
+        m = statistics.median(r)
+        tok = f" {batch_size * {**shape, **options(v)}['block_size'] / m * 1000:,.0f} |" if mode == "step" else ""
+        print(f"| {v or 'baseline'} | {m:,.1f} | {m / base:.2f}x |{tok}")
 
 
 def bench_prepare():
@@ -96,8 +146,13 @@ def bench_prepare():
 
 if __name__ == "__main__":
     configure(globals())
+    if mode not in ("train", "prepare", "step", "sample"):
+        die(f"--mode={mode!r} is not one of train, prepare, step, sample")
     if mode == "prepare":
         bench_prepare()
+        raise SystemExit
+    if mode in ("step", "sample"):
+        bench_model()
         raise SystemExit
     results = {v: [] for v in variants}
     for i in range(runs):

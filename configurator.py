@@ -57,7 +57,7 @@ def _coerce(key, value, default, source):
     return value
 
 
-def _parse(text):
+def parse_value(text):
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -134,7 +134,7 @@ def configure(scope, argv=None):
                 if not isinstance(scope[key], bool):
                     die(f"--{key} needs a value: --{key}=VALUE")
                 text = "True"  # a bare --flag switches a boolean on
-            value = text if isinstance(scope[key], str) and not text[:1] in "'\"" else _parse(text)
+            value = text if isinstance(scope[key], str) and not text[:1] in "'\"" else parse_value(text)
             settings[key] = _coerce(key, value, scope[key], "command line")
             explicit.add(key)
     scope.update(settings)

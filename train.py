@@ -47,7 +47,7 @@ block_size = 1024  # context length
 gradient_accumulation_steps = 40  # micro-batches per optimizer step over all processes: 40*12*1024 = 491,520 tokens
 total_batch_size = 0  # tokens per optimizer step; if set, it decides gradient_accumulation_steps
 # model: model_type picks a preset (model.py PRESETS); any field set here overrides it
-model_type = "gpt"  # gpt (GPT-2 block) | gpt_plus (RoPE, RMSNorm, SwiGLU) | gpt_fast (RoPE, RMSNorm, ReLU²)
+model_type = "gpt"  # gpt (GPT-2 block) | gpt_plus (RoPE, RMSNorm, SwiGLU) | gpt_fast (RoPE, LayerNorm, ReLU², no biases)
 n_layer = 12  # transformer blocks
 n_head = 12  # attention heads
 n_embd = 768  # model width
@@ -198,7 +198,7 @@ if ckpt is not None:
     model = model_from_checkpoint(ckpt, device)
     iter_num, best_val_loss, train_time = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["train_time"]
 else:
-    if init_from == "scratch" and os.path.isfile(ckpt_path) and not overwrite:
+    if os.path.isfile(ckpt_path) and not overwrite:
         die(f"{ckpt_path} already exists; continue it with --init_from=resume, pick another --out_dir, "
             f"or pass --overwrite=True to replace it")
     try:
@@ -237,8 +237,14 @@ if muon_names:
                                        ns_steps=muon_ns_steps))
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # a no-op unless float16
 if ckpt is not None:
-    for opt, state in zip(optimizers, ckpt["optimizers"]):
-        opt.load_state_dict(state)
+    try:
+        assert len(optimizers) == len(ckpt["optimizers"])
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+    except (AssertionError, ValueError, KeyError):
+        die(f"the optimizer state in {ckpt_path} does not fit optimizer={optimizer!r}; resume with the optimizer "
+            f"the run was trained with ({ckpt['config']['optimizer']!r}), or warm-start a new run: "
+            f"--init_from={ckpt_path} --out_dir=NEW")
     scaler.load_state_dict(ckpt["scaler"])
     random.setstate((ckpt["rng"]["python"][0], tuple(ckpt["rng"]["python"][1]), ckpt["rng"]["python"][2]))
     np.random.set_state(tuple(np.array(v, dtype=np.uint32) if i == 1 else v for i, v in enumerate(ckpt["rng"]["numpy"])))

@@ -92,11 +92,20 @@ def test_whole_model_sdpa_equals_manual():
 
 
 def test_full_kv_heads_is_plain_multi_head():
-    """n_kv_head == n_head is ordinary attention: same weights as the default, same outputs."""
-    a, b = build(dict(model_type="gpt")), build(dict(model_type="gpt", n_kv_head=4))
-    b.load_state_dict(a.state_dict())
-    x = torch.randint(0, 67, (2, 24))
-    assert a.config.n_kv_head == 4 and torch.equal(a(x, x)[0], b(x, x)[0])
+    """n_kv_head == n_head is ordinary multi-head attention: torch's nn.MultiheadAttention with the same
+    weights gives the same output."""
+    model = build(dict(model_type="gpt", n_kv_head=4))
+    attn = model.transformer.h[0].attn
+    mha = torch.nn.MultiheadAttention(32, 4, bias=True, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(attn.c_attn.weight)
+        mha.in_proj_bias.copy_(attn.c_attn.bias)
+        mha.out_proj.weight.copy_(attn.c_proj.weight)
+        mha.out_proj.bias.copy_(attn.c_proj.bias)
+    x = torch.randn(2, 10, 32)
+    causal = torch.ones(10, 10, dtype=torch.bool).triu(1)  # True = masked
+    expected, _ = mha(x, x, x, attn_mask=causal, need_weights=False)
+    assert torch.allclose(attn(x, model.rope_cos, model.rope_sin, None), expected, atol=1e-5)
 
 
 def test_mqa_cache_is_n_head_times_smaller():

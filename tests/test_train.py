@@ -53,6 +53,10 @@ def test_scratch_refuses_to_overwrite_and_resume_checks_what_it_continues(workdi
     assert "n_layer" in proc.stderr and "differs" in proc.stderr
     proc = run("train.py", "--dataset=pydocs_char", "--init_from=resume", *base, cwd=workdir, ok=False)
     assert "dataset" in proc.stderr
+    proc = run("train.py", "--init_from=resume", "--optimizer=muon", *base, cwd=workdir, ok=False)
+    assert "optimizer state" in proc.stderr and "'adamw'" in proc.stderr
+    proc = run("train.py", "--dataset=tiny_char", f"--init_from={workdir / 'out-keep' / 'ckpt.pt'}", *base, cwd=workdir, ok=False)
+    assert "already exists" in proc.stderr  # a warm start does not overwrite out_dir either
     assert (workdir / "out-keep" / "ckpt.pt").read_bytes() == before
     # no architecture flags at all: everything comes from the checkpoint
     run("train.py", "--dataset=tiny_char", "--init_from=resume", "--out_dir=out-keep", "--max_iters=6", "--device=cpu",

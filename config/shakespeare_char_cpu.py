@@ -1,0 +1,30 @@
+# The fastest CPU recipe we found for character-level tiny Shakespeare (see README Benchmarks: ablations).
+#   python prepare_char.py --input=shakespeare && python train.py config/shakespeare_char_cpu.py
+#   python train.py config/shakespeare_char_cpu.py --max_time=45
+out_dir = "out-shakespeare-char-cpu"
+dataset = "shakespeare_char"
+device = "cpu"
+max_time = 12.0  # seconds of training; the LR schedule runs on the elapsed fraction of it
+max_iters = 1_000_000  # the time budget ends the run
+eval_interval = 1_000_000  # evaluate at the start and the end only
+eval_iters = 200
+log_interval = 25
+# nanoGPT's CPU shape (4 layers, 4 heads, 128 wide, block 64) with 32 sequences per step:
+# 32 batch * 64 block * 1 accumulation step = 2,048 tokens per step
+batch_size = 32
+block_size = 64
+gradient_accumulation_steps = 1
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+model_type = "gpt_fast"  # RoPE is most of the gain over the GPT-2 block; ReLU² and LayerNorm keep it fast
+optimizer = "muon"  # Muon on the block matrices, AdamW on embeddings, norms
+muon_lr = 0.04
+muon_momentum = 0.9
+learning_rate = 1e-2  # AdamW's part: embeddings and the tied head take a high LR at this size
+min_lr = 1e-4
+beta2 = 0.99
+warmup_iters = 10
+lr_schedule = "wsd"  # flat, then linear to min_lr over the last half of the budget
+warmdown_frac = 0.5
