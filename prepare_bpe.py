@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import configure, die
-from prepare_char import check_out_dir, decode_text, find_documents
+from prepare_char import check_out_dir, find_documents
 from tokenizer import BOS, EOS, BPETokenizer, TiktokenTokenizer, gpt2_encoding
 
 # -----------------------------------------------------------------------------

@@ -41,7 +41,10 @@ def encode_prompt(tokenizer, text):
     if tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id] + ids
     if not ids:  # a char model with an empty prompt: start from a newline, or token 0
-        ids = [tokenizer.encode("\n")[0] if "\n" in getattr(tokenizer, "stoi", {}) else 0]
+        try:
+            ids = tokenizer.encode("\n")[:1] or [0]
+        except ValueError:
+            ids = [0]
     return ids
 
 

@@ -1,7 +1,6 @@
 """prepare_char.py: inputs of every kind, exact round trips, and errors that write nothing."""
 
 import json
-import os
 
 import numpy as np
 import pytest

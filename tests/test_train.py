@@ -2,13 +2,11 @@
 
 import csv
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run
+from conftest import TINY, run
 
 
 def losses(out_dir):
