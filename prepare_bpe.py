@@ -17,7 +17,9 @@ import math
 import os
 import random
 import re
+import queue
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -73,6 +75,8 @@ def pieces(doc, size):
                 if "\x00" in chunk:
                     die(f"{doc} looks binary (it contains NUL bytes); give UTF-8 text files")
                 buf += chunk
+                if len(chunk) < size:  # the end of the file: the rest is the last piece
+                    break
                 cut = None
                 for cut in CUT.finditer(buf, max(0, len(buf) - size)):
                     pass
@@ -108,26 +112,48 @@ def with_ends(parts):
         yield first, True, prev
 
 
-def encode_documents(tok, docs, split_of, bos, eos, chunk):
-    """Yield (split, token ids, text bytes) part by part in corpus order; the text of about `chunk`
-    characters at a time is encoded in one batch (tokenizers and tiktoken use all cores for it)."""
+def batches(docs, split_of, chunk):
+    """Group the corpus into batches of about `chunk` characters: lists of (split, is_first, is_last, part)."""
     batch, size = [], 0
-
-    def encode_batch():
-        encoded = iter(tok.encode_batch([part for _, _, _, part in batch if isinstance(part, str)]))
-        for split, first, last, part in batch:
-            ids = next(encoded) if isinstance(part, str) else [int(t) for t in part]
-            yield split, (bos if first else []) + ids + (eos if last else []), len(part.encode("utf-8")) if isinstance(part, str) else 0
-        batch.clear()
-
     for i, doc in enumerate(docs):
         for first, last, part in with_ends(doc):
             batch.append((split_of(i), first, last, part))
             size += len(part)
             if size >= chunk:
-                yield from encode_batch()
-                size = 0
-    yield from encode_batch()
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def read_ahead(items, depth=2):
+    """Yield `items`, made by a background thread up to `depth` ahead, so reading files overlaps encoding
+    (which releases the GIL). An error in the thread (a binary file, say) is raised here."""
+    q = queue.Queue(depth)
+
+    def work():
+        try:
+            for item in items:
+                q.put(item)
+            q.put(None)
+        except BaseException as e:  # die() raises SystemExit: hand it over to the main thread
+            q.put(e)
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def encode_documents(tok, docs, split_of, bos, eos, chunk):
+    """Yield (split, token ids, text bytes) part by part in corpus order; about `chunk` characters of text
+    at a time are encoded in one batch (tokenizers and tiktoken use all cores for it)."""
+    for batch in read_ahead(batches(docs, split_of, chunk)):
+        encoded = iter(tok.encode_batch([part for *_, part in batch if isinstance(part, str)]))
+        for split, first, last, part in batch:
+            text = isinstance(part, str)
+            ids = next(encoded) if text else [int(t) for t in part]
+            yield split, (bos if first else []) + ids + (eos if last else []), len(part.encode("utf-8")) if text else 0
 
 
 def train_bpe(docs, rows, size):

@@ -47,7 +47,7 @@ class BPETokenizer:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts):
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]  # no offsets: faster
 
     def decode(self, ids):
         return self.tok.decode([i for i in ids if i not in self.specials], skip_special_tokens=False)

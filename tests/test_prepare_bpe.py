@@ -135,6 +135,19 @@ def test_bad_input_fails_and_writes_nothing(tmp_path, content, why):
     assert why in proc.stderr and not (tmp_path / "data").exists()
 
 
+def test_bad_file_met_while_encoding_fails_cleanly(tmp_path, bpe_data):
+    """A binary file found by the reader thread mid-corpus: one line, non-zero exit, no dataset left behind."""
+    (tmp_path / "docs").mkdir()
+    for i in range(5):
+        (tmp_path / "docs" / f"{i}.txt").write_text(DOCS["c.txt"], encoding="utf-8")
+    (tmp_path / "docs" / "3.txt").write_bytes(b"abc\x00\x01" * 100)
+    proc = run("prepare_bpe.py", "--input=docs", f"--tokenizer={bpe_data / 'data/docs_bpe/tokenizer.json'}",
+               "--chunk_bytes=100", cwd=tmp_path, ok=False)
+    last = proc.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("error: ") and "3.txt looks binary" in last and "Traceback" not in proc.stderr
+    assert not (tmp_path / "data" / "docs_bpe").exists()
+
+
 def test_parquet_text_and_tokens_columns(tmp_path, bpe_data):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
