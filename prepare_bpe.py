@@ -43,7 +43,8 @@ chunk_bytes = 4_000_000  # text encoded per batch; memory use follows this, not 
 info = ""  # print what data/<name> holds (splits, vocab, tokenizer, dtype) and exit
 # -----------------------------------------------------------------------------
 
-CUT = re.compile(r"(?<=\S)\n(?=\S)")  # a safe place to split text: pre-tokenizers never join across it
+# safe places to split text, best first: byte-level (GPT-2 style) pre-tokenization never joins text across them
+CUTS = (re.compile(r"(?<=\S)\n(?=\S)"), re.compile(r"(?<=\S)(?=\s)"))  # a line start; else a word end
 PIECE = 1 << 16  # characters per piece of a big file: a batch holds many pieces, so all cores encode
 
 
@@ -62,9 +63,22 @@ def parquet_rows(files, column):
             yield from pf.read_row_group(group, columns=[column]).column(column).to_pylist()
 
 
+def last_cut(buf, size):
+    """Where to end the next piece of `buf`: the last safe cut in its final `size` characters; when there is
+    none, nowhere yet (None) unless buf is past 16*size, where it is cut anyway so memory stays bounded
+    (only text with no whitespace for that long can then encode differently at the seam)."""
+    for pattern in CUTS:
+        cut = None
+        for cut in pattern.finditer(buf, max(0, len(buf) - size)):
+            pass
+        if cut is not None:
+            return cut.end()
+    return len(buf) if len(buf) >= 16 * size else None
+
+
 def pieces(doc, size):
-    """Yield a document's text in pieces of about `size` characters, cut only at a newline between two
-    non-space characters, where pre-tokenization never joins text, so pieces encode exactly like the whole."""
+    """Yield a document's text in pieces of about `size` characters, cut where pre-tokenization never joins
+    text (see CUTS), so the pieces encode exactly like the whole."""
     if isinstance(doc, str):
         yield doc
         return
@@ -77,12 +91,9 @@ def pieces(doc, size):
                 buf += chunk
                 if len(chunk) < size:  # the end of the file: the rest is the last piece
                     break
-                cut = None
-                for cut in CUT.finditer(buf, max(0, len(buf) - size)):
-                    pass
-                if cut is not None:
-                    yield buf[:cut.end()]
-                    buf = buf[cut.end():]
+                if cut := last_cut(buf, size):
+                    yield buf[:cut]
+                    buf = buf[cut:]
             if buf:
                 yield buf
     except UnicodeDecodeError as e:
