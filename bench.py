@@ -5,11 +5,14 @@ mode=train: each variant of train.py's arguments is run `runs` times (round-robi
 spreads evenly); the table has val loss, bits per byte, training and wall time, ms/iter and tok/s.
 mode=prepare: prepare_bpe.py's throughput (MB/s) and peak memory on a corpus, against the tokenizer's
 own encode_batch_fast on the same text in memory (the ceiling).
+mode=corpus: write a folder of *.txt documents of about `corpus_mb` MB for mode=prepare: the UTF-8 .py files
+of this Python installation (stdlib and site-packages), repeated to size.
 mode=step / mode=sample: in-process timings of model variants (GPTConfig fields as --key=value, the shape
 from `args`): one training step (forward, backward, AdamW) on random tokens, or KV-cached sampling.
 
     python bench.py --args="config/char_tiny.py --eval_iters=200"
     python bench.py --args="config/shakespeare_char_cpu.py" --variants="['', '--optimizer=adamw']" --runs=3
+    python bench.py --mode=corpus --corpus_mb=100 --args=corpus/
     python bench.py --mode=prepare --args="--input=corpus/ --tokenizer=data/pydocs_bpe/tokenizer.json"
     python bench.py --mode=step --variants="['', '--mlp=relu2', '--n_kv_head=1', '--model_type=gpt_fast']"
 """
@@ -27,8 +30,9 @@ import time
 from configurator import parse_value, configure, die
 
 # -----------------------------------------------------------------------------
-mode = "train"  # train | prepare | step | sample
-args = "config/char_tiny.py"  # train.py (or prepare_bpe.py) arguments shared by every variant
+mode = "train"  # train | prepare | corpus | step | sample
+args = "config/char_tiny.py"  # train.py (or prepare_bpe.py) arguments shared by every variant; corpus: the folder
+corpus_mb = 100  # corpus mode: size of the corpus to write
 variants = [""]  # extra train.py arguments per variant; the first is the baseline
 runs = 3  # runs per variant; the table shows medians
 batch_size = 12  # step/sample modes: sequences per step (sample: 1 sequence of block_size tokens)
@@ -112,6 +116,29 @@ def bench_model():
         print(f"| {v or 'baseline'} | {m:,.1f} | {m / base:.2f}x |{tok}")
 
 
+def make_corpus(out, mb):
+    """A folder of ~mb MB of UTF-8 text documents: this Python's own .py files, in order, repeated to size."""
+    import sysconfig
+    roots = sorted({sysconfig.get_paths()[k] for k in ("stdlib", "purelib")})
+    sources = []
+    for path in sorted({os.path.join(d, f) for root in roots for d, _, fs in os.walk(root) for f in fs if f.endswith(".py")}):
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            if data.strip() and b"\x00" not in data and data.decode("utf-8"):
+                sources.append(data)
+        except UnicodeDecodeError:
+            continue
+    os.makedirs(out, exist_ok=True)
+    n = size = 0
+    while size < mb * 1e6:
+        data = sources[n % len(sources)]
+        with open(os.path.join(out, f"{n:07d}.txt"), "wb") as f:
+            f.write(data)
+        n, size = n + 1, size + len(data)
+    print(f"wrote {n:,} documents, {size / 1e6:.1f} MB to {out}")
+
+
 def bench_prepare():
     """prepare_bpe.py end to end vs the raw tokenizer's encode_batch_fast over the same documents in memory."""
     from tokenizers import Tokenizer
@@ -147,8 +174,11 @@ def bench_prepare():
 
 if __name__ == "__main__":
     configure(globals())
-    if mode not in ("train", "prepare", "step", "sample"):
-        die(f"--mode={mode!r} is not one of train, prepare, step, sample")
+    if mode not in ("train", "prepare", "corpus", "step", "sample"):
+        die(f"--mode={mode!r} is not one of train, prepare, corpus, step, sample")
+    if mode == "corpus":
+        make_corpus(args, corpus_mb)
+        raise SystemExit
     if mode == "prepare":
         bench_prepare()
         raise SystemExit

@@ -74,6 +74,21 @@ def test_streaming_equals_in_memory(bpe_data):
         assert a == (bpe_data / "data" / "one_chunk" / split).read_bytes() == (bpe_data / "data" / "docs_bpe" / split).read_bytes()
 
 
+def test_pieces_stay_bounded_and_exact(tmp_path, bpe_data):
+    """A file with no line starting at column 0 is cut at word ends (same tokens as the whole); one with no
+    whitespace at all is still cut, at 16 pieces' length, so memory never follows the size of a file."""
+    from prepare_bpe import pieces
+    _, tok = load(bpe_data / "data" / "docs_bpe")
+    indented = "".join(f"    line {i}: value = {{'k': [{i}, {i * 7}]}}\n" for i in range(400))
+    (tmp_path / "indented.txt").write_text(indented, encoding="utf-8")
+    parts = list(pieces(tmp_path / "indented.txt", 256))
+    assert "".join(parts) == indented and len(parts) > 20 and max(map(len, parts)) <= 2 * 256
+    assert [i for p in parts for i in tok.encode(p)] == tok.encode(indented)
+    (tmp_path / "solid.txt").write_text("x" * 100_000, encoding="utf-8")
+    parts = list(pieces(tmp_path / "solid.txt", 256))
+    assert "".join(parts) == "x" * 100_000 and max(map(len, parts)) <= 17 * 256
+
+
 def test_big_vocab_selects_uint32(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     alphabet = pre_tokenizers.ByteLevel.alphabet()
