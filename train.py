@@ -399,6 +399,36 @@ def forward_backward():
     return loss_sum / accum_steps
 
 
+def gradients():
+    """forward_backward(); with auto_microbatch, an out-of-memory error halves the micro-batch, doubles the
+    micro-steps (the same tokens per step in half the memory) and tries again."""
+    global batch_size, accum_steps
+    while True:
+        try:
+            return forward_backward()
+        except torch.OutOfMemoryError:
+            if not auto_microbatch or batch_size == 1:
+                raise
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            batch_size, accum_steps = batch_size // 2, accum_steps * 2
+            if device_type == "cuda":
+                torch.cuda.empty_cache()
+            tqdm.write(f"out of memory: auto_microbatch retries with batch_size={batch_size} x {accum_steps} micro-steps")
+
+
+# compile before the clock starts, so max_time and ms/iter count training only: one forward/backward whose
+# gradients are dropped, with the RNG (dropout) restored as if it had not run
+if compile and iter_num < max_iters and not eval_only:
+    t_compile = time.time()
+    with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []):
+        gradients()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if master:
+        print(f"compiled the training step in {time.time() - t_compile:.1f} s (start-up, outside max_time)")
+
+
 start_iter, evals_since_best, t0 = iter_num, 0, time.time()
 bar = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True, disable=not (master and sys.stdout.isatty()))
 while True:
@@ -430,19 +460,7 @@ while True:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_mult
-    while True:
-        try:
-            loss = forward_backward()
-            break
-        except torch.OutOfMemoryError:
-            if not auto_microbatch or batch_size == 1:
-                raise
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            batch_size, accum_steps = batch_size // 2, accum_steps * 2  # same tokens per step, half the memory
-            if device_type == "cuda":
-                torch.cuda.empty_cache()
-            tqdm.write(f"out of memory: auto_microbatch retries with batch_size={batch_size} x {accum_steps} micro-steps")
+    loss = gradients()
     for opt in optimizers:
         scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip else float("inf"))

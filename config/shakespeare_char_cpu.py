@@ -9,12 +9,12 @@ max_iters = 1_000_000  # the time budget ends the run
 eval_interval = 1_000_000  # evaluate at the start and the end only
 eval_iters = 200
 log_interval = 25
-# nanoGPT's CPU shape (4 layers, 4 heads, 128 wide, block 64) with 32 sequences per step:
-# 32 batch * 64 block * 1 accumulation step = 2,048 tokens per step
+# nanoGPT's CPU width (4 heads, 128 wide, block 64) but 2 layers, with 32 sequences per step: under a time budget
+# the faster steps of a shallower model win (see README). 32 batch * 64 block = 2,048 tokens per step
 batch_size = 32
 block_size = 64
 gradient_accumulation_steps = 1
-n_layer = 4
+n_layer = 2
 n_head = 4
 n_embd = 128
 dropout = 0.0
@@ -26,5 +26,6 @@ learning_rate = 1e-2  # AdamW's part: embeddings and the tied head take a high L
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 10
+compile = True  # inductor fuses the elementwise ops: ~20% faster steps; compiled before max_time's clock starts
 lr_schedule = "wsd"  # flat, then linear to min_lr over the last half of the budget
 warmdown_frac = 0.5
