@@ -422,7 +422,13 @@ def gradients():
 if compile and iter_num < max_iters and not eval_only:
     t_compile = time.time()
     with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []):
-        gradients()
+        try:
+            gradients()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # inductor needs a working C++ compiler on CPU, Triton on CUDA
+            die(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); "
+                f"run with --compile=False")
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     if master:

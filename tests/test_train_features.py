@@ -132,3 +132,19 @@ def test_warm_start_from_another_checkpoint(workdir):
     proc = run("train.py", *BASE, "--max_iters=2", f"--init_from={src}", "--model_type=gpt_plus", "--strict_init=False",
                "--out_dir=out-warm3", cwd=workdir)
     assert "missing keys" in proc.stdout
+
+
+def test_compile_trains_like_eager_outside_the_clock(workdir, tmp_path):
+    """--compile=True: the same losses as eager (to float tolerance), compiled before the clock starts (a step's
+    ms/iter is far below the compile time), plain parameter names in the checkpoint; a broken compiler: one line."""
+    args = [*BASE, "--max_iters=4", "--eval_interval=4"]
+    run("train.py", *args, "--out_dir=out-eager", cwd=workdir)
+    proc = run("train.py", *args, "--compile=True", "--out_dir=out-compiled", cwd=workdir)
+    compile_s = float(proc.stdout.split("compiled the training step in ")[1].split(" s")[0])
+    eager, compiled = rows(workdir / "out-eager", "loss"), rows(workdir / "out-compiled", "loss")
+    assert eager.keys() == compiled.keys() and all(abs(eager[k] - compiled[k]) < 1e-3 for k in eager)
+    assert rows(workdir / "out-compiled", "ms_per_iter")[1] < compile_s * 1000 / 2
+    assert not any(k.startswith("_orig_mod") for k in torch.load(workdir / "out-compiled" / "ckpt.pt", weights_only=True)["model"])
+    proc = run("train.py", *args, "--compile=True", "--out_dir=out-nocc", cwd=workdir, ok=False,
+               env={"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: torch.compile failed") and "--compile=False" in proc.stderr
