@@ -142,7 +142,7 @@ def make_corpus(out, mb):
 def bench_prepare():
     """prepare_bpe.py end to end vs the raw tokenizer's encode_batch_fast over the same documents in memory."""
     from tokenizers import Tokenizer
-    opts = dict(a[2:].split("=", 1) for a in shlex.split(args) if a.startswith("--") and "=" in a)
+    opts = {k: str(v) for k, v in options(args).items()}
     files = sorted(os.path.join(opts["input"], f) for f in os.listdir(opts["input"]) if f.endswith(".txt"))
     nbytes = sum(os.path.getsize(f) for f in files)
     tok = Tokenizer.from_file(opts["tokenizer"])

@@ -424,11 +424,11 @@ if compile and iter_num < max_iters and not eval_only:
     with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []):
         try:
             gradients()
-        except torch.OutOfMemoryError:
-            raise
         except Exception as e:  # inductor needs a working C++ compiler on CPU, Triton on CUDA
-            die(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); "
-                f"run with --compile=False")
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
+            die(f"torch.compile failed ({type(e).__name__}: {first_line}); run with --compile=False")
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     if master:
