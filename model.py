@@ -39,6 +39,8 @@ class GPTConfig:
     logit_softcap: float = 0.0  # if > 0, logits = cap * tanh(logits / cap)
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels where the device has them) | "manual" (reference)
     grad_checkpoint: bool = False  # recompute each block's activations in backward (training only)
+    ngram_emb: int = 0  # n >= 2: also embed the 2-, 3-, ..., n-grams ending at each token (hashed tables, summed into the input)
+    ngram_rows: int = 8191  # rows of each n-gram table; n-grams are hashed modulo this (bigrams are exact while vocab*(vocab+1) fits)
     init_std: float = 0.02  # std of the normal init of weights; residual projections get std/sqrt(2*n_layer)
 
     def __post_init__(self):
@@ -71,6 +73,11 @@ class GPTConfig:
             raise ValueError(f"rope needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.ngram_emb == 1 or self.ngram_emb < 0 or self.ngram_rows < 1:
+            raise ValueError(f"ngram_emb={self.ngram_emb} must be 0 (off) or >= 2, and ngram_rows={self.ngram_rows} >= 1")
+        if self.ngram_emb and self.vocab_size * (self.vocab_size + 1) ** (self.ngram_emb - 2) >= 2**62:
+            raise ValueError(f"ngram_emb={self.ngram_emb} is too long for vocab_size={self.vocab_size} (the n-gram ids "
+                             f"overflow int64); use a smaller ngram_emb")
         if self.logit_softcap < 0 or self.rope_theta <= 0 or self.init_std <= 0:
             raise ValueError("logit_softcap must be >= 0, rope_theta and init_std > 0")
 
@@ -162,6 +169,7 @@ class KVCache:
         self.n_layer, self.block_size = cfg.n_layer, cfg.block_size
         self.k = self.v = None  # (n_layer, B, n_kv_head, block_size, hs), allocated by the first update
         self.pos = 0  # tokens stored so far
+        self.history = None  # (B, ngram_emb - 1) the last tokens seen, for ngram_emb
 
     def update(self, layer, k, v):
         """Append this step's k, v (B, n_kv_head, T, hs) for `layer`; return all keys/values so far."""
@@ -244,6 +252,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None,
+            nte=nn.ModuleList([nn.Embedding(cfg.ngram_rows, cfg.n_embd) for _ in range(max(cfg.ngram_emb - 1, 0))]),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
             ln_f=NORMS[cfg.norm](cfg, cfg.n_embd),
@@ -289,6 +298,12 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.transformer.wpe is not None:
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        if self.config.ngram_emb:
+            history = cache.history if cache is not None and cache.pos else idx.new_full((B, self.config.ngram_emb - 1), -1)
+            for table, ids in zip(self.transformer.nte, self.ngram_ids(idx, history)):
+                x = x + table(ids)
+            if cache is not None:
+                cache.history = torch.cat([history, idx], dim=1)[:, -(self.config.ngram_emb - 1):]
         x = self.transformer.drop(x)
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         for block in self.transformer.h:
@@ -309,6 +324,19 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                label_smoothing=label_smoothing)
         return logits, loss
+
+    def ngram_ids(self, idx, history):
+        """Table rows of the 2-, ..., n-grams ending at each token of idx (B, T), given the n-1 tokens before
+        it (history, (B, n-1); -1 where the sequence had not started). Each n-gram's id is exact in int64,
+        then hashed modulo ngram_rows. Returns n-1 tensors (B, T)."""
+        V, T = self.config.vocab_size, idx.size(1)
+        seq = torch.cat([history, idx], dim=1) + 1  # (B, n-1+T), 0 = before the start
+        ids, code, scale = [], idx, V
+        for k in range(1, self.config.ngram_emb):  # add the k-th previous token
+            code = code + scale * seq[:, -T - k:seq.size(1) - k]
+            scale *= V + 1
+            ids.append(code % self.config.ngram_rows)
+        return ids
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,

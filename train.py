@@ -66,6 +66,8 @@ logit_softcap = None  # cap * tanh(logits / cap) (None: off)
 attn_impl = None  # sdpa | manual (None: sdpa)
 grad_checkpoint = None  # recompute activations in backward to save memory (None: off)
 init_std = None  # weight init std (None: 0.02)
+ngram_emb = None  # n >= 2: add hashed embeddings of the 2..n-grams ending at each token to the input (None: off)
+ngram_rows = None  # rows of each n-gram table (None: 8191)
 # optimizer
 optimizer = "adamw"  # adamw | muon (Muon on the 2-D matrices in the blocks, AdamW on the rest)
 learning_rate = 6e-4  # peak AdamW learning rate

@@ -13,6 +13,7 @@ VARIANTS = [dict(model_type=p) for p in PRESETS] + [
     dict(model_type="gpt_plus", n_kv_head=1, logit_softcap=15.0, tie_weights=False),
     dict(model_type="gpt_fast", attn_impl="manual", norm="layernorm", bias=True),
     dict(model_type="gpt", mlp="relu2", pos_emb="rope", norm_affine=False, grad_checkpoint=True),
+    dict(model_type="gpt_fast", ngram_emb=3, ngram_rows=101),
 ]
 
 
@@ -127,6 +128,36 @@ def test_rope_is_relative():
     assert not torch.allclose(apply_rope(q, cos[:5], sin[:5]), apply_rope(q, cos[17:22], sin[17:22]))
 
 
+def test_ngram_ids_are_exact_bigrams_and_hashed_longer_grams():
+    """Bigram ids are token + V * (previous + 1), distinct for every pair while V * (V + 1) <= ngram_rows;
+    before the start the previous token is -1; longer n-grams add the earlier tokens and wrap at ngram_rows."""
+    model = build(VARIANTS[0], ngram_emb=3, ngram_rows=10**6)
+    idx = torch.tensor([[5, 7, 9]])
+    bigram, trigram = model.ngram_ids(idx, torch.full((1, 2), -1))
+    V = 67
+    assert bigram.tolist() == [[5, 7 + V * 6, 9 + V * 8]]
+    assert trigram.tolist() == [[5, 7 + V * 6, 9 + V * 8 + V * (V + 1) * 6]]
+    prev = torch.arange(-1, V).repeat_interleave(V)[:, None]  # every (previous, token) pair, "before the start" too
+    bigrams = model.ngram_ids(torch.arange(V).repeat(V + 1)[:, None], torch.cat([prev, prev], dim=1))[0]  # ((V+1)*V, 1)
+    assert bigrams.unique().numel() == (V + 1) * V
+    small = build(VARIANTS[0], ngram_emb=3, ngram_rows=97)
+    assert all(ids.max() < 97 for ids in small.ngram_ids(torch.randint(0, V, (4, 24)), torch.full((4, 2), -1)))
+
+
+def test_ngram_history_carries_across_cached_chunks():
+    """With a KV cache, a chunk's first tokens take their n-gram context from the previous chunk, so
+    prefill-then-step gives the logits of one full forward pass."""
+    model = build(dict(model_type="gpt_fast", ngram_emb=4, ngram_rows=211)).eval()
+    idx = torch.randint(0, 67, (2, 12))
+    full, _ = model(idx, idx)  # (2, 12, 67): logits at every position
+    cache = KVCache(model.config)
+    step, _ = model(idx[:, :5], cache=cache)
+    for t in range(5, 12):
+        step, _ = model(idx[:, t:t + 1], cache=cache)
+        torch.testing.assert_close(step[:, -1], full[:, t], rtol=1e-4, atol=1e-4)
+    assert cache.history.tolist() == idx[:, -3:].tolist()
+
+
 def test_nanogpt_parameter_names():
     names = set(build(VARIANTS[0]).state_dict())
     for n in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.1.ln_1.weight", "transformer.h.0.attn.c_attn.weight",
@@ -136,7 +167,8 @@ def test_nanogpt_parameter_names():
 
 
 @pytest.mark.parametrize("bad,word", [(dict(n_head=5), "n_head"), (dict(n_kv_head=3), "n_kv_head"), (dict(norm="batchnorm"), "norm"),
-                                      (dict(mlp="tanh"), "mlp"), (dict(pos_emb="alibi"), "pos_emb"), (dict(dropout=1.5), "dropout")])
+                                      (dict(mlp="tanh"), "mlp"), (dict(pos_emb="alibi"), "pos_emb"), (dict(dropout=1.5), "dropout"),
+                                      (dict(ngram_emb=1), "ngram_emb"), (dict(ngram_emb=6, vocab_size=50304), "ngram_emb")])
 def test_bad_config_names_the_field(bad, word):
     with pytest.raises(ValueError, match=word):
         GPTConfig(**{**TINY, **bad})
