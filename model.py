@@ -54,7 +54,8 @@ class GPTConfig:
         return (f"{self.n_layer}L {self.n_embd}d {self.n_head}h/{self.n_kv_head}kv {self.pos_emb} {self.norm}"
                 f"{'' if self.norm_affine else '(no scale)'} {self.mlp}({self.mlp_hidden}) bias={self.bias} "
                 f"tie={self.tie_weights}{' qk_norm' if self.qk_norm else ''}"
-                f"{f' softcap={self.logit_softcap:g}' if self.logit_softcap else ''} {self.attn_impl}")
+                f"{f' softcap={self.logit_softcap:g}' if self.logit_softcap else ''}"
+                f"{f' ngram={self.ngram_emb}x{self.ngram_rows}' if self.ngram_emb else ''} {self.attn_impl}")
 
     def validate(self):
         """Check every field once; raise ValueError with a message that names the bad value."""
@@ -285,7 +286,8 @@ class GPT(nn.Module):
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward): 6 per weight plus attention (PaLM, appendix B)."""
         cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        lookups = sum(p.numel() for p in self.transformer.nte.parameters())  # n-gram tables: no matmul
+        return 6 * (self.num_params() - lookups) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def forward(self, idx, targets=None, cache=None, label_smoothing=0.0):
         """idx: (B, T) token ids. With targets (B, T), returns logits (B, T, vocab) and the mean
