@@ -76,7 +76,7 @@ class GPTConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.ngram_emb == 1 or self.ngram_emb < 0 or self.ngram_rows < 1:
             raise ValueError(f"ngram_emb={self.ngram_emb} must be 0 (off) or >= 2, and ngram_rows={self.ngram_rows} >= 1")
-        if self.ngram_emb and self.vocab_size * (self.vocab_size + 1) ** (self.ngram_emb - 2) >= 2**62:
+        if self.ngram_emb and self.vocab_size * (self.vocab_size + 1) ** (self.ngram_emb - 1) >= 2**63:
             raise ValueError(f"ngram_emb={self.ngram_emb} is too long for vocab_size={self.vocab_size} (the n-gram ids "
                              f"overflow int64); use a smaller ngram_emb")
         if self.logit_softcap < 0 or self.rope_theta <= 0 or self.init_std <= 0:
