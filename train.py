@@ -401,6 +401,11 @@ def forward_backward():
     return loss_sum / accum_steps
 
 
+def zero_grads():
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+
+
 def gradients():
     """forward_backward(); with auto_microbatch, an out-of-memory error halves the micro-batch, doubles the
     micro-steps (the same tokens per step in half the memory) and tries again."""
@@ -411,8 +416,7 @@ def gradients():
         except torch.OutOfMemoryError:
             if not auto_microbatch or batch_size == 1:
                 raise
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
+            zero_grads()
             batch_size, accum_steps = batch_size // 2, accum_steps * 2
             if device_type == "cuda":
                 torch.cuda.empty_cache()
@@ -426,13 +430,12 @@ if compile and iter_num < max_iters and not eval_only:
     with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []):
         try:
             gradients()
+        except torch.OutOfMemoryError:
+            raise
         except Exception as e:  # inductor needs a working C++ compiler on CPU, Triton on CUDA
-            if isinstance(e, torch.OutOfMemoryError):
-                raise
             first_line = (str(e).strip().splitlines() or [""])[0][:300]
             die(f"torch.compile failed ({type(e).__name__}: {first_line}); run with --compile=False")
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+    zero_grads()
     if master:
         print(f"compiled the training step in {time.time() - t_compile:.1f} s (start-up, outside max_time)")
 
@@ -475,8 +478,7 @@ while True:
     for opt in optimizers:
         scaler.step(opt)
     scaler.update()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+    zero_grads()
     iter_num += 1
     sync()
     step_time = time.time() - t_step
