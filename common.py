@@ -95,13 +95,19 @@ def resolve_checkpoint(out_dir, name=""):
 
 
 def load_for_inference(out_dir, name, device):
-    """(model in eval mode, tokenizer) from a training run's out_dir: all sample.py and chat.py need."""
-    ckpt = load_checkpoint(resolve_checkpoint(out_dir, name))
+    """(model in eval mode, tokenizer) from a training run's out_dir (or a nanoGPT one): all sample.py and
+    chat.py need."""
+    path = resolve_checkpoint(out_dir, name)
+    ckpt = load_checkpoint(path)
+    if "model_args" in ckpt:  # nanoGPT's: map its names and find its vocabulary in memory
+        from convert import from_nanogpt
+        ckpt = from_nanogpt(ckpt, path)
     model = model_from_checkpoint(ckpt, device).eval()
     try:
-        tokenizer = load_tokenizer(ckpt["meta"])
+        tokenizer = load_tokenizer(ckpt["meta"] or {})
     except (KeyError, ValueError) as e:
-        die(f"the checkpoint in {out_dir} carries no usable tokenizer ({e}); re-train with this version")
+        die(f"the checkpoint in {out_dir} carries no usable tokenizer ({e}); re-train with this version, or "
+            f"import the model with a tokenizer (convert.py --src=FOLDER with its tokenizer.json)")
     return model, tokenizer
 
 
@@ -110,7 +116,7 @@ def model_from_checkpoint(ckpt, device):
     try:
         cfg = GPTConfig(**{k: v for k, v in ckpt["model_config"].items() if k in MODEL_FIELDS})
         model = GPT(cfg)
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         die(f"the checkpoint does not match this model code ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     return model.to(device)

@@ -2,7 +2,8 @@
 The GPT language model, with every architecture variant behind a GPTConfig field.
 
 The default config is the GPT-2 block (learned positions, LayerNorm, GELU MLP, biases, tied
-embeddings) with nanoGPT's parameter names, so nanoGPT and GPT-2 weights load into it. The
+embeddings) with nanoGPT's parameter names, so nanoGPT checkpoints load as they are (convert.py maps
+Hugging Face GPT-2 and Llama weights to and from these names). The
 presets in PRESETS bundle the modern variants (RoPE, RMSNorm, SwiGLU/ReLU², GQA, QK-norm,
 logit soft-capping); each is chosen once in __init__, so forward passes read the same for all.
 
@@ -10,6 +11,7 @@ logit soft-capping); each is chosen once in __init__, so forward passes read the
 """
 
 import math
+from functools import partial
 from dataclasses import dataclass, fields
 
 import torch
@@ -33,7 +35,8 @@ class GPTConfig:
     rope_theta: float = 10000.0  # RoPE base frequency
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_affine: bool = True  # learnable scale (and LayerNorm bias when bias=True) in every norm
-    mlp: str = "gelu"  # "gelu" (GPT-2) | "swiglu" (Llama) | "relu2" (ReLU squared, modded-nanogpt)
+    norm_eps: float = 0.0  # epsilon of every norm; 0 = torch's default (1e-5 LayerNorm, float eps RMSNorm)
+    mlp: str = "gelu"  # "gelu" (exact, nanoGPT) | "gelu_tanh" (OpenAI GPT-2's) | "swiglu" (Llama) | "relu2" (modded-nanogpt)
     mlp_hidden: int = 0  # MLP hidden width; 0 = 4*n_embd (gelu, relu2) or 8/3*n_embd rounded up to 64 (swiglu)
     qk_norm: bool = False  # RMS-normalise q and k per head before attention
     logit_softcap: float = 0.0  # if > 0, logits = cap * tanh(logits / cap)
@@ -79,8 +82,8 @@ class GPTConfig:
         if self.ngram_emb and self.vocab_size * (self.vocab_size + 1) ** (self.ngram_emb - 1) >= 2**63:
             raise ValueError(f"ngram_emb={self.ngram_emb} is too long for vocab_size={self.vocab_size} (the n-gram ids "
                              f"overflow int64); use a smaller ngram_emb")
-        if self.logit_softcap < 0 or self.rope_theta <= 0 or self.init_std <= 0:
-            raise ValueError("logit_softcap must be >= 0, rope_theta and init_std > 0")
+        if self.logit_softcap < 0 or self.norm_eps < 0 or self.rope_theta <= 0 or self.init_std <= 0:
+            raise ValueError("logit_softcap and norm_eps must be >= 0, rope_theta and init_std > 0")
 
 
 # Presets: bundles of fields that a run may still override one by one (see train.py's model_type).
@@ -104,11 +107,11 @@ def config_from_preset(model_type, **overrides):
 
 
 def layer_norm(cfg, dim):
-    return nn.LayerNorm(dim, elementwise_affine=cfg.norm_affine, bias=cfg.bias and cfg.norm_affine)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps or 1e-5, elementwise_affine=cfg.norm_affine, bias=cfg.bias and cfg.norm_affine)
 
 
-def rms_norm(cfg, dim):
-    return nn.RMSNorm(dim, elementwise_affine=cfg.norm_affine)
+def rms_norm(cfg, dim, affine=None):
+    return nn.RMSNorm(dim, eps=cfg.norm_eps or None, elementwise_affine=cfg.norm_affine if affine is None else affine)
 
 
 NORMS = {"layernorm": layer_norm, "rmsnorm": rms_norm}
@@ -119,7 +122,8 @@ def swiglu(x):
     return F.silu(a) * b
 
 
-ACTIVATIONS = {"gelu": F.gelu, "swiglu": swiglu, "relu2": lambda x: F.relu(x).square()}
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "swiglu": swiglu,
+               "relu2": lambda x: F.relu(x).square()}
 POS_EMBS = ("learned", "rope")
 
 
@@ -195,8 +199,8 @@ class CausalSelfAttention(nn.Module):
         # one matmul for q (n_head heads), k and v (n_kv_head heads each); nanoGPT's name and shape when n_kv_head == n_head
         self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * self.head_size, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.q_norm = nn.RMSNorm(self.head_size, elementwise_affine=False) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_size, elementwise_affine=False) if cfg.qk_norm else nn.Identity()
+        self.q_norm = rms_norm(cfg, self.head_size, affine=False) if cfg.qk_norm else nn.Identity()
+        self.k_norm = rms_norm(cfg, self.head_size, affine=False) if cfg.qk_norm else nn.Identity()
         self.rope = apply_rope if cfg.pos_emb == "rope" else no_rope
         self.attend = ATTENTIONS[cfg.attn_impl]
         self.dropout = cfg.dropout

@@ -35,12 +35,13 @@ class CharTokenizer:
 
 
 class BPETokenizer:
-    """A byte-level BPE from Hugging Face tokenizers (a tokenizer.json), with BOS/EOS specials."""
+    """A byte-level BPE from Hugging Face tokenizers (a tokenizer.json), with BOS/EOS specials (ours, or the
+    names meta.json gives for an imported model's tokenizer)."""
 
-    def __init__(self, tok):
+    def __init__(self, tok, bos=BOS, eos=EOS):
         self.tok = tok
         self.vocab_size = tok.get_vocab_size()
-        self.bos_id, self.eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
+        self.bos_id, self.eos_id = tok.token_to_id(bos), tok.token_to_id(eos)
         self.specials = {i for i in (self.bos_id, self.eos_id) if i is not None}
 
     def encode(self, text):
@@ -96,9 +97,10 @@ def load_tokenizer(meta, folder=None):
         return CharTokenizer(meta["vocab"])
     if kind == "bpe":
         from tokenizers import Tokenizer
+        specials = meta.get("bos_token", BOS), meta.get("eos_token", EOS)
         if "tokenizer_json" in meta:
-            return BPETokenizer(Tokenizer.from_str(meta["tokenizer_json"]))
-        return BPETokenizer(Tokenizer.from_file(os.path.join(folder or ".", "tokenizer.json")))
+            return BPETokenizer(Tokenizer.from_str(meta["tokenizer_json"]), *specials)
+        return BPETokenizer(Tokenizer.from_file(os.path.join(folder or ".", "tokenizer.json")), *specials)
     if kind == "gpt2":
         return TiktokenTokenizer(gpt2_encoding())
     raise ValueError(f"unknown tokenizer {kind!r} in meta.json; re-run the prepare script")

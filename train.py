@@ -5,6 +5,7 @@ warmup-stable-decay LR schedule, exact resume, and DDP when launched by torchrun
     python train.py config/char_tiny.py                      # the quick start, ~1 minute on a CPU
     python train.py config/char_tiny.py --device=mps --batch_size=32
     python train.py config/char_tiny.py --init_from=resume --max_iters=3000
+    python train.py config/finetune_shakespeare.py            # fine-tune OpenAI's GPT-2 (init_from=gpt2)
     torchrun --standalone --nproc_per_node=8 train.py        # the defaults: a GPT-2-small-class run
 """
 
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from common import autocast, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype, read_meta, save_checkpoint
 from configurator import configure, die
+from convert import describe_vocab, load_source, warm_start
 from model import GPT, MODEL_FIELDS, config_from_preset
 from tokenizer import load_tokenizer
 
@@ -35,8 +37,8 @@ eval_interval = 2000  # evaluate (and save) every this many iterations
 log_interval = 1  # print a log line every this many iterations
 eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once and exit
-init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | auto (resume if there is one) | path/to/ckpt.pt (weights only)
-strict_init = True  # with init_from=<path>: False loads matching weights and reports missing/unexpected keys
+init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | auto (resume if there is one) | a warm start: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:FOLDER | a run folder or ckpt.pt (ours or nanoGPT's)
+strict_init = True  # warm start: False loads the weights that fit and reports missing/unexpected keys
 overwrite = False  # let init_from=scratch replace a checkpoint already in out_dir
 save_strategy = "latest"  # latest (ckpt.pt at every eval) | best (best.pt on a new best val loss) | both | none
 early_stopping_patience = 0  # stop after this many evals without a new best val loss; 0 = never
@@ -59,6 +61,7 @@ pos_emb = None  # learned | rope (None: the preset's)
 rope_theta = None  # RoPE base (None: 10000)
 norm = None  # layernorm | rmsnorm (None: the preset's)
 norm_affine = None  # learnable norm scale (None: the preset's)
+norm_eps = None  # norm epsilon (None: torch's default)
 mlp = None  # gelu | swiglu | relu2 (None: the preset's)
 mlp_hidden = None  # MLP hidden width (None: 4*n_embd, or 8/3*n_embd for swiglu)
 qk_norm = None  # RMS-normalise q and k (None: the preset's)
@@ -110,9 +113,12 @@ config, explicit = configure(globals())
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "auto":
     init_from = "resume" if os.path.isfile(ckpt_path) else "scratch"
-iter_num, best_val_loss, train_time, ckpt = 0, float("inf"), 0.0, None
+iter_num, best_val_loss, train_time, ckpt, source = 0, float("inf"), 0.0, None, None
 if init_from == "resume":
     ckpt = load_checkpoint(ckpt_path)
+    if "optimizers" not in ckpt:
+        die(f"{ckpt_path} holds a model but no training state (convert.py or nanoGPT wrote it); warm-start from "
+            f"it instead: --init_from={ckpt_path} --out_dir=NEW")
     for key, saved in ckpt["config"].items():
         if key in config and key not in explicit | {"init_from", "device", "eval_only", "overwrite"}:
             config[key] = saved
@@ -123,6 +129,11 @@ if init_from == "resume":
         if config[key] is not None and config[key] != saved:
             die(f"--{key}={config[key]!r} differs from the checkpoint's {saved!r}; a resumed run keeps its "
                 f"architecture and data: drop the setting or start a new --out_dir")
+
+elif init_from != "scratch":  # a warm start takes the source's architecture and context, unless set here
+    source = load_source(init_from)  # ours, nanoGPT's or a Hugging Face model, in our parameter names
+    if "block_size" not in explicit:
+        block_size = config["block_size"] = source["model_config"]["block_size"]
 
 # checks that need no data or model
 choices = dict(optimizer=("adamw", "muon"), lr_schedule=("cosine", "wsd"),
@@ -161,6 +172,10 @@ vocab_keys = ("tokenizer", "vocab_size", "vocab", "tokenizer_json")
 if ckpt is not None and any(ckpt["meta"].get(k) != meta.get(k) for k in vocab_keys):
     die(f"data/{dataset} has a different vocabulary from the one {ckpt_path} was trained with; "
         f"re-prepare the same data or start a new --out_dir")
+if source and source["meta"] and any(source["meta"].get(k) != meta.get(k) for k in vocab_keys):
+    die(f"--init_from={init_from} reads {describe_vocab(source['meta'])} but data/{dataset} holds "
+        f"{describe_vocab(meta)}; prepare the data with its tokenizer"
+        + (" (python prepare_bpe.py --input=... --tokenizer=gpt2)" if source["meta"]["tokenizer"] == "gpt2" else ""))
 
 # batch arithmetic
 tokens_per_micro = batch_size * block_size * world_size
@@ -204,16 +219,22 @@ else:
         die(f"{ckpt_path} already exists; continue it with --init_from=resume, pick another --out_dir, "
             f"or pass --overwrite=True to replace it")
     try:
-        model_config = config_from_preset(model_type, **model_settings, vocab_size=meta["vocab_size"])
+        if source is None:
+            model_config = config_from_preset(model_type, **model_settings, vocab_size=meta["vocab_size"])
+        else:  # the source's fields, but those set here (and dropout) win
+            overrides = {k: config[k] for k in explicit & (set(MODEL_FIELDS) | {"model_type"})}
+            model_config, weights = warm_start(source, {**overrides, "dropout": dropout})
     except ValueError as e:
         die(str(e))
+    if model_config.vocab_size < meta["vocab_size"]:
+        die(f"--init_from={init_from} has {model_config.vocab_size} token embeddings, fewer than data/{dataset}'s "
+            f"{meta['vocab_size']} tokens; prepare the data with the tokenizer it was trained with")
     model = GPT(model_config).to(device)
-    if init_from != "scratch":  # a path: warm start from its weights only
-        source = {k.removeprefix("_orig_mod."): v for k, v in load_checkpoint(init_from)["model"].items()}
+    if source is not None:  # warm start from its weights only
         own = model.state_dict()
-        fits = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+        fits = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
         missing = [k for k in own if k not in fits]
-        unexpected = [k for k in source if k not in fits]
+        unexpected = [k for k in weights if k not in fits]
         if (missing or unexpected) and strict_init:
             die(f"{init_from} does not match this model (missing or reshaped: {missing[:3]}, unexpected: {unexpected[:3]}); "
                 f"use the same architecture, or --strict_init=False to load what fits")
