@@ -3,9 +3,15 @@ What train.py, sample.py and chat.py share: picking the device and precision, re
 dataset's meta.json, and writing and reading checkpoints. Not run by itself.
 """
 
+import csv
 import json
 import os
 from contextlib import nullcontext
+
+try:
+    import fcntl  # POSIX advisory locks; Windows runs without the out_dir lock
+except ImportError:
+    fcntl = None
 
 import torch
 
@@ -60,17 +66,36 @@ def read_meta(data_dir):
                    "gpt2": f"python prepare_bpe.py{source} --tokenizer=gpt2"}.get(kind)
         hint = f"`{command}` makes it" if command else "make it with prepare_char.py or prepare_bpe.py"
         die(f"{path} not found; prepare the dataset first: {hint} (--input=FILE/FOLDER for your own text)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        assert isinstance(meta, dict) and meta.get("tokenizer") in ("char", "bpe", "gpt2")
+        assert meta["dtype"] in ("uint16", "uint32") and int(meta["vocab_size"]) >= 1
+        assert meta["tokenizer"] != "char" or len(meta["vocab"]) == meta["vocab_size"]
+    except (OSError, ValueError, AssertionError, KeyError, TypeError):
+        die(f"{path} is not a valid dataset meta.json (unreadable, not JSON, or a tokenizer, vocab_size or dtype "
+            f"(uint16/uint32) it cannot have); prepare the dataset again")
+    return meta
 
 
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file beside `path`, then an atomic rename: a crash or a full disk
-    mid-write never leaves a broken checkpoint, and the previous one stays until the new one is whole."""
+    """torch.save to a temporary file beside `path`, flushed to the disk, then an atomic rename (and the folder
+    flushed): a crash, a power loss or a full disk mid-write never leaves a broken checkpoint, and the previous
+    one stays until the new one is whole."""
     tmp = path + ".tmp"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # the rename itself reaches the disk (POSIX)
+            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_DIRECTORY)
+            os.fsync(fd)
+            os.close(fd)
+    except (OSError, RuntimeError) as e:  # a full disk, a read-only or vanished folder
+        die(f"could not write {path} ({getattr(e, 'strerror', None) or e}); free some space or fix the folder, then "
+            f"resume: the previous checkpoint is kept")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -82,8 +107,49 @@ def load_checkpoint(path):
         die(f"checkpoint {path} not found; train one first (python train.py ...) or check --out_dir")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which, not a traceback
-        die(f"{path} is not a readable yoctoGPT checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    except Exception as e:  # truncated, corrupt, or objects beyond plain data: never unpickled
+        die(f"{path} is not a readable checkpoint ({type(e).__name__}): it is truncated, corrupt, or holds more than "
+            f"tensors and plain data, which are never unpickled; use another checkpoint")
+
+
+def lock_out_dir(out_dir):
+    """Make out_dir and hold an exclusive lock on out_dir/.lock for the whole run (the OS drops it when the
+    process ends, however it ends). Returns (the open lock file, None) or (None, the line saying why not)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, ".lock"), "a+", encoding="utf-8")
+    except OSError as e:
+        return None, f"--out_dir={out_dir} cannot be used ({e.strerror}); pick another --out_dir"
+    if fcntl is not None:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            f.close()
+            return None, (f"{out_dir} is in use by another train.py (PID {pid}); wait for it to finish, stop it, "
+                          f"or pick another --out_dir")
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f, None
+
+
+def open_metrics(path, fields, upto):
+    """metrics.csv, open for appending: new with its header, or cut back to the rows up to iteration `upto` (the
+    resumed checkpoint's: rows a crash left after it would be written again)."""
+    rows = []
+    if upto and os.path.isfile(path):
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if (r.get("iter") or "").isdigit() and int(r["iter"]) <= upto]
+    with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
+    f = open(path, "a", newline="", encoding="utf-8")
+    return f, csv.DictWriter(f, fieldnames=fields)
 
 
 def resolve_checkpoint(out_dir, name=""):

@@ -18,6 +18,7 @@ None takes any literal.
 
 import ast
 import difflib
+import math
 import os
 import re
 import sys
@@ -26,8 +27,26 @@ SIMPLE_TYPES = (bool, int, float, str, tuple, list, type(None))
 
 
 def die(msg):
-    """Stop a user-facing script with one clear line on stderr and exit status 1."""
-    sys.exit(f"error: {msg}")
+    """Stop a user-facing script with one clear line on stderr and exit status 1. Text passed on from
+    elsewhere (an exception, a file) loses its ANSI escapes and control characters and stays on one line."""
+    msg = re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]", "", str(msg))
+    sys.exit("error: " + " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", msg).split()))
+
+
+# rules for check(): (test, what the value must be)
+POSITIVE = (lambda v: v >= 1, "a positive integer")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+ABOVE_ZERO = (lambda v: v > 0, "> 0")
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+UNIT = (lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def check(settings, rules, source="--"):
+    """Stop with one line at the first numeric setting that breaks its rule ({name: (test, must)}); None passes."""
+    for name, (ok, must) in rules.items():
+        value = settings[name]
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+            die(f"{source}{name}={value!r} must be {must}")
 
 
 def _settings(scope):

@@ -9,12 +9,11 @@ warmup-stable-decay LR schedule, exact resume, and DDP when launched by torchrun
     torchrun --standalone --nproc_per_node=8 train.py        # the defaults: a GPT-2-small-class run
 """
 
-import csv
 import json
 import math
 import os
 import random
-import shutil
+import signal
 import sys
 import time
 
@@ -24,8 +23,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import autocast, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype, read_meta, save_checkpoint
-from configurator import configure, die
+from common import (autocast, load_checkpoint, lock_out_dir, model_from_checkpoint, open_metrics, pick_device, pick_dtype,
+                    read_meta, save_checkpoint)
+from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, check, configure, die
 from convert import describe_vocab, load_source, warm_start
 from model import GPT, MODEL_FIELDS, config_from_preset
 from tokenizer import load_tokenizer
@@ -109,6 +109,21 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L
               "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 config, explicit = configure(globals())
 
+
+def on_signal(signum, frame):
+    """SIGINT (Ctrl-C) and SIGTERM: before training starts, leave at once (nothing is lost); during training,
+    note it, so the loop finishes its step, saves a checkpoint and exits."""
+    global stop_signal
+    if not training:
+        print(f"{signal.Signals(signum).name} before training started: stopped, nothing saved", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    stop_signal = signum
+
+
+training, stop_signal = False, 0
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, on_signal)
+
 # resuming continues the run as it was: every setting not given now comes from the checkpoint
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "auto":
@@ -119,8 +134,8 @@ if init_from == "resume":
     if "optimizers" not in ckpt:
         die(f"{ckpt_path} holds a model but no training state (convert.py or nanoGPT wrote it); warm-start from "
             f"it instead: --init_from={ckpt_path} --out_dir=NEW")
-    for key, saved in ckpt["config"].items():
-        if key in config and key not in explicit | {"init_from", "device", "eval_only", "overwrite"}:
+    for key, saved in ckpt["config"].items():  # never out_dir: a run writes only where it was started
+        if key in config and key not in explicit | {"init_from", "device", "eval_only", "overwrite", "out_dir"}:
             config[key] = saved
     globals().update(config)
     init_from = "resume"
@@ -135,12 +150,19 @@ elif init_from != "scratch":  # a warm start takes the source's architecture and
     if "block_size" not in explicit:
         block_size = config["block_size"] = source["model_config"]["block_size"]
 
-# checks that need no data or model
+# checks that need no data or model: every rule on the settings, here in one place
 choices = dict(optimizer=("adamw", "muon"), lr_schedule=("cosine", "wsd"),
                save_strategy=("latest", "best", "both", "none"))
 for key, allowed in choices.items():
     if config[key] not in allowed:
         die(f"--{key}={config[key]!r} is not one of {', '.join(allowed)}")
+check(config, dict.fromkeys(["batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval",
+                             "eval_iters", "max_iters", "muon_ns_steps"], POSITIVE)
+      | dict.fromkeys(["total_batch_size", "warmup_iters", "lr_decay_iters", "max_time", "learning_rate", "min_lr",
+                       "muon_lr", "weight_decay", "muon_weight_decay", "grad_clip", "early_stopping_patience",
+                       "peak_flops"], NON_NEGATIVE)
+      | dict.fromkeys(["beta1", "beta2", "muon_momentum", "label_smoothing"], FRACTION)
+      | dict(eps=ABOVE_ZERO, warmdown_frac=UNIT))
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = "RANK" in os.environ
@@ -164,10 +186,15 @@ if device_type == "cuda":
 data_dir = os.path.join("data", dataset)
 meta = read_meta(data_dir)
 if meta["tokenizer"] == "bpe":  # the checkpoint carries the tokenizer itself, so out_dir alone can decode
-    with open(os.path.join(data_dir, meta["tokenizer_file"]), encoding="utf-8") as f:
-        meta["tokenizer_json"] = f.read()
+    try:
+        with open(os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.json")), encoding="utf-8") as f:
+            meta["tokenizer_json"] = f.read()
+        tokenizer = load_tokenizer(meta)
+    except Exception as e:  # missing, or not a tokenizer.json
+        die(f"data/{dataset}'s tokenizer cannot be read ({type(e).__name__}: {e}); prepare the dataset again")
+else:
+    tokenizer = load_tokenizer(meta)
 token_dtype = np.dtype(meta["dtype"])
-tokenizer = load_tokenizer(meta)
 vocab_keys = ("tokenizer", "vocab_size", "vocab", "tokenizer_json")
 if ckpt is not None and any(ckpt["meta"].get(k) != meta.get(k) for k in vocab_keys):
     die(f"data/{dataset} has a different vocabulary from the one {ckpt_path} was trained with; "
@@ -190,9 +217,21 @@ accum_steps = gradient_accumulation_steps // world_size  # micro-batches per pro
 tokens_per_iter = tokens_per_micro * accum_steps
 
 for split in ("train", "val"):
-    n = os.path.getsize(os.path.join(data_dir, f"{split}.bin")) // token_dtype.itemsize
-    if n <= block_size:
-        die(f"data/{dataset}/{split}.bin has {n} tokens, fewer than block_size+1={block_size + 1}; lower --block_size")
+    path = os.path.join(data_dir, f"{split}.bin")
+    size = os.path.getsize(path) if os.path.isfile(path) else -1
+    if size < 0 or size % token_dtype.itemsize:
+        die(f"{path} is {'missing' if size < 0 else 'not a whole number of ' + meta['dtype'] + ' tokens'}; prepare the dataset again")
+    if size // token_dtype.itemsize <= block_size:
+        die(f"{path} has {size // token_dtype.itemsize} tokens, fewer than block_size+1={block_size + 1}; lower --block_size")
+
+# one run per out_dir: rank 0 holds a lock on it until the process ends; every rank stops if it is taken
+lock, busy = lock_out_dir(out_dir) if master else (None, None)
+if ddp:
+    busy = [busy]
+    dist.broadcast_object_list(busy)
+    busy = busy[0]
+if busy:
+    die(busy)
 
 
 def get_batch(split, step, k):
@@ -203,6 +242,9 @@ def get_batch(split, step, k):
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen)
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    if y.max() >= meta["vocab_size"] or x[:, 0].max() >= meta["vocab_size"]:
+        die(f"data/{dataset}/{split}.bin holds token id {max(x.max(), y.max())}, beyond its meta.json's vocab_size="
+            f"{meta['vocab_size']}; prepare the dataset again")
     if device_type == "cuda":  # pinned memory lets the copy overlap with compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -370,21 +412,20 @@ peak = peak_flops or next((f for name, f in PEAK_FLOPS.items() if name in gpu_na
 peak *= world_size
 sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)  # honest step times on a GPU
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump({k: v for k, v in meta.items() if k != "tokenizer_json"}, f, ensure_ascii=False, indent=1)
-    if meta["tokenizer"] == "bpe":
-        shutil.copy(os.path.join(data_dir, meta["tokenizer_file"]), os.path.join(out_dir, "tokenizer.json"))
-    with open(os.path.join(out_dir, "run_meta.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(config=config, model_config=vars(model_config), parameters=n_params, device=device,
-                       gpu=gpu_name, dtype=dtype, world_size=world_size, torch=torch.__version__, argv=sys.argv,
-                       optimizer_params=dict(muon=muon_names, adamw=adam_names)), f, indent=1)
-    metrics_path = os.path.join(out_dir, "metrics.csv")
-    new_metrics = iter_num == 0 or not os.path.isfile(metrics_path)
-    metrics_file = open(metrics_path, "w" if new_metrics else "a", newline="")
-    metrics = csv.DictWriter(metrics_file, fieldnames=csv_fields)
-    if new_metrics:
-        metrics.writeheader()
+    try:
+        with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in meta.items() if k != "tokenizer_json"}, f, ensure_ascii=False, indent=1)
+        if meta["tokenizer"] == "bpe":
+            with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+                f.write(meta["tokenizer_json"])
+        with open(os.path.join(out_dir, "run_meta.json"), "w", encoding="utf-8") as f:
+            json.dump(dict(config=config, model_config=vars(model_config), parameters=n_params, device=device,
+                           gpu=gpu_name, dtype=dtype, world_size=world_size, torch=torch.__version__, argv=sys.argv,
+                           optimizer_params=dict(muon=muon_names, adamw=adam_names)), f, indent=1)
+        # a resumed run drops the rows logged after its checkpoint (a crash leaves them), then appends
+        metrics_file, metrics = open_metrics(os.path.join(out_dir, "metrics.csv"), csv_fields, iter_num)
+    except OSError as e:
+        die(f"could not write to {out_dir} ({e.strerror}); free some space or pick another --out_dir")
     if wandb_log:
         try:
             import wandb
@@ -401,8 +442,11 @@ def record(**row):
     """One row of metrics.csv (and of wandb when on), written by rank 0 only."""
     if not master:
         return
-    metrics.writerow({k: f"{v:.8g}" if isinstance(v, float) else v for k, v in row.items() if v is not None})
-    metrics_file.flush()
+    try:
+        metrics.writerow({k: f"{v:.8g}" if isinstance(v, float) else v for k, v in row.items() if v is not None})
+        metrics_file.flush()
+    except OSError as e:
+        die(f"could not write {metrics_file.name} ({e.strerror}); free some space, then resume from the last checkpoint")
     if wandb_log:
         wandb.log({k: v for k, v in row.items() if v is not None}, step=row["iter"])
 
@@ -461,6 +505,7 @@ if compile and iter_num < max_iters and not eval_only:
         print(f"compiled the training step in {time.time() - t_compile:.1f} s (start-up, outside max_time)")
 
 
+training = True  # from here a signal stops the loop after its step instead of the script at once
 start_iter, evals_since_best, t0 = iter_num, 0, time.time()
 bar = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True, disable=not (master and sys.stdout.isatty()))
 while True:
@@ -517,11 +562,28 @@ while True:
         bar.set_postfix_str(f"loss {loss_value:.4f}, {tok_per_s:,.0f} tok/s, {speed}")
         record(iter=iter_num, loss=loss_value, lr=lr_mult * learning_rate, ms_per_iter=step_time * 1000,
                tok_per_s=tok_per_s, grad_norm=grad_norm.item(), gflops=flops / 1e9, mfu=flops / peak if peak else None)
+    if ddp:  # a signal to any rank stops every rank after this same step
+        flag = torch.tensor(stop_signal, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop_signal = int(flag)
+    if stop_signal:
+        break
 
 bar.close()
-if master:
-    metrics_file.close()
+if stop_signal:  # Ctrl-C or SIGTERM: save this step (a second signal only sets the flag again), then exit 130 / 143
+    state = checkpoint_dict() if save_strategy != "none" else None  # every rank joins the RNG gather
+    if master and state is not None:
+        save_checkpoint(state, ckpt_path)
+    saved = f"resume with --init_from=resume --out_dir={out_dir}" if state else "nothing saved (save_strategy=none)"
+    if master:
+        print(f"stopped at iter {iter_num} by {signal.Signals(stop_signal).name}; {saved}", file=sys.stderr)
+elif master:
     print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, {train_time:.1f} s of training, "
           f"{time.time() - t0:.1f} s in all")
+if master:
+    metrics_file.close()
+    lock.close()
 if ddp:
     dist.destroy_process_group()
+if stop_signal:
+    sys.exit(128 + stop_signal)

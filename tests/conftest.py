@@ -2,6 +2,7 @@
 small character dataset prepared once per test session."""
 
 import contextlib
+import gc
 import io
 import os
 import runpy
@@ -60,6 +61,7 @@ def run_here(path, args, cwd, input):
         sys.argv, sys.stdin = saved[1], saved[2]
         for sig, handler in saved[3].items():
             signal.signal(sig, handler)
+        gc.collect()  # the script's globals: its open files (train.py's out_dir lock) close as at a process's end
     return subprocess.CompletedProcess([path, *args], code, out.getvalue(), err.getvalue())
 
 

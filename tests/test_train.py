@@ -73,17 +73,18 @@ def test_bad_settings_fail_with_one_line(workdir, argv, word):
 
 
 def test_atomic_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
-    """A save that dies half-way leaves the previous ckpt.pt whole and no temporary file behind."""
+    """A save that dies half-way (a full disk) leaves the previous ckpt.pt whole, no temporary file behind, and
+    says so in one line."""
+    import errno
     import common
     path = str(tmp_path / "ckpt.pt")
     common.save_checkpoint({"x": torch.ones(3)}, path)
 
     def broken_save(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(b"half a checkpoint")
-        raise OSError("disk full")
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit, match="No space left on device.*previous checkpoint is kept"):
         common.save_checkpoint({"x": torch.zeros(3)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]
