@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from configurator import parse_value, configure, die
+from configurator import ABOVE_ZERO, POSITIVE, check, configure, die, parse_value
 
 # -----------------------------------------------------------------------------
 mode = "train"  # train | prepare | corpus | step | sample
@@ -176,6 +176,9 @@ if __name__ == "__main__":
     configure(globals())
     if mode not in ("train", "prepare", "corpus", "step", "sample"):
         die(f"--mode={mode!r} is not one of train, prepare, corpus, step, sample")
+    check(globals(), dict(runs=POSITIVE, batch_size=POSITIVE, steps=POSITIVE, corpus_mb=ABOVE_ZERO))
+    if not variants or not all(isinstance(v, str) for v in variants):
+        die(f"--variants={variants!r} must be a non-empty list of strings of train.py arguments, e.g. \"['', '--n_layer=2']\"")
     if mode == "corpus":
         make_corpus(args, corpus_mb)
         raise SystemExit

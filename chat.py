@@ -8,12 +8,13 @@ Piped stdin works too (one user turn per line, replies printed plainly), so chat
     printf 'hello\\n/set temperature=0\\nwhat is a list?\\n' | python chat.py
 """
 
+import math
 import sys
 
 import torch
 
-from common import autocast, load_for_inference, pick_device, pick_dtype
-from configurator import configure
+from common import SAMPLING_RULES, autocast, load_for_inference, pick_device, pick_dtype
+from configurator import check, configure
 from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
@@ -142,10 +143,15 @@ class Chat:
                 self.write(f"(usage: /set KEY=VALUE with KEY one of {', '.join(SETTABLE)})\n")
                 return True
             try:
-                self.s[key] = (int if key in ("top_k", "max_new_tokens", "seed") else float)(value)
+                number = (int if key in ("top_k", "max_new_tokens", "seed") else float)(value)
             except ValueError:
                 self.write(f"(/set {key}: {value!r} is not a number)\n")
                 return True
+            ok, must = SAMPLING_RULES.get(key, (lambda v: True, ""))
+            if not (math.isfinite(number) and ok(number)):  # the same rules as the command line's
+                self.write(f"(/set {key}={value}: it must be {must})\n")
+                return True
+            self.s[key] = number
             if key == "seed":
                 self.generator.manual_seed(self.s["seed"])
             self.write(f"({key} = {self.s[key]})\n")
@@ -156,6 +162,7 @@ class Chat:
 
 def main():
     config, _ = configure(globals())
+    check(config, SAMPLING_RULES)
     config["device"] = pick_device(device)
     config["dtype"] = pick_dtype(dtype, config["device"])
     model, tokenizer = load_for_inference(out_dir, ckpt, config["device"])

@@ -1,11 +1,15 @@
 """
 What train.py, sample.py and chat.py share: picking the device and precision, reading a prepared
-dataset's meta.json, and writing and reading checkpoints. Not run by itself.
+dataset's meta.json, writing and reading checkpoints, and a training run's safety (the out_dir lock, signals,
+RNG states, metrics.csv). Not run by itself.
 """
 
 import csv
 import json
 import os
+import random
+import signal
+import sys
 from contextlib import nullcontext
 
 try:
@@ -13,13 +17,15 @@ try:
 except ImportError:
     fcntl = None
 
+import numpy as np
 import torch
 
-from configurator import die
+from configurator import NON_NEGATIVE, POSITIVE, UNIT, die
 from model import GPT, GPTConfig, MODEL_FIELDS
 from tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAMPLING_RULES = dict(max_new_tokens=POSITIVE, temperature=NON_NEGATIVE, top_k=NON_NEGATIVE, top_p=UNIT)  # sample.py, chat.py
 
 
 def pick_device(device):
@@ -112,12 +118,16 @@ def load_checkpoint(path):
             f"tensors and plain data, which are never unpickled; use another checkpoint")
 
 
-def lock_out_dir(out_dir):
+def lock_out_dir(out_dir, probe=False):
     """Make out_dir and hold an exclusive lock on out_dir/.lock for the whole run (the OS drops it when the
-    process ends, however it ends). Returns (the open lock file, None) or (None, the line saying why not)."""
+    process ends, however it ends). Returns (the open lock file, None) or (None, the line saying why not).
+    probe=True only looks, creating nothing: (None, that line) if another run holds out_dir, else (None, None)."""
+    path = os.path.join(out_dir, ".lock")
+    if probe and not os.path.isfile(path):
+        return None, None
     try:
         os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, ".lock"), "a+", encoding="utf-8")
+        f = open(path, "a+", encoding="utf-8")
     except OSError as e:
         return None, f"--out_dir={out_dir} cannot be used ({e.strerror}); pick another --out_dir"
     if fcntl is not None:
@@ -129,6 +139,9 @@ def lock_out_dir(out_dir):
             f.close()
             return None, (f"{out_dir} is in use by another train.py (PID {pid}); wait for it to finish, stop it, "
                           f"or pick another --out_dir")
+    if probe:
+        f.close()
+        return None, None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
@@ -150,6 +163,47 @@ def open_metrics(path, fields, upto):
     os.replace(path + ".tmp", path)
     f = open(path, "a", newline="", encoding="utf-8")
     return f, csv.DictWriter(f, fieldnames=fields)
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM for a training run. Until `training` is set they stop the script at once (nothing
+    is lost); after it, they are only noted in `received`, so the loop can finish its step, save and exit."""
+
+    def __init__(self):
+        self.training, self.received = False, 0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if not self.training:
+            print(f"{signal.Signals(signum).name} before training started: stopped, nothing saved", file=sys.stderr)
+            raise SystemExit(128 + signum)
+        self.received = signum  # a second signal while saving changes nothing: the save finishes
+
+
+def rng_states(ddp, world_size, device_type):
+    """Every process's RNG states (python, numpy, torch, cuda), gathered for the checkpoint."""
+    import torch.distributed as dist
+    torch_states = [torch.get_rng_state()]
+    cuda_states = [torch.cuda.get_rng_state()] if device_type == "cuda" else None
+    if ddp:  # each rank has its own dropout stream
+        torch_states = [None] * world_size
+        dist.all_gather_object(torch_states, torch.get_rng_state())
+        if cuda_states is not None:
+            cuda_states = [None] * world_size
+            dist.all_gather_object(cuda_states, torch.cuda.get_rng_state())
+    py, npy = random.getstate(), np.random.get_state()
+    return dict(python=[py[0], list(py[1]), py[2]], numpy=[npy[0], npy[1].tolist(), *npy[2:]],
+                torch=torch_states, cuda=cuda_states)
+
+
+def restore_rng(rng, rank, device_type):
+    """Put back this rank's RNG states from rng_states()."""
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state(tuple(np.array(v, dtype=np.uint32) if i == 1 else v for i, v in enumerate(rng["numpy"])))
+    torch.set_rng_state(rng["torch"][rank % len(rng["torch"])])
+    if device_type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
 
 
 def resolve_checkpoint(out_dir, name=""):

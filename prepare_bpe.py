@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from configurator import configure, die
+from configurator import POSITIVE, check, configure, die
 from prepare_char import check_out_dir, find_documents
 from tokenizer import BOS, EOS, BPETokenizer, TiktokenTokenizer, gpt2_encoding
 
@@ -58,9 +58,13 @@ def parquet_files(spec):
 def parquet_rows(files, column):
     """Yield the values of `column`, one per row (a document), reading row group by row group."""
     for path in files:
-        pf = pq.ParquetFile(path)
-        for group in range(pf.num_row_groups):
-            yield from pf.read_row_group(group, columns=[column]).column(column).to_pylist()
+        try:
+            pf = pq.ParquetFile(path)
+            groups = [pf.read_row_group(g, columns=[column]).column(column) for g in range(pf.num_row_groups)]
+        except Exception as e:  # not parquet, truncated, a column of another type
+            die(f"{path} is not a readable parquet file ({type(e).__name__}: {e})")
+        for group in groups:
+            yield from group.to_pylist()
 
 
 def last_cut(buf, size):
@@ -164,6 +168,9 @@ def encode_documents(tok, docs, split_of, bos, eos, chunk):
         for split, first, last, part in batch:
             text = isinstance(part, str)
             ids = next(encoded) if text else [int(t) for t in part]
+            if not text and ids and not 0 <= min(ids) <= max(ids) < tok.vocab_size:
+                die(f"a pre-tokenized row holds token id {max(ids) if max(ids) >= 0 else min(ids)}, outside the "
+                    f"tokenizer's {tok.vocab_size} ids; give the tokenizer the 'tokens' column was made with")
             yield split, (bos if first else []) + ids + (eos if last else []), len(part.encode("utf-8")) if text else 0
 
 
@@ -198,8 +205,8 @@ if __name__ == "__main__":
         raise SystemExit
     if split not in ("tail", "random"):
         die(f"--split={split!r} is not one of tail, random")
-    if not 0.0 < val_fraction < 1.0:
-        die(f"--val_fraction={val_fraction} must be between 0 and 1")
+    check(globals(), dict(val_fraction=(lambda v: 0 < v < 1, "in (0, 1)"), chunk_bytes=POSITIVE,
+                          vocab_size=(lambda v: v == 0 or v >= 258, "0 (sized by the corpus) or >= 258 (256 bytes and 2 specials)")))
     t0 = time.time()
 
     # the documents: files, built-in texts, or parquet rows
@@ -210,7 +217,10 @@ if __name__ == "__main__":
             import pyarrow.parquet as pq
         except ImportError:
             die("parquet input needs pyarrow: pip install pyarrow")
-        schema = pq.read_schema(files[0])
+        try:
+            schema = pq.read_schema(files[0])
+        except Exception as e:  # a file named .parquet that is not one
+            die(f"{files[0]} is not a readable parquet file ({type(e).__name__}: {e})")
         column = "text" if "text" in schema.names else "tokens" if "tokens" in schema.names else None
         if column is None:
             die(f"{files[0]} has no 'text' or 'tokens' column (it has {', '.join(schema.names)})")
@@ -237,7 +247,10 @@ if __name__ == "__main__":
         tok, kind = train_bpe(docs, make_rows(), size), "bpe"
     elif os.path.isfile(tokenizer) and tokenizer.endswith(".json"):
         from tokenizers import Tokenizer
-        tok, kind = BPETokenizer(Tokenizer.from_file(tokenizer)), "bpe"
+        try:
+            tok, kind = BPETokenizer(Tokenizer.from_file(tokenizer)), "bpe"
+        except Exception as e:  # JSON that is not a tokenizer, or not JSON
+            die(f"--tokenizer={tokenizer} is not a Hugging Face tokenizer.json ({type(e).__name__}: {e})")
     else:
         die(f"--tokenizer={tokenizer!r} is not bpe, gpt2 or an existing tokenizer.json file")
     suffix = "gpt2" if kind == "gpt2" else "bpe"
@@ -259,7 +272,7 @@ if __name__ == "__main__":
     counts, nbytes = dict(train=0, val=0), dict(train=0, val=0)
     try:
         with open(tmp["train"], "wb") as train_out, open(tmp["val"], "wb") as val_out, \
-                tqdm(total=n_bytes, unit="B", unit_scale=True, desc="encoding") as bar:
+                tqdm(total=n_bytes, unit="B", unit_scale=True, desc="encoding", disable=None) as bar:
             outs = dict(train=train_out, val=val_out)
             split_of = lambda i: "val" if i in val_set else "train"  # noqa: E731
             for split_name, ids, nb in encode_documents(tok, documents(docs, make_rows()), split_of, bos, eos, chunk_bytes):

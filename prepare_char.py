@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from configurator import configure, die
+from configurator import POSITIVE, check, configure, die
 
 # -----------------------------------------------------------------------------
 input = "pydocs"  # pydocs | shakespeare | a .txt file | a folder of *.txt | an http(s):// URL
@@ -115,8 +115,11 @@ def check_out_dir(out_dir, source):
     """Refuse to replace a dataset that was prepared from a different source."""
     path = os.path.join(out_dir, "meta.json")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f).get("source")
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f).get("source")
+        except (ValueError, AttributeError, OSError):
+            die(f"{path} is not a dataset meta.json; choose another --out_dir or delete it")
         if old != source:
             die(f"{out_dir} already holds a dataset prepared from {old}; choose another --out_dir or delete it")
 
@@ -125,8 +128,7 @@ if __name__ == "__main__":
     configure(globals())
     if split not in ("tail", "random"):
         die(f"--split={split!r} is not one of tail, random")
-    if not 0.0 < val_fraction < 1.0:
-        die(f"--val_fraction={val_fraction} must be between 0 and 1")
+    check(globals(), dict(val_fraction=(lambda v: 0 < v < 1, "in (0, 1)"), chunk_size=POSITIVE))
     name, source, docs = find_documents(input)
     text = "".join(read_document(d) for d in docs)
     if not text.strip():

@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from common import autocast, load_for_inference, pick_device, pick_dtype
-from configurator import configure, die
+from common import SAMPLING_RULES, autocast, load_for_inference, pick_device, pick_dtype
+from configurator import POSITIVE, check, configure, die
 from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
@@ -50,6 +50,7 @@ def encode_prompt(tokenizer, text):
 
 if __name__ == "__main__":
     configure(globals())
+    check(globals(), dict(SAMPLING_RULES, num_samples=POSITIVE))
     if prompt.startswith("FILE:"):
         path = prompt[5:]
         if not os.path.isfile(path):

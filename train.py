@@ -12,7 +12,6 @@ warmup-stable-decay LR schedule, exact resume, and DDP when launched by torchrun
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -23,10 +22,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (autocast, load_checkpoint, lock_out_dir, model_from_checkpoint, open_metrics, pick_device, pick_dtype,
-                    read_meta, save_checkpoint)
+from common import (StopSignals, autocast, load_checkpoint, lock_out_dir, model_from_checkpoint, open_metrics, pick_device,
+                    pick_dtype, read_meta, restore_rng, rng_states, save_checkpoint)
 from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, check, configure, die
-from convert import describe_vocab, load_source, warm_start
+from convert import describe_vocab, load_source, load_weights, warm_start
 from model import GPT, MODEL_FIELDS, config_from_preset
 from tokenizer import load_tokenizer
 
@@ -108,21 +107,9 @@ seed = 1337  # seeds the weights, dropout and the batch stream
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
               "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 config, explicit = configure(globals())
-
-
-def on_signal(signum, frame):
-    """SIGINT (Ctrl-C) and SIGTERM: before training starts, leave at once (nothing is lost); during training,
-    note it, so the loop finishes its step, saves a checkpoint and exits."""
-    global stop_signal
-    if not training:
-        print(f"{signal.Signals(signum).name} before training started: stopped, nothing saved", file=sys.stderr)
-        raise SystemExit(128 + signum)
-    stop_signal = signum
-
-
-training, stop_signal = False, 0
-for sig in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(sig, on_signal)
+if os.environ.get("RANK", "0") == "0" and (busy := lock_out_dir(out_dir, probe=True)[1]):
+    die(busy)  # another run holds out_dir: stop before reading or writing anything there
+signals = StopSignals()  # Ctrl-C and SIGTERM: at once before training starts; after the current step once it has
 
 # resuming continues the run as it was: every setting not given now comes from the checkpoint
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -223,6 +210,8 @@ for split in ("train", "val"):
         die(f"{path} is {'missing' if size < 0 else 'not a whole number of ' + meta['dtype'] + ' tokens'}; prepare the dataset again")
     if size // token_dtype.itemsize <= block_size:
         die(f"{path} has {size // token_dtype.itemsize} tokens, fewer than block_size+1={block_size + 1}; lower --block_size")
+    if (top := int(np.memmap(path, dtype=token_dtype, mode="r")[:1 << 20].max())) >= meta["vocab_size"]:  # get_batch checks the rest
+        die(f"{path} holds token id {top}, beyond meta.json's vocab_size={meta['vocab_size']}; prepare the dataset again")
 
 # one run per out_dir: rank 0 holds a lock on it until the process ends; every rank stops if it is taken
 lock, busy = lock_out_dir(out_dir) if master else (None, None)
@@ -273,16 +262,9 @@ else:
             f"{meta['vocab_size']} tokens; prepare the data with the tokenizer it was trained with")
     model = GPT(model_config).to(device)
     if source is not None:  # warm start from its weights only
-        own = model.state_dict()
-        fits = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-        missing = [k for k in own if k not in fits]
-        unexpected = [k for k in weights if k not in fits]
-        if (missing or unexpected) and strict_init:
-            die(f"{init_from} does not match this model (missing or reshaped: {missing[:3]}, unexpected: {unexpected[:3]}); "
-                f"use the same architecture, or --strict_init=False to load what fits")
-        model.load_state_dict(fits, strict=False)
+        report = load_weights(model, weights, strict_init, init_from)
         if master:
-            print(f"warm start from {init_from}: {len(fits)} tensors loaded; missing keys {missing}; unexpected keys {unexpected}")
+            print(report)
 raw_model = model  # the plain module: saved, evaluated and counted
 model_config = raw_model.config
 
@@ -311,11 +293,7 @@ if ckpt is not None:
             f"the run was trained with ({ckpt['config']['optimizer']!r}), or warm-start a new run: "
             f"--init_from={ckpt_path} --out_dir=NEW")
     scaler.load_state_dict(ckpt["scaler"])
-    random.setstate((ckpt["rng"]["python"][0], tuple(ckpt["rng"]["python"][1]), ckpt["rng"]["python"][2]))
-    np.random.set_state(tuple(np.array(v, dtype=np.uint32) if i == 1 else v for i, v in enumerate(ckpt["rng"]["numpy"])))
-    torch.set_rng_state(ckpt["rng"]["torch"][rank % len(ckpt["rng"]["torch"])])
-    if device_type == "cuda" and ckpt["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank % len(ckpt["rng"]["cuda"])])
+    restore_rng(ckpt["rng"], rank, device_type)
     del ckpt  # free the memory
 
 if compile:
@@ -380,26 +358,10 @@ def lr_factor(it, elapsed):
     return floor + (1 - floor) * min(1.0, (1.0 - progress) / warmdown_frac)  # wsd
 
 
-def rng_states():
-    """Every process's RNG states (python, numpy, torch, cuda), gathered for the checkpoint."""
-    torch_states = [torch.get_rng_state()]
-    cuda_states = [torch.cuda.get_rng_state()] if device_type == "cuda" else None
-    if ddp:  # each rank has its own dropout stream
-        torch_states = [None] * world_size
-        dist.all_gather_object(torch_states, torch.get_rng_state())
-        if cuda_states is not None:
-            cuda_states = [None] * world_size
-            dist.all_gather_object(cuda_states, torch.cuda.get_rng_state())
-    py = random.getstate()
-    npy = np.random.get_state()
-    return dict(python=[py[0], list(py[1]), py[2]], numpy=[npy[0], npy[1].tolist(), *npy[2:]],
-                torch=torch_states, cuda=cuda_states)
-
-
 def checkpoint_dict():
     return dict(model=raw_model.state_dict(), model_config=vars(model_config), config=config,
                 optimizers=[opt.state_dict() for opt in optimizers], scaler=scaler.state_dict(),
-                iter_num=iter_num, best_val_loss=best_val_loss, train_time=train_time, rng=rng_states(),
+                iter_num=iter_num, best_val_loss=best_val_loss, train_time=train_time, rng=rng_states(ddp, world_size, device_type),
                 sampler=dict(seed=seed, note="batches are a function of (seed, iter_num); nothing else to save"),
                 meta=meta)
 
@@ -466,6 +428,15 @@ def forward_backward():
     return loss_sum / accum_steps
 
 
+def agreed_signal():
+    """The signal (number) any rank has received, 0 if none: the same on every rank."""
+    if not ddp:
+        return signals.received
+    flag = torch.tensor(signals.received, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag)
+
+
 def zero_grads():
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -505,7 +476,7 @@ if compile and iter_num < max_iters and not eval_only:
         print(f"compiled the training step in {time.time() - t_compile:.1f} s (start-up, outside max_time)")
 
 
-training = True  # from here a signal stops the loop after its step instead of the script at once
+signals.training = True  # from here a signal stops the loop after its step instead of the script at once
 start_iter, evals_since_best, t0 = iter_num, 0, time.time()
 bar = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True, disable=not (master and sys.stdout.isatty()))
 while True:
@@ -562,14 +533,11 @@ while True:
         bar.set_postfix_str(f"loss {loss_value:.4f}, {tok_per_s:,.0f} tok/s, {speed}")
         record(iter=iter_num, loss=loss_value, lr=lr_mult * learning_rate, ms_per_iter=step_time * 1000,
                tok_per_s=tok_per_s, grad_norm=grad_norm.item(), gflops=flops / 1e9, mfu=flops / peak if peak else None)
-    if ddp:  # a signal to any rank stops every rank after this same step
-        flag = torch.tensor(stop_signal, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop_signal = int(flag)
-    if stop_signal:
+    if agreed_signal():  # a signal to any rank stops every rank after this same step
         break
 
 bar.close()
+stop_signal = agreed_signal()
 if stop_signal:  # Ctrl-C or SIGTERM: save this step (a second signal only sets the flag again), then exit 130 / 143
     state = checkpoint_dict() if save_strategy != "none" else None  # every rank joins the RNG gather
     if master and state is not None:
