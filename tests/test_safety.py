@@ -152,6 +152,8 @@ def test_signal_saves_says_one_line_and_resumes_exactly(workdir, sig, code):
     proc = start(workdir, *args, "--max_iters=100000", f"--out_dir={name}")
     wait_for_iter(workdir / name, 20, proc)
     proc.send_signal(sig)
+    time.sleep(0.02)
+    proc.send_signal(sig)  # impatient: a second one while it saves
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code and len(err.strip().splitlines()) == 1, err
     stopped = torch.load(workdir / name / "ckpt.pt", weights_only=True)["iter_num"]
