@@ -9,12 +9,14 @@ Piped stdin works too (one user turn per line, replies printed plainly), so chat
 """
 
 import math
+import signal
 import sys
+from contextlib import contextmanager
 
 import torch
 
 from common import SAMPLING_RULES, autocast, load_for_inference, pick_device, pick_dtype
-from configurator import check, configure
+from configurator import check, configure, die
 from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
@@ -34,7 +36,7 @@ dtype = "auto"  # float32 | bfloat16 | float16 | auto
 
 SETTABLE = ("temperature", "top_k", "top_p", "max_new_tokens", "seed")
 HELP = """commands:
-  /exit            leave (also Ctrl-D; Ctrl-C stops a reply, and leaves at the prompt)
+  /exit            leave (also Ctrl-D; Ctrl-C stops a reply, or clears the line at the prompt)
   /reset           forget the conversation
   /history         show the transcript as the model sees it
   /set KEY=VALUE   change temperature, top_k, top_p, max_new_tokens or seed
@@ -89,9 +91,9 @@ class Chat:
         block = self.model.config.block_size
         budget = max(block - self.s["max_new_tokens"], block // 2)
         ids, dropped, cut = fit_context(system_ids, [self.tokenizer.encode(t) for t in turns], budget)
-        if cut:
-            print(f"(note: your message is longer than the model's context; its first {cut} tokens were left out)",
-                  file=sys.stderr)
+        if cut:  # on a line of its own, before the reply starts
+            self.write(f"(note: your message is longer than the {budget} tokens of context left for it; its first "
+                       f"{cut} tokens were left out)\n")
         return ids
 
     def reply(self, message):
@@ -102,10 +104,11 @@ class Chat:
             print(f"(skipped: your message has {e})", file=sys.stderr)
             return None
         x = torch.tensor([ids], dtype=torch.long, device=self.generator.device)
+        self.write(self.s["assistant_prefix"] if self.s.get("interactive") else "")
         decoder, text, printed = StreamDecoder(self.tokenizer), "", 0
         s = self.s
         try:
-            with torch.no_grad(), autocast(str(self.generator.device), s["dtype"]):
+            with torch.no_grad(), autocast(str(self.generator.device), s["dtype"]), keys_held(s.get("interactive")):
                 for token in self.model.generate_stream(x, s["max_new_tokens"], temperature=s["temperature"],
                                                         top_k=s["top_k"] or None, top_p=s["top_p"],
                                                         eos_id=self.tokenizer.eos_id, generator=self.generator):
@@ -142,10 +145,11 @@ class Chat:
             if key not in SETTABLE or not eq:
                 self.write(f"(usage: /set KEY=VALUE with KEY one of {', '.join(SETTABLE)})\n")
                 return True
+            kind = int if key in ("top_k", "max_new_tokens", "seed") else float
             try:
-                number = (int if key in ("top_k", "max_new_tokens", "seed") else float)(value)
+                number = kind(value)
             except ValueError:
-                self.write(f"(/set {key}: {value!r} is not a number)\n")
+                self.write(f"(/set {key}: {value!r} is not {'an integer' if kind is int else 'a number'})\n")
                 return True
             ok, must = SAMPLING_RULES.get(key, (lambda v: True, ""))
             if not (math.isfinite(number) and ok(number)):  # the same rules as the command line's
@@ -155,9 +159,33 @@ class Chat:
             if key == "seed":
                 self.generator.manual_seed(self.s["seed"])
             self.write(f"({key} = {self.s[key]})\n")
-        else:
+        elif cmd == "/help":
             self.write(HELP + "\n")
+        else:
+            self.write(f"(unknown command {cmd}; /help lists them)\n")
         return True
+
+
+@contextmanager
+def keys_held(active):
+    """While a reply streams, keys typed are neither echoed (they would land in the middle of the reply) nor kept
+    for the next prompt. POSIX terminals only; elsewhere a no-op."""
+    try:
+        import termios
+        fd, saved = sys.stdin.fileno(), termios.tcgetattr(sys.stdin.fileno()) if active else None
+    except (ImportError, OSError, ValueError):
+        saved = None
+    if saved is None:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ICANON)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcflush(fd, termios.TCIFLUSH)
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def main():
@@ -165,8 +193,14 @@ def main():
     check(config, SAMPLING_RULES)
     config["device"] = pick_device(device)
     config["dtype"] = pick_dtype(dtype, config["device"])
+    config["interactive"] = interactive = sys.stdin.isatty()
+    if interactive:  # Ctrl-C raises KeyboardInterrupt even when started with SIGINT ignored (as from a script)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     model, tokenizer = load_for_inference(out_dir, ckpt, config["device"])
-    interactive = sys.stdin.isatty()
+    try:
+        tokenizer.encode(system_prompt + user_prefix + assistant_prefix)
+    except ValueError as e:  # once, here, rather than every turn
+        die(f"--system_prompt or the turn prefixes have {e}; use characters the model knows")
 
     def write(text):
         sys.stdout.write(text)
@@ -182,10 +216,13 @@ def main():
     while True:
         try:
             line = input("You: " if interactive else "")
-        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt
+        except EOFError:  # Ctrl-D
             if interactive:
                 write("\n")
             break
+        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line; the conversation stays
+            write("\n(Ctrl-D or /exit to leave)\n" if interactive else "")
+            continue
         line = line.strip()
         if not line:
             continue
@@ -193,10 +230,12 @@ def main():
             if not chat.command(line):
                 break
             continue
-        if interactive:
-            write(assistant_prefix)
         chat.reply(line)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C while the model loads
+        print("stopped before the chat started", file=sys.stderr)
+        sys.exit(130)

@@ -71,6 +71,8 @@ def read_meta(data_dir):
         command = {"char": f"python prepare_char.py{source}", "bpe": f"python prepare_bpe.py{source}",
                    "gpt2": f"python prepare_bpe.py{source} --tokenizer=gpt2"}.get(kind)
         hint = f"`{command}` makes it" if command else "make it with prepare_char.py or prepare_bpe.py"
+        if name == "pydocs_gpt2":  # train.py's defaults: a GPT-2-small run wants a real corpus
+            hint += " (0.5 MB of docs; for a real GPT-2-small run see the README's recipe: a large corpus with --input)"
         die(f"{path} not found; prepare the dataset first: {hint} (--input=FILE/FOLDER for your own text)")
     try:
         with open(path, encoding="utf-8") as f:
@@ -147,6 +149,18 @@ def lock_out_dir(out_dir, probe=False):
     f.write(str(os.getpid()))
     f.flush()
     return f, None
+
+
+def split_batch(tokens, batch_size, block_size, world_size):
+    """(micro-batch, micro-steps per process) for `tokens` per optimizer step shared by world_size processes: the
+    largest micro-batch up to batch_size that divides each process's share of sequences."""
+    seqs, rest = divmod(tokens, block_size * world_size)  # sequences per process per step
+    if rest or not seqs:
+        raise ValueError(f"{tokens:,} tokens per step do not split into whole sequences of block_size={block_size} over "
+                         f"{world_size} process(es); make total_batch_size (or batch_size*block_size*"
+                         f"gradient_accumulation_steps) a multiple of {block_size * world_size:,}")
+    micro = max(b for b in range(1, min(batch_size, seqs) + 1) if seqs % b == 0)
+    return micro, seqs // micro
 
 
 def open_metrics(path, fields, upto):

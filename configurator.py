@@ -24,11 +24,18 @@ import re
 import sys
 
 SIMPLE_TYPES = (bool, int, float, str, tuple, list, type(None))
+KINDS = dict(bool="True or False", int="an integer", float="a number", str="a string", tuple="a tuple", list="a list")
+# nanoGPT's settings that have another name (or none) here, for the unknown-setting message
+NANOGPT_NAMES = {"always_save_checkpoint": ("save_strategy", "use --save_strategy=latest (True) or best (False)"),
+                 "start": ("prompt", "use --prompt (FILE:path works too)"),
+                 "backend": ("device", "nothing is needed (DDP picks nccl on CUDA, gloo on CPU)")}
 
 
 def die(msg):
     """Stop a user-facing script with one clear line on stderr and exit status 1. Text passed on from
     elsewhere (an exception, a file) loses its ANSI escapes and control characters and stays on one line."""
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone says it; the others just stop
+        sys.exit(1)
     msg = re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]", "", str(msg))
     sys.exit("error: " + " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", msg).split()))
 
@@ -72,7 +79,7 @@ def _coerce(key, value, default, source):
         ok = isinstance(value, (tuple, list))
         value = type(default)(value) if ok else value
     if not ok:
-        die(f"{source}: {key}={value!r} should be a {type(default).__name__} (default {default!r})")
+        die(f"{source}: {key}={value!r} should be {KINDS[type(default).__name__]} (default {default!r})")
     return value
 
 
@@ -84,6 +91,8 @@ def parse_value(text):
 
 
 def _unknown(key, known, source):
+    if key in NANOGPT_NAMES and NANOGPT_NAMES[key][0] in known:
+        die(f"{source}: '{key}' is nanoGPT's setting; {NANOGPT_NAMES[key][1]} here")
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; run with --help to list the settings"
     die(f"{source}: unknown setting '{key}'{hint}")
@@ -109,7 +118,7 @@ def print_help(scope, settings):
         print(doc, end="\n\n")
     comments = _comments(scope.get("__file__", ""))
     width = min(40, max(len(f"{k}={v!r}") for k, v in settings.items()))
-    print("settings (--key=value, after any config/*.py files):")
+    print("settings (--key=value, after any config/*.py files), with the values in effect:")
     for k, v in settings.items():
         print(f"  --{k}={v!r}".ljust(width + 6) + ("  # " + comments[k] if k in comments else ""))
 
@@ -121,10 +130,10 @@ def configure(scope, argv=None):
     settings = _settings(scope)
     known = list(settings)
     explicit = set()
-    if any(a in ("-h", "--help") for a in argv):
-        print_help(scope, settings)
-        sys.exit(0)
+    wants_help = any(a in ("-h", "--help") for a in argv)
     for arg in argv:
+        if arg in ("-h", "--help"):
+            continue
         if not arg.startswith("--"):
             # a config file: python code whose top-level names must all be known settings
             if not arg.endswith(".py"):
@@ -156,5 +165,8 @@ def configure(scope, argv=None):
             value = text if isinstance(scope[key], str) and not text[:1] in "'\"" else parse_value(text)
             settings[key] = _coerce(key, value, scope[key], "command line")
             explicit.add(key)
+    if wants_help:  # after the files and flags: the values in effect
+        print_help(scope, settings)
+        sys.exit(0)
     scope.update(settings)
     return settings, explicit

@@ -19,6 +19,7 @@ import random
 import re
 import queue
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -179,7 +180,7 @@ def train_bpe(docs, rows, size):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[BOS, EOS], show_progress=True,
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[BOS, EOS], show_progress=sys.stderr.isatty(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     texts = (piece for doc in documents(docs, rows) for piece in doc)
     tok.train_from_iterator(texts, trainer=trainer)

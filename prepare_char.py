@@ -7,6 +7,7 @@ nanoGPT's) and meta.json (the vocabulary as a list of characters, counts, source
     python prepare_char.py --input=notes.txt        # a file, a folder of *.txt, or an http(s) URL
 """
 
+import hashlib
 import json
 import os
 import random
@@ -27,6 +28,7 @@ seed = 1337  # seed for split=random
 # -----------------------------------------------------------------------------
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE = (1115394, "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")  # its size and sha256
 
 
 def download(url, path):
@@ -74,6 +76,8 @@ def find_documents(spec):
             die(f"folder {spec} has no *.txt files")
         return os.path.basename(os.path.abspath(spec)), os.path.abspath(spec), [Path(spec, f) for f in files]
     if os.path.isfile(spec):
+        if (os.path.getsize(spec), sha256(Path(spec).read_bytes()) if os.path.getsize(spec) == SHAKESPEARE[0] else "") == SHAKESPEARE:
+            return "shakespeare", SHAKESPEARE_URL, [Path(spec)]  # a local copy of tiny Shakespeare: the configs' name
         return os.path.splitext(os.path.basename(spec))[0], os.path.abspath(spec), [Path(spec)]
     die(f"--input={spec!r} is not pydocs, shakespeare, a URL, an existing file or a folder")
 
@@ -111,17 +115,25 @@ def write_dataset(out_dir, train_ids, val_ids, meta):
         os.replace(os.path.join(out_dir, fname + ".tmp"), os.path.join(out_dir, fname))
 
 
-def check_out_dir(out_dir, source):
-    """Refuse to replace a dataset that was prepared from a different source."""
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_out_dir(out_dir, source, digest=None):
+    """Refuse to replace a dataset that was prepared from a different source (the same text from another path,
+    by its sha256, is the same source)."""
     path = os.path.join(out_dir, "meta.json")
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
-                old = json.load(f).get("source")
-        except (ValueError, AttributeError, OSError):
+                old = json.load(f)
+            assert isinstance(old, dict)
+        except (ValueError, AssertionError, OSError):
             die(f"{path} is not a dataset meta.json; choose another --out_dir or delete it")
-        if old != source:
-            die(f"{out_dir} already holds a dataset prepared from {old}; choose another --out_dir or delete it")
+        if old.get("source") != source and not (digest and old.get("sha256") == digest):
+            name = os.path.basename(os.path.normpath(out_dir))
+            die(f"{out_dir} already holds a dataset prepared from {old.get('source')}; delete it, or write this one "
+                f"elsewhere: --out_dir=data/NAME (then train with --dataset=NAME, not {name})")
 
 
 if __name__ == "__main__":
@@ -141,11 +153,13 @@ if __name__ == "__main__":
         die(f"{len(chars)} distinct characters do not fit uint16; use prepare_bpe.py for this corpus")
     stoi = {c: i for i, c in enumerate(chars)}
     out_dir = out_dir or os.path.join("data", f"{name}_char")
-    check_out_dir(out_dir, source)
-    meta = dict(tokenizer="char", vocab=chars, vocab_size=len(chars), dtype="uint16",
+    digest = sha256(text.encode("utf-8"))
+    check_out_dir(out_dir, source, digest)
+    meta = dict(tokenizer="char", vocab=chars, vocab_size=len(chars), dtype="uint16", sha256=digest,
                 train_tokens=len(train_text), val_tokens=len(val_text),
                 train_bytes=len(train_text.encode("utf-8")), val_bytes=len(val_text.encode("utf-8")),
                 source=source, split=split, val_fraction=val_fraction, seed=seed)
     write_dataset(out_dir, [stoi[c] for c in train_text], [stoi[c] for c in val_text], meta)
     print(f"{source}: {len(text):,} characters, {len(docs):,} documents, vocab {len(chars)}")
-    print(f"wrote {out_dir}/train.bin ({len(train_text):,} tokens), val.bin ({len(val_text):,} tokens), meta.json")
+    print(f"wrote {out_dir}/train.bin ({len(train_text):,} tokens), val.bin ({len(val_text):,} tokens), meta.json; "
+          f"train with --dataset={os.path.basename(os.path.normpath(out_dir))}")

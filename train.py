@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (StopSignals, autocast, load_checkpoint, lock_out_dir, model_from_checkpoint, open_metrics, pick_device,
-                    pick_dtype, read_meta, restore_rng, rng_states, save_checkpoint)
+                    pick_dtype, read_meta, restore_rng, rng_states, save_checkpoint, split_batch)
 from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, check, configure, die
 from convert import describe_vocab, load_source, load_weights, warm_start
 from model import GPT, MODEL_FIELDS, config_from_preset
@@ -46,7 +46,7 @@ dataset = "pydocs_gpt2"  # a folder under data/ made by prepare_char.py or prepa
 batch_size = 12  # sequences per micro-batch (per process)
 block_size = 1024  # context length
 gradient_accumulation_steps = 40  # micro-batches per optimizer step over all processes: 40*12*1024 = 491,520 tokens
-total_batch_size = 0  # tokens per optimizer step; if set, it decides gradient_accumulation_steps
+total_batch_size = 0  # tokens per optimizer step over all processes (0: gradient_accumulation_steps*batch_size*block_size)
 # model: model_type picks a preset (model.py PRESETS); any field set here overrides it
 model_type = "gpt"  # gpt (GPT-2 block) | gpt_plus (RoPE, RMSNorm, SwiGLU) | gpt_fast (RoPE, LayerNorm, ReLU², no biases)
 n_layer = 12  # transformer blocks
@@ -170,6 +170,7 @@ if device_type == "cuda":
     torch.backends.cudnn.allow_tf32 = True
 
 # data: uint16 or uint32 token ids in memory-mapped bins, tokenizer described by meta.json
+dataset = config["dataset"] = dataset.removeprefix("data/")  # --dataset=data/x means x
 data_dir = os.path.join("data", dataset)
 meta = read_meta(data_dir)
 if meta["tokenizer"] == "bpe":  # the checkpoint carries the tokenizer itself, so out_dir alone can decode
@@ -192,16 +193,15 @@ if source and source["meta"] and any(source["meta"].get(k) != meta.get(k) for k 
         + (" (python prepare_bpe.py --input=... --tokenizer=gpt2)" if source["meta"]["tokenizer"] == "gpt2" else ""))
 
 # batch arithmetic
-tokens_per_micro = batch_size * block_size * world_size
-if total_batch_size:
-    if total_batch_size % tokens_per_micro:
-        die(f"total_batch_size={total_batch_size} is not a multiple of batch_size*block_size*world_size "
-            f"= {batch_size}*{block_size}*{world_size} = {tokens_per_micro}")
-    gradient_accumulation_steps = total_batch_size // tokens_per_micro * world_size  # e.g. 524288 // (12*1024*8) * 8 = 40
-if gradient_accumulation_steps % world_size:
-    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
-accum_steps = gradient_accumulation_steps // world_size  # micro-batches per process per step
-tokens_per_iter = tokens_per_micro * accum_steps
+# the tokens per optimizer step are fixed (total_batch_size, or gradient_accumulation_steps micro-batches of
+# batch_size x block_size), however many processes share them: each takes its share in micro-batches of at most
+# batch_size, so a config runs unchanged on 1, 2 or 8 processes
+try:
+    batch_size, accum_steps = split_batch(total_batch_size or gradient_accumulation_steps * batch_size * block_size,
+                                          batch_size, block_size, world_size)
+except ValueError as e:
+    die(str(e))
+tokens_per_iter = batch_size * block_size * world_size * accum_steps
 
 for split in ("train", "val"):
     path = os.path.join(data_dir, f"{split}.bin")
@@ -214,7 +214,7 @@ for split in ("train", "val"):
         die(f"{path} holds token id {top}, beyond meta.json's vocab_size={meta['vocab_size']}; prepare the dataset again")
 
 # one run per out_dir: rank 0 holds a lock on it until the process ends; every rank stops if it is taken
-lock, busy = lock_out_dir(out_dir) if master else (None, None)
+lock, busy = lock_out_dir(out_dir, probe=eval_only) if master else (None, None)
 if ddp:
     busy = [busy]
     dist.broadcast_object_list(busy)
@@ -373,21 +373,27 @@ gpu_name = torch.cuda.get_device_name(device) if device_type == "cuda" else ""
 peak = peak_flops or next((f for name, f in PEAK_FLOPS.items() if name in gpu_name), 0.0)  # per process
 peak *= world_size
 sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)  # honest step times on a GPU
-if master:
+writes = master and not eval_only  # rank 0 writes; --eval_only writes nothing
+if writes:
     try:
         with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
             json.dump({k: v for k, v in meta.items() if k != "tokenizer_json"}, f, ensure_ascii=False, indent=1)
         if meta["tokenizer"] == "bpe":
             with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
                 f.write(meta["tokenizer_json"])
+        info = dict(config=config, model_config=vars(model_config), parameters=n_params, device=device, gpu=gpu_name,
+                    dtype=dtype, world_size=world_size, torch=torch.__version__, argv=sys.argv,
+                    optimizer_params=dict(muon=muon_names, adamw=adam_names))
+        if iter_num and os.path.isfile(os.path.join(out_dir, "run_meta.json")):  # a resume keeps the first start's record
+            with open(os.path.join(out_dir, "run_meta.json"), encoding="utf-8") as f:
+                info = json.load(f)
+            info.setdefault("resumed", []).append(dict(iter=iter_num, argv=sys.argv, device=device, world_size=world_size))
         with open(os.path.join(out_dir, "run_meta.json"), "w", encoding="utf-8") as f:
-            json.dump(dict(config=config, model_config=vars(model_config), parameters=n_params, device=device,
-                           gpu=gpu_name, dtype=dtype, world_size=world_size, torch=torch.__version__, argv=sys.argv,
-                           optimizer_params=dict(muon=muon_names, adamw=adam_names)), f, indent=1)
+            json.dump(info, f, indent=1)
         # a resumed run drops the rows logged after its checkpoint (a crash leaves them), then appends
         metrics_file, metrics = open_metrics(os.path.join(out_dir, "metrics.csv"), csv_fields, iter_num)
-    except OSError as e:
-        die(f"could not write to {out_dir} ({e.strerror}); free some space or pick another --out_dir")
+    except (OSError, ValueError) as e:
+        die(f"could not write to {out_dir} ({getattr(e, 'strerror', None) or e}); free some space or pick another --out_dir")
     if wandb_log:
         try:
             import wandb
@@ -402,7 +408,7 @@ if master:
 
 def record(**row):
     """One row of metrics.csv (and of wandb when on), written by rank 0 only."""
-    if not master:
+    if not writes:
         return
     try:
         metrics.writerow({k: f"{v:.8g}" if isinstance(v, float) else v for k, v in row.items() if v is not None})
@@ -478,7 +484,8 @@ if compile and iter_num < max_iters and not eval_only:
 
 signals.training = True  # from here a signal stops the loop after its step instead of the script at once
 start_iter, evals_since_best, t0 = iter_num, 0, time.time()
-bar = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True, disable=not (master and sys.stdout.isatty()))
+bar = tqdm(total=max_time or max_iters, initial=train_time if max_time else iter_num, unit="s" if max_time else "it",
+           dynamic_ncols=True, disable=not (master and sys.stdout.isatty()))  # seconds when the budget is time
 while True:
     last_step = iter_num >= max_iters or (max_time > 0 and all_ranks_mean(train_time) >= max_time)
     if (iter_num % eval_interval == 0 and iter_num != start_iter) or last_step or iter_num == 0 or eval_only:
@@ -486,7 +493,8 @@ while True:
         if master:
             tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                        f"val bpb {losses['val_bpb']:.4f}")
-        record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_bpb=losses["val_bpb"])
+        if iter_num > start_iter or iter_num == 0:  # not again for the step a resume starts from
+            record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_bpb=losses["val_bpb"])
         improved = losses["val"] < best_val_loss
         best_val_loss, evals_since_best = (losses["val"], 0) if improved else (best_val_loss, evals_since_best + 1)
         if iter_num > start_iter and not eval_only:
@@ -520,16 +528,16 @@ while True:
     sync()
     step_time = time.time() - t_step
     train_time += step_time
-    bar.update(1)
+    bar.update(step_time if max_time else 1)
 
     if iter_num % log_interval == 0:
         loss_value = all_ranks_mean(loss.item())  # the mean over micro-steps and ranks
         tok_per_s = tokens_per_iter / step_time
         flops = raw_model.flops_per_token() * tok_per_s * world_size  # achieved by all processes together
         speed = f"MFU {flops / peak:.1%}" if peak else f"{flops / 1e9:,.1f} GFLOP/s"
-        if master and bar.disable:
-            print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_mult * learning_rate:.2e}, {step_time * 1000:.1f} ms/iter, "
-                  f"{tok_per_s:,.0f} tok/s, {speed}")
+        if master:  # above the bar on a terminal
+            tqdm.write(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_mult * learning_rate:.2e}, "
+                       f"{step_time * 1000:.1f} ms/iter, {tok_per_s:,.0f} tok/s, {speed}")
         bar.set_postfix_str(f"loss {loss_value:.4f}, {tok_per_s:,.0f} tok/s, {speed}")
         record(iter=iter_num, loss=loss_value, lr=lr_mult * learning_rate, ms_per_iter=step_time * 1000,
                tok_per_s=tok_per_s, grad_norm=grad_norm.item(), gflops=flops / 1e9, mfu=flops / peak if peak else None)
@@ -548,7 +556,7 @@ if stop_signal:  # Ctrl-C or SIGTERM: save this step (a second signal only sets 
 elif master:
     print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, {train_time:.1f} s of training, "
           f"{time.time() - t0:.1f} s in all")
-if master:
+if writes:
     metrics_file.close()
     lock.close()
 if ddp:

@@ -18,7 +18,6 @@ optimizer = "muon"
 muon_lr = 0.02
 learning_rate = 2e-3
 max_iters = 800
-lr_decay_iters = 800
 warmup_iters = 50
 min_lr = 2e-4
 beta2 = 0.99

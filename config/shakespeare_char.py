@@ -16,7 +16,6 @@ n_embd = 384
 dropout = 0.2
 learning_rate = 1e-3  # small models can take a larger LR
 max_iters = 5000
-lr_decay_iters = 5000
 min_lr = 1e-4
 beta2 = 0.99  # more tokens per step would allow 0.95
 warmup_iters = 100

@@ -1,9 +1,11 @@
 """chat.py: scripted (piped) sessions, context cutting, stop strings, and a real terminal session."""
 
+import fcntl
 import os
 import select
 import subprocess
 import sys
+import termios
 import time
 
 import torch
@@ -82,10 +84,12 @@ def test_stop_strings_cut_the_reply_and_are_never_printed():
 
 
 def test_interactive_terminal_session(trained):
-    """A person at a terminal: the prompt shows, a reply streams, /exit leaves cleanly."""
+    """A person at a terminal: the prompt shows, a reply streams, Ctrl-C at the prompt clears the line and keeps
+    the conversation, /exit leaves cleanly."""
     master, slave = os.openpty()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "chat.py"), "--out_dir=out-tiny", "--max_new_tokens=20"],
-                            cwd=trained, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+                            cwd=trained, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                            preexec_fn=lambda: (os.setsid(), fcntl.ioctl(0, termios.TIOCSCTTY, 0)))  # the pty is its terminal
     os.close(slave)
     seen = b""
 
@@ -104,9 +108,32 @@ def test_interactive_terminal_session(trained):
         assert read_until(b"You: "), seen
         os.write(master, b"hello\n")
         assert read_until(b"You: ", 2), seen
+        time.sleep(0.5)  # readline has the terminal
+        os.write(master, b"half a line\x03")  # Ctrl-C at the prompt: clears the line, keeps the conversation
+        assert read_until(b"You: ", 3), seen
+        os.write(master, b"/history\n")
+        assert read_until(b"You: ", 4), seen
         os.write(master, b"/exit\n")
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
         os.close(master)
+    history = seen.split(b"/history")[-1]
+    assert b"User: hello" in history and b"half a line" not in history  # the turn before Ctrl-C is still there
     assert b"Assistant: " in seen and b"/help" in seen and b"Traceback" not in seen
+
+
+def test_quick_start_context_keeps_recent_turns_without_notes():
+    """The quick-start shape (block 256, max_new_tokens 200): half the block stays for the conversation, so a
+    long chat keeps its newest turns and a normal message gets no note."""
+    tok = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyzSUA:!? \n")))
+    printed = []
+    settings = dict(system_prompt="", user_prefix="User: ", assistant_prefix="Assistant: ", max_new_tokens=200,
+                    temperature=1.0, top_k=0, top_p=1.0, seed=1, dtype="float32")
+    chat = Chat(ScriptedModel(tok, " sure thing!\nUser: x"), tok, settings, write=printed.append)
+    for letter in "abcdefgh":
+        chat.reply(f"what is a list {letter}?")
+    text = tok.decode(chat.prompt_ids("and a dict?"))
+    assert len(text) <= 128 and "(note" not in "".join(printed)
+    assert text.endswith("User: and a dict?\nAssistant:") and "list h?\nAssistant: sure thing!" in text
+    assert "list a?" not in text

@@ -79,3 +79,16 @@ def test_help_lists_settings_with_defaults_and_comments(tmp_path, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "The script." in out and "--n_layer=12" in out and "# transformer blocks" in out
+
+
+def test_help_shows_the_values_in_effect_and_nanogpt_names_get_ours(capsys, tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("n_layer = 3\n")
+    with pytest.raises(SystemExit) as e:
+        configure(settings(), [str(cfg), "--help", "--learning_rate=0.1"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--n_layer=3" in out and "--learning_rate=0.1" in out and "--n_layer=12" not in out
+    assert "should be an integer" in fails(capsys, ["--n_layer=abc"])
+    assert "use --prompt" in fails(capsys, ["--start=hello"])
+    assert "save_strategy" in fails(capsys, ["--always_save_checkpoint=False"], dict(settings(), save_strategy="latest"))

@@ -119,3 +119,17 @@ def test_every_preset_resumes_and_samples_with_no_architecture_flags(workdir, va
     run("train.py", out, "--init_from=resume", "--max_iters=5", cwd=workdir)
     text = run("sample.py", out, "--max_new_tokens=30", "--prompt=def ", cwd=workdir).stdout
     assert text.startswith("def ") and len(text) >= 34
+
+
+def test_eval_only_and_resuming_a_finished_run_write_nothing_new(workdir):
+    run("train.py", "--dataset=tiny_char", "--out_dir=out-evo", "--max_iters=4", "--eval_interval=2", *TINY, cwd=workdir)
+    before = {f: (workdir / "out-evo" / f).read_bytes() for f in ("metrics.csv", "run_meta.json", "ckpt.pt")}
+    proc = run("train.py", "--out_dir=out-evo", "--init_from=resume", "--eval_only=True", cwd=workdir)
+    assert "val loss" in proc.stdout
+    assert {f: (workdir / "out-evo" / f).read_bytes() for f in before} == before
+    run("train.py", "--out_dir=out-evo", "--init_from=resume", cwd=workdir)  # already at max_iters
+    assert (workdir / "out-evo" / "metrics.csv").read_bytes() == before["metrics.csv"]  # no duplicate eval row
+    run("train.py", "--out_dir=out-evo", "--init_from=resume", "--max_iters=6", cwd=workdir)
+    import json
+    info = json.loads((workdir / "out-evo" / "run_meta.json").read_text())
+    assert "--max_iters=4" in info["argv"] and [r["iter"] for r in info["resumed"]] == [4, 4]

@@ -81,7 +81,20 @@ def test_total_batch_size_sets_accumulation(workdir):
     proc = run("train.py", *BASE, "--total_batch_size=384", "--max_iters=1", "--out_dir=out-tbs", cwd=workdir)
     assert "1 process(es) x 3 micro-steps x 4 x 32 = 384 tokens per step" in proc.stdout
     proc = run("train.py", *BASE, "--total_batch_size=300", "--out_dir=out-tbs2", cwd=workdir, ok=False)
-    assert "not a multiple of" in proc.stderr and "128" in proc.stderr
+    assert "a multiple of 32" in proc.stderr
+
+
+@pytest.mark.parametrize("config", sorted(os.listdir(os.path.join(ROOT, "config"))))
+def test_every_shipped_config_splits_its_batch_over_1_2_and_8_processes(config):
+    """The tokens per step stay those of the config; each process's share divides into micro-batches."""
+    from common import split_batch
+    scope = dict(batch_size=12, block_size=1024, gradient_accumulation_steps=40, total_batch_size=0)
+    exec(open(os.path.join(ROOT, "config", config)).read(), {}, values := {})
+    scope.update({k: v for k, v in values.items() if k in scope})
+    tokens = scope["total_batch_size"] or scope["gradient_accumulation_steps"] * scope["batch_size"] * scope["block_size"]
+    for world in (1, 2, 8):
+        micro, steps = split_batch(tokens, scope["batch_size"], scope["block_size"], world)
+        assert micro * steps * world * scope["block_size"] == tokens and micro <= scope["batch_size"]
 
 
 def test_auto_microbatch_backs_off_on_out_of_memory(workdir, monkeypatch, capsys):
@@ -148,3 +161,18 @@ def test_compile_trains_like_eager_outside_the_clock(workdir, tmp_path):
     proc = run("train.py", *args, "--compile=True", "--out_dir=out-nocc", cwd=workdir, ok=False,
                env={"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.stderr.strip().splitlines()[-1].startswith("error: torch.compile failed") and "--compile=False" in proc.stderr
+
+
+@pytest.mark.parametrize("config", ["char_tiny.py", "bpe_small.py", "shakespeare_char_cpu.py", "shakespeare_char.py",
+                                    "finetune_shakespeare.py"])
+def test_shipped_configs_run_under_torchrun_with_2_processes(workdir, config):
+    """Each config's batch, context and accumulation settings, unchanged, under torchrun; the model shrunk and the
+    run cut to 2 steps so it takes seconds on a CPU."""
+    shrink = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--max_iters=2", "--eval_iters=1", "--eval_interval=2",
+              "--compile=False", "--dataset=tiny_char", "--device=cpu", "--init_from=scratch", "--max_time=0",
+              f"--out_dir=out-ddp-{config[:-3]}", "--overwrite=True"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", config), *shrink],
+                          cwd=workdir, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 process(es)" in proc.stdout and proc.stdout.count("done: 2 iterations") == 1
