@@ -163,6 +163,17 @@ def split_batch(tokens, batch_size, block_size, world_size):
     return micro, seqs // micro
 
 
+def write_run_meta(path, iter_num, info):
+    """run_meta.json: what a run was started with; a resume (iter_num > 0) keeps that and adds itself to `resumed`."""
+    if iter_num and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            first = json.load(f)
+        first.setdefault("resumed", []).append(dict(iter=iter_num, **{k: info[k] for k in ("argv", "device", "world_size")}))
+        info = first
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+
+
 def open_metrics(path, fields, upto):
     """metrics.csv, open for appending: new with its header, or cut back to the rows up to iteration `upto` (the
     resumed checkpoint's: rows a crash left after it would be written again)."""

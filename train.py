@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (StopSignals, autocast, load_checkpoint, lock_out_dir, model_from_checkpoint, open_metrics, pick_device,
-                    pick_dtype, read_meta, restore_rng, rng_states, save_checkpoint, split_batch)
+                    pick_dtype, read_meta, restore_rng, rng_states, save_checkpoint, split_batch, write_run_meta)
 from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, check, configure, die
 from convert import describe_vocab, load_source, load_weights, warm_start
 from model import GPT, MODEL_FIELDS, config_from_preset
@@ -381,15 +381,9 @@ if writes:
         if meta["tokenizer"] == "bpe":
             with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
                 f.write(meta["tokenizer_json"])
-        info = dict(config=config, model_config=vars(model_config), parameters=n_params, device=device, gpu=gpu_name,
-                    dtype=dtype, world_size=world_size, torch=torch.__version__, argv=sys.argv,
-                    optimizer_params=dict(muon=muon_names, adamw=adam_names))
-        if iter_num and os.path.isfile(os.path.join(out_dir, "run_meta.json")):  # a resume keeps the first start's record
-            with open(os.path.join(out_dir, "run_meta.json"), encoding="utf-8") as f:
-                info = json.load(f)
-            info.setdefault("resumed", []).append(dict(iter=iter_num, argv=sys.argv, device=device, world_size=world_size))
-        with open(os.path.join(out_dir, "run_meta.json"), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=1)
+        write_run_meta(os.path.join(out_dir, "run_meta.json"), iter_num, dict(
+            config=config, model_config=vars(model_config), parameters=n_params, device=device, gpu=gpu_name, dtype=dtype,
+            world_size=world_size, torch=torch.__version__, argv=sys.argv, optimizer_params=dict(muon=muon_names, adamw=adam_names)))
         # a resumed run drops the rows logged after its checkpoint (a crash leaves them), then appends
         metrics_file, metrics = open_metrics(os.path.join(out_dir, "metrics.csv"), csv_fields, iter_num)
     except (OSError, ValueError) as e:
