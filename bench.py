@@ -37,6 +37,7 @@ variants = [""]  # extra train.py arguments per variant; the first is the baseli
 runs = 3  # runs per variant; the table shows medians
 batch_size = 12  # step/sample modes: sequences per step (sample: 1 sequence of block_size tokens)
 steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
+new_tokens = 500  # sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16)
 # -----------------------------------------------------------------------------
 
 
@@ -79,22 +80,28 @@ def options(text):
 def bench_model():
     """Median step time (ms) or sampling speed (tokens/s) of each variant against the first."""
     import torch
-    from common import autocast
+    from common import DTYPES, autocast
     from model import GPT, config_from_preset
     shape = dict(dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65), **options(args))
-    results = {v: [] for v in variants}
+    results, startup = {v: [] for v in variants}, {v: [] for v in variants}
     for _ in range(runs):
         for v in variants:
             opts = {**shape, **options(v)}
-            ctx = autocast("cpu", opts.pop("dtype", "float32"))  # --dtype=bfloat16: autocast, as train.py does
+            dtype = opts.pop("dtype", "float32")  # step: autocast, as train.py does; sample: the weights, as sample.py
+            use_cache, compiled, batch = opts.pop("use_cache", True), opts.pop("compile", False), opts.pop("batch", 1)
             torch.manual_seed(0)
             model = GPT(config_from_preset(opts.pop("model_type", "gpt"), **opts))
-            if mode == "sample":
-                model.eval()
+            if mode == "sample":  # new_tokens from one token, top_k=200; the first 8 tokens warm up (and compile)
+                model = model.eval().to(DTYPES[dtype])
+                decode, prompt = model.compile_decode() if compiled else None, torch.zeros(batch, 1, dtype=torch.long)
                 t0 = time.perf_counter()
-                model.generate(torch.zeros(1, 1, dtype=torch.long), model.config.block_size - 1, top_k=50)
-                results[v].append((model.config.block_size - 1) / (time.perf_counter() - t0))
+                model.generate(prompt, 8, top_k=200, use_cache=use_cache, decode=decode)
+                startup[v].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                model.generate(prompt, new_tokens, top_k=200, use_cache=use_cache, decode=decode)
+                results[v].append(batch * new_tokens / (time.perf_counter() - t0))
                 continue
+            ctx = autocast("cpu", dtype)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             x = torch.randint(0, model.config.vocab_size, (batch_size, model.config.block_size))
             for i in range(5 + steps):
@@ -109,10 +116,12 @@ def bench_model():
     unit = "tokens/s" if mode == "sample" else "ms/step"
     base = statistics.median(results[variants[0]])
     print(f"bench.py --mode={mode} --args={args!r} — medians of {runs} runs")
-    print(f"| variant | {unit} | vs baseline |" + (" tok/s |" if mode == "step" else "") + "\n|---|---|---|---|")
+    extra = " tok/s |" if mode == "step" else " first 8 tokens (s) |"
+    print(f"| variant | {unit} | vs baseline |{extra}\n|---|---|---|---|")
     for v, r in results.items():
         m = statistics.median(r)
-        tok = f" {batch_size * {**shape, **options(v)}['block_size'] / m * 1000:,.0f} |" if mode == "step" else ""
+        tok = f" {batch_size * {**shape, **options(v)}['block_size'] / m * 1000:,.0f} |" if mode == "step" else \
+            f" {statistics.median(startup[v]):.2f} |"
         print(f"| {v or 'baseline'} | {m:,.1f} | {m / base:.2f}x |{tok}")
 
 
@@ -176,7 +185,7 @@ if __name__ == "__main__":
     configure(globals())
     if mode not in ("train", "prepare", "corpus", "step", "sample"):
         die(f"--mode={mode!r} is not one of train, prepare, corpus, step, sample")
-    check(globals(), dict(runs=POSITIVE, batch_size=POSITIVE, steps=POSITIVE, corpus_mb=ABOVE_ZERO))
+    check(globals(), dict(runs=POSITIVE, batch_size=POSITIVE, steps=POSITIVE, new_tokens=POSITIVE, corpus_mb=ABOVE_ZERO))
     if not variants or not all(isinstance(v, str) for v in variants):
         die(f"--variants={variants!r} must be a non-empty list of strings of train.py arguments, e.g. \"['', '--n_layer=2']\"")
     if mode == "corpus":

@@ -17,6 +17,7 @@ import torch
 
 from common import SAMPLING_RULES, autocast, load_for_inference, pick_device, pick_dtype
 from configurator import check, configure, die
+from sample import controls
 from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
@@ -29,17 +30,22 @@ max_new_tokens = 200  # longest reply, in tokens
 temperature = 0.8  # 0 = greedy
 top_k = 200  # sample from the k likeliest tokens only (0 = all)
 top_p = 1.0  # nucleus sampling (1.0 = off)
+min_p = 0.0  # drop tokens less likely than min_p times the likeliest one (0 = off)
+repetition_penalty = 1.0  # > 1 makes tokens already in the conversation less likely (1.0 = off)
+no_repeat_ngram_size = 0  # n > 0: never repeat an n-gram of the conversation (0 = off)
 seed = 1337  # random seed
 device = ""  # cpu | cuda | mps; '' picks cuda > mps > cpu
 dtype = "auto"  # float32 | bfloat16 | float16 | auto
 # -----------------------------------------------------------------------------
 
-SETTABLE = ("temperature", "top_k", "top_p", "max_new_tokens", "seed")
+SETTABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens", "seed")
+INTEGERS = ("top_k", "no_repeat_ngram_size", "max_new_tokens", "seed")
 HELP = """commands:
   /exit            leave (also Ctrl-D; Ctrl-C stops a reply, or clears the line at the prompt)
   /reset           forget the conversation
   /history         show the transcript as the model sees it
-  /set KEY=VALUE   change temperature, top_k, top_p, max_new_tokens or seed
+  /set KEY=VALUE   change temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size,
+                   max_new_tokens or seed
   /help            this text"""
 
 
@@ -109,9 +115,8 @@ class Chat:
         s = self.s
         try:
             with torch.no_grad(), autocast(str(self.generator.device), s["dtype"]), keys_held(s.get("interactive")):
-                for token in self.model.generate_stream(x, s["max_new_tokens"], temperature=s["temperature"],
-                                                        top_k=s["top_k"] or None, top_p=s["top_p"],
-                                                        eos_id=self.tokenizer.eos_id, generator=self.generator):
+                for token in self.model.generate_stream(x, s["max_new_tokens"], eos_id=self.tokenizer.eos_id,
+                                                        generator=self.generator, **controls(s)):
                     if token.item() == self.tokenizer.eos_id:
                         break
                     text += decoder.push(token.item())
@@ -145,7 +150,7 @@ class Chat:
             if key not in SETTABLE or not eq:
                 self.write(f"(usage: /set KEY=VALUE with KEY one of {', '.join(SETTABLE)})\n")
                 return True
-            kind = int if key in ("top_k", "max_new_tokens", "seed") else float
+            kind = int if key in INTEGERS else float
             try:
                 number = kind(value)
             except ValueError:

@@ -20,12 +20,13 @@ except ImportError:
 import numpy as np
 import torch
 
-from configurator import NON_NEGATIVE, POSITIVE, UNIT, die
+from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, die
 from model import GPT, GPTConfig, MODEL_FIELDS
 from tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SAMPLING_RULES = dict(max_new_tokens=POSITIVE, temperature=NON_NEGATIVE, top_k=NON_NEGATIVE, top_p=UNIT)  # sample.py, chat.py
+SAMPLING_RULES = dict(max_new_tokens=POSITIVE, temperature=NON_NEGATIVE, top_k=NON_NEGATIVE, top_p=UNIT, min_p=FRACTION,
+                      repetition_penalty=ABOVE_ZERO, no_repeat_ngram_size=NON_NEGATIVE)  # sample.py, chat.py
 
 
 def pick_device(device):
@@ -239,11 +240,14 @@ def resolve_checkpoint(out_dir, name=""):
     return best if not os.path.isfile(latest) and os.path.isfile(best) else latest
 
 
-def load_for_inference(out_dir, name, device):
+def load_for_inference(out_dir, name, device, source=""):
     """(model in eval mode, tokenizer) from a training run's out_dir (or a nanoGPT one): all sample.py and
     chat.py need."""
-    path = resolve_checkpoint(out_dir, name)
-    ckpt = load_checkpoint(path)
+    if source:  # OpenAI's GPT-2 (or any convert.py source) instead of a run
+        from convert import load_source
+        ckpt = load_source(source)
+    else:
+        ckpt = load_checkpoint(path := resolve_checkpoint(out_dir, name))
     if "model_args" in ckpt:  # nanoGPT's: map its names and find its vocabulary in memory
         from convert import from_nanogpt
         ckpt = from_nanogpt(ckpt, path)

@@ -167,25 +167,28 @@ def no_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer for generation: only n_kv_head heads are stored, so grouped-query
-    attention shrinks the cache by n_head / n_kv_head."""
+    """Keys and values of every layer for generation, a fixed block_size long: each forward writes its keys at
+    `pos` (a tensor) and attends over the whole cache through a position mask, so a one-token decode step always
+    has the same shapes (torch.compile builds it once). Only n_kv_head heads are stored: grouped-query attention
+    shrinks the cache by n_head / n_kv_head."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, batch_size, device):
         self.n_layer, self.block_size = cfg.n_layer, cfg.block_size
-        self.k = self.v = None  # (n_layer, B, n_kv_head, block_size, hs), allocated by the first update
-        self.pos = 0  # tokens stored so far
-        self.history = None  # (B, ngram_emb - 1) the last tokens seen, for ngram_emb
+        self.k = self.v = None  # (n_layer, B, n_kv_head, block_size, hs), allocated by the first keys (their dtype)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # tokens stored so far
+        self.length = 0  # the same count for the caller, as a Python int (the model never reads it)
+        self.history = torch.full((batch_size, max(cfg.ngram_emb - 1, 0)), -1, dtype=torch.long, device=device)  # for ngram_emb
+        self.positions = self.mask = None  # this forward's positions (T,) and attention mask (T, block_size)
 
     def update(self, layer, k, v):
-        """Append this step's k, v (B, n_kv_head, T, hs) for `layer`; return all keys/values so far."""
-        if self.k is None:  # take batch, heads, device and dtype (autocast's, say) from the first keys
+        """Write this forward's k, v (B, n_kv_head, T, hs) for `layer`; return the whole cache's keys and values."""
+        if self.k is None:
             B, nkv, _, hs = k.shape
             self.k = k.new_zeros(self.n_layer, B, nkv, self.block_size, hs)
             self.v = torch.zeros_like(self.k)
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer].index_copy_(2, self.positions, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.positions, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
 
     def nbytes(self):
         return self.k.nbytes + self.v.nbytes
@@ -214,10 +217,10 @@ class CausalSelfAttention(nn.Module):
         k = self.rope(self.k_norm(k.view(B, T, self.n_kv_head, hs).transpose(1, 2)), cos, sin)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
         mask = None  # plain causal attention over this chunk
-        if cache is not None:
+        if cache is not None:  # over the whole cache: the mask admits each query's earlier positions
             k, v = cache.update(self.layer, k, v)
-            if cache.pos > 0:  # new queries attend to every cached key and causally among themselves
-                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=cache.pos)
+            mask = cache.mask
+            q = q.to(k.dtype)
         y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -265,10 +268,11 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.transformer.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
-        # rotary tables are derived, not learned: kept out of the state dict (empty when unused)
-        cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size if cfg.pos_emb == "rope" else 0, cfg.rope_theta)
+        # rotary tables are derived, not learned: kept out of the state dict
+        cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_index", torch.arange(cfg.block_size), persistent=False)  # positions, for masks
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
@@ -298,27 +302,30 @@ class GPT(nn.Module):
         cross-entropy (targets of -1 are ignored); without, the logits of the last position only
         (B, 1, vocab) and None. With a KVCache, idx continues the sequence the cache holds."""
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size}")
+        if cache is None and T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
+        positions = torch.arange(T, device=idx.device)  # (T,)
+        if cache is not None:  # continue at cache.pos (a tensor: no shape or value here depends on it in Python)
+            positions = positions + cache.pos
+            cache.positions, cache.mask = positions, positions[:, None] >= self.rope_index[None, :]  # (T, block_size)
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.transformer.wpe is not None:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.transformer.wpe(positions)
         if self.config.ngram_emb:
-            history = cache.history if cache is not None and cache.pos else idx.new_full((B, self.config.ngram_emb - 1), -1)
+            history = cache.history if cache is not None else idx.new_full((B, self.config.ngram_emb - 1), -1)
             for table, ids in zip(self.transformer.nte, self.ngram_ids(idx, history)):
                 x = x + table(ids)
             if cache is not None:
-                cache.history = torch.cat([history, idx], dim=1)[:, -(self.config.ngram_emb - 1):]
+                cache.history.copy_(torch.cat([history, idx], dim=1)[:, -(self.config.ngram_emb - 1):])
         x = self.transformer.drop(x)
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs/2); unused without RoPE
         for block in self.transformer.h:
             if self.config.grad_checkpoint and self.training:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache)
         if cache is not None:
-            cache.pos += T
+            cache.pos.add_(T)
         x = self.transformer.ln_f(x)
         if targets is None:
             x = x[:, [-1], :]  # only the last position is needed to sample the next token
@@ -344,13 +351,21 @@ class GPT(nn.Module):
             ids.append(code % self.config.ngram_rows)
         return ids
 
+    def step(self, idx, cache):
+        """Logits (B, vocab) of the last position of idx (B, T), which continues the sequence the cache holds."""
+        return self(idx, cache=cache)[0][:, -1]
+
+    def compile_decode(self):
+        """step() compiled for one-token decoding: its shapes never change, so it compiles once per run."""
+        return torch.compile(self.step, dynamic=False)
+
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                        generator=None, use_cache=True):
-        """Yield the next token ids, a (B,) tensor at a time, continuing idx (B, T).
-        temperature 0 is greedy; top_k keeps the k likeliest tokens; top_p the smallest set whose
-        probability reaches p. Stops early once every row has produced eos_id. Beyond block_size
-        the context slides: the cache is refilled with the newest half block of tokens."""
+    def generate_stream(self, idx, max_new_tokens, eos_id=None, use_cache=True, decode=None, **sampling):
+        """Yield the next token ids, a (B,) tensor at a time, continuing idx (B, T); `sampling` goes to
+        sample_next (temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, generator).
+        Stops once every row has produced eos_id. With the KV cache, `decode` (compile_decode()'s, say) runs the
+        one-token steps; without it (use_cache=False, nanoGPT's way) the whole context goes through the model at
+        every token. Beyond block_size the context slides: the cache is refilled with the newest half block."""
         was_training = self.training
         self.eval()
         cache, pending = None, idx
@@ -358,13 +373,14 @@ class GPT(nn.Module):
         try:
             for _ in range(max_new_tokens):
                 if not use_cache:
-                    logits, _ = self(idx[:, -self.config.block_size:])
+                    logits = self(idx[:, -self.config.block_size:])[0][:, -1]
                 else:
-                    if cache is None or cache.pos + pending.size(1) > self.config.block_size:
+                    if cache is None or cache.length + pending.size(1) > self.config.block_size:
                         keep = self.config.block_size if cache is None else self.config.block_size // 2
-                        cache, pending = KVCache(self.config), idx[:, -keep:]
-                    logits, _ = self(pending, cache=cache)
-                next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+                        cache, pending = KVCache(self.config, idx.size(0), idx.device), idx[:, -keep:]
+                    logits = (decode if decode is not None and pending.size(1) == 1 else self.step)(pending, cache)
+                    cache.length += pending.size(1)
+                next_id = sample_next(logits, seen=idx, **sampling)  # (B,)
                 idx, pending = torch.cat([idx, next_id[:, None]], dim=1), next_id[:, None]
                 yield next_id
                 if eos_id is not None:
@@ -380,9 +396,22 @@ class GPT(nn.Module):
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick the next token from logits (B, vocab): greedy at temperature 0, else sample after the
-    top-k and top-p (nucleus) cuts. Returns (B,) token ids."""
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=1.0,
+                no_repeat_ngram_size=0, generator=None, seen=None):
+    """Pick the next token from logits (B, vocab), given the tokens so far (seen, (B, T)): first the repetition
+    penalty (CTRL's: a seen token's logit divided by it if positive, multiplied if negative) and the ban on tokens
+    that would repeat an n-gram of the text; then greedy at temperature 0, else sampling after the top-k, top-p
+    (nucleus: the smallest set reaching p) and min-p (tokens at least min_p times the likeliest's probability)
+    cuts. Returns (B,) token ids."""
+    if seen is not None and repetition_penalty != 1.0:
+        score = logits.gather(1, seen)
+        logits = logits.scatter(1, seen, torch.where(score > 0, score / repetition_penalty, score * repetition_penalty))
+    n = no_repeat_ngram_size
+    if seen is not None and n and seen.size(1) >= n:
+        grams = seen.unfold(1, n, 1)  # (B, W, n): every n-gram of the text
+        repeats = (grams[:, :, :-1] == seen[:, seen.size(1) - n + 1:][:, None, :]).all(-1)  # same n-1 tokens as the end
+        banned = torch.zeros_like(logits).scatter_add_(1, grams[:, :, -1], repeats.to(logits.dtype)) > 0
+        logits = logits.masked_fill(banned, float("-inf"))
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -394,5 +423,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep tokens until the mass before them reaches p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if min_p:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]

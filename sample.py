@@ -5,6 +5,7 @@ carries the architecture and the tokenizer, so only out_dir is needed.
     python sample.py --out_dir=out-char-tiny
     python sample.py --out_dir=out-char-tiny --prompt="The with statement" --num_samples=3 --temperature=0.7
     python sample.py --out_dir=out-char-tiny --prompt=FILE:prompt.txt --top_p=0.9 --seed=7
+    python sample.py --init_from=gpt2 --start="Once upon a time" --num_samples=4 --compile=True
 """
 
 import os
@@ -12,22 +13,28 @@ import sys
 
 import torch
 
-from common import SAMPLING_RULES, autocast, load_for_inference, pick_device, pick_dtype
+from common import DTYPES, SAMPLING_RULES, load_for_inference, pick_device, pick_dtype
 from configurator import POSITIVE, check, configure, die
 from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
 out_dir = "out-char-tiny"  # the training run to sample from
 ckpt = ""  # checkpoint file in out_dir; '' = ckpt.pt, or best.pt if that is all there is
+init_from = "resume"  # resume (out_dir's checkpoint) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (OpenAI's weights)
 prompt = ""  # text to continue, or FILE:path to read it from a file; '' = start of a document
-num_samples = 1  # how many samples to draw
+start = ""  # nanoGPT's name for prompt (used when prompt is empty)
+num_samples = 1  # how many samples to draw, generated together as one batch
 max_new_tokens = 500  # tokens to generate per sample
 temperature = 0.8  # 1.0 = the model's distribution, lower = more conservative, 0 = greedy
 top_k = 200  # sample from the k likeliest tokens only (0 = all)
 top_p = 1.0  # nucleus sampling: the smallest set of tokens whose probability reaches p (1.0 = off)
+min_p = 0.0  # drop tokens less likely than min_p times the likeliest one (0 = off)
+repetition_penalty = 1.0  # > 1 makes tokens already in the text less likely (CTRL's penalty; 1.0 = off)
+no_repeat_ngram_size = 0  # n > 0: never repeat an n-gram of the text (0 = off)
 seed = 1337  # random seed (the same seed and settings give the same text)
 device = ""  # cpu | cuda | mps; '' picks cuda > mps > cpu
-dtype = "auto"  # float32 | bfloat16 | float16 | auto
+dtype = "auto"  # float32 | bfloat16 | float16 (the weights are converted) | auto (bfloat16 on GPUs, float32 on CPU)
+compile = False  # torch.compile the one-token decode step (start-up cost, then faster tokens)
 # -----------------------------------------------------------------------------
 
 
@@ -48,9 +55,17 @@ def encode_prompt(tokenizer, text):
     return ids
 
 
+def controls(settings):
+    """The sampling settings generate_stream takes, from sample.py's or chat.py's settings."""
+    return dict(temperature=settings["temperature"], top_k=settings["top_k"] or None, top_p=settings["top_p"],
+                min_p=settings["min_p"], repetition_penalty=settings["repetition_penalty"],
+                no_repeat_ngram_size=settings["no_repeat_ngram_size"])
+
+
 if __name__ == "__main__":
-    configure(globals())
-    check(globals(), dict(SAMPLING_RULES, num_samples=POSITIVE))
+    config, _ = configure(globals())
+    check(config, dict(SAMPLING_RULES, num_samples=POSITIVE))
+    prompt = prompt or start
     if prompt.startswith("FILE:"):
         path = prompt[5:]
         if not os.path.isfile(path):
@@ -59,21 +74,26 @@ if __name__ == "__main__":
             prompt = f.read()
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    model, tokenizer = load_for_inference(out_dir, ckpt, device)
+    model, tokenizer = load_for_inference(out_dir, ckpt, device, source="" if init_from == "resume" else init_from)
+    model = model.to(DTYPES[dtype])  # bfloat16/float16 weights: half the bytes to read per token
     ids = encode_prompt(tokenizer, prompt)
     if len(ids) >= model.config.block_size:
         print(f"note: the prompt is {len(ids)} tokens; only the last {model.config.block_size} are used", file=sys.stderr)
-    x = torch.tensor([ids], dtype=torch.long, device=device)
+    x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # all samples in one batch
     generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad(), autocast(device, dtype):
-        for i in range(num_samples):
-            sys.stdout.write(prompt)
-            decoder = StreamDecoder(tokenizer)
-            for token in model.generate_stream(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                               top_p=top_p, eos_id=tokenizer.eos_id, generator=generator):
-                if token.item() == tokenizer.eos_id:
-                    break
-                sys.stdout.write(decoder.push(token.item()))
-                sys.stdout.flush()
-            sys.stdout.write("\n" + ("-" * 40 + "\n" if i < num_samples - 1 else ""))
-            sys.stdout.flush()
+    decode = model.compile_decode() if compile else None
+    rows, done = [[] for _ in range(num_samples)], [False] * num_samples
+    decoder = StreamDecoder(tokenizer)
+    sys.stdout.write(prompt)
+    for tokens in model.generate_stream(x, max_new_tokens, eos_id=tokenizer.eos_id, decode=decode, generator=generator,
+                                        **controls(config)):
+        for i, t in enumerate(tokens.tolist()):
+            done[i] = done[i] or t == tokenizer.eos_id  # a row ends at its EOS; the others go on
+            if not done[i]:
+                rows[i].append(t)
+                if i == 0:  # the first sample streams as it is made
+                    sys.stdout.write(decoder.push(t))
+                    sys.stdout.flush()
+    for row in rows[1:]:  # the others when all are done
+        sys.stdout.write("\n" + "-" * 40 + "\n" + prompt + tokenizer.decode(row))
+    sys.stdout.write("\n")

@@ -48,7 +48,8 @@ def test_long_history_is_cut_to_the_block(trained):
     from common import load_for_inference
     model, tok = load_for_inference(str(trained / "out-tiny"), "", "cpu")
     settings = dict(system_prompt="S", user_prefix="User: ", assistant_prefix="Assistant: ", max_new_tokens=8,
-                    temperature=0.0, top_k=0, top_p=1.0, seed=1, dtype="float32")
+                    temperature=0.0, top_k=0, top_p=1.0, seed=1, dtype="float32", min_p=0.0,
+                    repetition_penalty=1.0, no_repeat_ngram_size=0)
     chat = Chat(model, tok, settings, write=lambda s: None)
     for i in range(6):
         chat.reply(f"t{i}")
@@ -76,7 +77,8 @@ def test_stop_strings_cut_the_reply_and_are_never_printed():
     tok = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyzSUA:! \n")))
     printed = []
     settings = dict(system_prompt="", user_prefix="User: ", assistant_prefix="Assistant: ", max_new_tokens=100,
-                    temperature=1.0, top_k=0, top_p=1.0, seed=1, dtype="float32")
+                    temperature=1.0, top_k=0, top_p=1.0, seed=1, dtype="float32", min_p=0.0,
+                    repetition_penalty=1.0, no_repeat_ngram_size=0)
     chat = Chat(ScriptedModel(tok, " sure thing!\nUser: and more\nUser: x"), tok, settings, write=printed.append)
     assert chat.reply("hi") == "sure thing!"
     assert "".join(printed) == " sure thing!\n" and chat.turns == [("hi", "sure thing!")]
@@ -129,7 +131,8 @@ def test_quick_start_context_keeps_recent_turns_without_notes():
     tok = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyzSUA:!? \n")))
     printed = []
     settings = dict(system_prompt="", user_prefix="User: ", assistant_prefix="Assistant: ", max_new_tokens=200,
-                    temperature=1.0, top_k=0, top_p=1.0, seed=1, dtype="float32")
+                    temperature=1.0, top_k=0, top_p=1.0, seed=1, dtype="float32", min_p=0.0,
+                    repetition_penalty=1.0, no_repeat_ngram_size=0)
     chat = Chat(ScriptedModel(tok, " sure thing!\nUser: x"), tok, settings, write=printed.append)
     for letter in "abcdefgh":
         chat.reply(f"what is a list {letter}?")

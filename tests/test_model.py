@@ -113,7 +113,7 @@ def test_mqa_cache_is_n_head_times_smaller():
     sizes = {}
     for kv in (4, 1):
         model = build(dict(model_type="gpt", n_kv_head=kv))
-        cache = KVCache(model.config)
+        cache = KVCache(model.config, 1, "cpu")
         model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
         sizes[kv] = cache.nbytes()
     assert sizes[4] == 4 * sizes[1]
@@ -150,7 +150,7 @@ def test_ngram_history_carries_across_cached_chunks():
     model = build(dict(model_type="gpt_fast", ngram_emb=4, ngram_rows=211)).eval()
     idx = torch.randint(0, 67, (2, 12))
     full, _ = model(idx, idx)  # (2, 12, 67): logits at every position
-    cache = KVCache(model.config)
+    cache = KVCache(model.config, 2, "cpu")
     step, _ = model(idx[:, :5], cache=cache)
     for t in range(5, 12):
         step, _ = model(idx[:, t:t + 1], cache=cache)
@@ -174,3 +174,53 @@ def test_bad_config_names_the_field(bad, word):
         GPTConfig(**{**TINY, **bad})
     with pytest.raises(ValueError, match="model_type"):
         config_from_preset("gpt_huge")
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_static_cache_decode_equals_a_full_forward_at_every_step(variant):
+    """Prefill, then one token at a time through the fixed-shape cache (and again after the context slides, from
+    a fresh half-block prefill): each step's logits are those of a full forward over the same tokens."""
+    model = build(variant).eval()
+    L = model.config.block_size
+    idx = torch.randint(0, 67, (2, L + L // 2))
+    with torch.no_grad():
+        for begin in (0, L // 2):  # the first window, then the slid one
+            cache = KVCache(model.config, 2, "cpu")
+            model.step(idx[:, begin:begin + 4], cache)
+            for t in range(begin + 4, begin + L):
+                step = model.step(idx[:, t:t + 1], cache)
+                full, _ = model(idx[:, begin:t + 1], idx[:, begin:t + 1])
+                torch.testing.assert_close(step, full[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_batched_greedy_equals_separate_runs_and_eos_stops_only_its_row():
+    model = build(dict(model_type="gpt_plus", n_kv_head=2, ngram_emb=3)).eval()
+    prompts = torch.randint(0, 67, (3, 4))
+    batched = model.generate(prompts, 40, temperature=0)
+    for i in range(3):
+        assert torch.equal(batched[i:i + 1], model.generate(prompts[i:i + 1], 40, temperature=0))
+    eos = int(batched[0, 6])  # row 0 says it early; the others go on to the end (or to their own eos)
+    stopped = model.generate(prompts, 40, temperature=0, eos_id=eos)
+    assert stopped.shape[1] > 7 and torch.equal(stopped, batched[:, :stopped.shape[1]])
+
+
+def test_sampling_controls_on_hand_made_logits():
+    from model import sample_next
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    seen = torch.tensor([[0, 3]])
+    penalised = sample_next(logits, temperature=0, repetition_penalty=4.0, seen=seen)
+    assert penalised.item() == 1  # token 0's 2.0 became 0.5, below token 1's 1.0 (token 3's -1 became -4)
+    ban = sample_next(logits, temperature=0, no_repeat_ngram_size=2, seen=torch.tensor([[2, 0, 2]]))
+    assert ban.item() == 1  # "2 0" was seen and the text ends in 2: token 0 (the likeliest) would repeat it
+    gen = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, temperature=1.0, min_p=0.3, generator=gen).item() for _ in range(200)}
+    assert draws == {0, 1}  # p(1)/p(0) = e^-1 = 0.37 >= 0.3; p(2)/p(0) = 0.14 < 0.3
+    unigram = sample_next(logits, temperature=0, no_repeat_ngram_size=1, seen=torch.tensor([[0, 1]]))
+    assert unigram.item() == 2  # n=1 bans every token already in the text
+
+
+def test_compiled_decode_gives_the_eager_greedy_tokens():
+    model = build(dict(model_type="gpt_fast")).eval()
+    prompt = torch.randint(0, 67, (2, 5))
+    eager = model.generate(prompt, 20, temperature=0)
+    assert torch.equal(model.generate(prompt, 20, temperature=0, decode=model.compile_decode()), eager)
