@@ -15,6 +15,13 @@ from conftest import ROOT, run
 from tokenizer import CharTokenizer
 
 
+def chat_settings(**changes):
+    """chat.py's settings as Chat takes them, with the defaults of a test."""
+    return dict(dict(system_prompt="", user_prefix="User: ", assistant_prefix="Assistant: ", max_new_tokens=100,
+                     temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                     seed=1, dtype="float32"), **changes)
+
+
 def test_piped_session_turns_commands_and_transcript(trained):
     script = "hello\n/set temperature=0\n/set max_new_tokens=30\nwhat is a list\n/history\n/reset\n/history\nbye\n/exit\nnot read\n"
     out = run("chat.py", "--out_dir=out-tiny", "--system_prompt=Docs chat.", "--device=cpu", input=script, cwd=trained).stdout
@@ -47,9 +54,7 @@ def test_long_history_is_cut_to_the_block(trained):
     """Many turns: every prompt still fits block_size minus the reply, the system prompt stays first."""
     from common import load_for_inference
     model, tok = load_for_inference(str(trained / "out-tiny"), "", "cpu")
-    settings = dict(system_prompt="S", user_prefix="User: ", assistant_prefix="Assistant: ", max_new_tokens=8,
-                    temperature=0.0, top_k=0, top_p=1.0, seed=1, dtype="float32", min_p=0.0,
-                    repetition_penalty=1.0, no_repeat_ngram_size=0)
+    settings = chat_settings(system_prompt="S", max_new_tokens=8, temperature=0.0)
     chat = Chat(model, tok, settings, write=lambda s: None)
     for i in range(6):
         chat.reply(f"t{i}")
@@ -76,9 +81,7 @@ class ScriptedModel(torch.nn.Module):
 def test_stop_strings_cut_the_reply_and_are_never_printed():
     tok = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyzSUA:! \n")))
     printed = []
-    settings = dict(system_prompt="", user_prefix="User: ", assistant_prefix="Assistant: ", max_new_tokens=100,
-                    temperature=1.0, top_k=0, top_p=1.0, seed=1, dtype="float32", min_p=0.0,
-                    repetition_penalty=1.0, no_repeat_ngram_size=0)
+    settings = chat_settings(system_prompt="", max_new_tokens=100, temperature=1.0)
     chat = Chat(ScriptedModel(tok, " sure thing!\nUser: and more\nUser: x"), tok, settings, write=printed.append)
     assert chat.reply("hi") == "sure thing!"
     assert "".join(printed) == " sure thing!\n" and chat.turns == [("hi", "sure thing!")]
@@ -130,9 +133,7 @@ def test_quick_start_context_keeps_recent_turns_without_notes():
     long chat keeps its newest turns and a normal message gets no note."""
     tok = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyzSUA:!? \n")))
     printed = []
-    settings = dict(system_prompt="", user_prefix="User: ", assistant_prefix="Assistant: ", max_new_tokens=200,
-                    temperature=1.0, top_k=0, top_p=1.0, seed=1, dtype="float32", min_p=0.0,
-                    repetition_penalty=1.0, no_repeat_ngram_size=0)
+    settings = chat_settings(system_prompt="", max_new_tokens=200, temperature=1.0)
     chat = Chat(ScriptedModel(tok, " sure thing!\nUser: x"), tok, settings, write=printed.append)
     for letter in "abcdefgh":
         chat.reply(f"what is a list {letter}?")
