@@ -270,7 +270,9 @@ def meta_from_hf(folder, arch, vocab_size):
         return dict(GPT2_META) if arch == "gpt2" and vocab_size == 50257 else None
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    spec = json.loads(text)
+    spec = read_json(path, "tokenizer.json")
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        die(f"{path} is not a Hugging Face tokenizer.json")
     vocab = spec["model"].get("vocab", {})
     if spec["model"]["type"] == "WordLevel" and all(len(c) == 1 for c in vocab):  # one token per character
         return dict(tokenizer="char", vocab=sorted(vocab, key=vocab.get), vocab_size=len(vocab), dtype="uint16")
@@ -278,8 +280,7 @@ def meta_from_hf(folder, arch, vocab_size):
         return dict(GPT2_META)
     settings = {}
     if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
-        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
-            settings = json.load(f)
+        settings = read_json(os.path.join(folder, "tokenizer_config.json"), "tokenizer_config.json")
     names = {k: v.get("content") if isinstance(v, dict) else v for k in ("bos_token", "eos_token") if (v := settings.get(k))}
     size = len(vocab) + len(spec.get("added_tokens", []))
     return dict(tokenizer="bpe", tokenizer_json=text, vocab_size=size, dtype="uint16" if size < 65536 else "uint32", **names)
@@ -332,14 +333,25 @@ def read_hf_weights(folder):
     return tensors
 
 
+def read_json(path, what):
+    """A JSON file's contents, or one line saying it is not usable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        die(f"{path} is not a readable {what} ({type(e).__name__}: {e})")
+
+
 def from_hf_folder(folder):
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         die(f"{folder} is not a Hugging Face model folder (no config.json)")
-    with open(path, encoding="utf-8") as f:
-        hf = json.load(f)
-    arch, fields = config_from_hf(hf, folder)
-    cfg = GPTConfig(**fields)
+    hf = read_json(path, "config.json")
+    try:
+        arch, fields = config_from_hf(hf, folder)
+        cfg = GPTConfig(**fields)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a field missing or of the wrong kind
+        die(f"{path} is not a usable model config.json ({type(e).__name__}: {e})")
     state = from_hf(cfg, read_hf_weights(folder), arch, folder)
     return dict(model_config=vars(cfg), model=state, meta=meta_from_hf(folder, arch, cfg.vocab_size))
 

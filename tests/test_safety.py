@@ -47,6 +47,10 @@ def safe(trained, tmp_path_factory):
     (d / "text.txt").write_text("some text to prepare\n" * 200)
     (d / "fake.parquet").write_text("not parquet at all")
     (d / "nottok.json").write_text('{"hello": "world"}')
+    os.makedirs(d / "hf-broken")
+    (d / "hf-broken" / "config.json").write_text('{"model_type": "gpt2", "n_la')
+    os.makedirs(d / "hf-wrongkind")
+    (d / "hf-wrongkind" / "config.json").write_text('{"model_type": "bert", "vocab_size": 10}')
     run("prepare_bpe.py", "--input=text.txt", "--vocab_size=300", cwd=d)
     try:
         import pyarrow as pa
@@ -96,6 +100,9 @@ CASES = [  # (command, what the one line must name)
     (B + ["--mode=step", "--steps=0"], "steps"), (B + ["--mode=corpus", "--corpus_mb=0"], "corpus_mb"),
     (["convert.py", "--out_dir=x"], "nothing to do"), (["convert.py", "--src=nowhere", "--out_dir=x"], "nowhere"),
     (["convert.py", "--out_dir=out-tiny", "--to=onnx", "--dest=y"], "to"),
+    (["convert.py", "--src=hf:hf-broken", "--out_dir=x"], "config.json"),
+    (["convert.py", "--src=hf:hf-wrongkind", "--out_dir=x"], "bert"),
+    (T + ["--init_from=hf:hf-broken"], "config.json"),
 ]
 
 
