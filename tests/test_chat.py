@@ -113,8 +113,9 @@ def test_interactive_terminal_session(trained):
         assert read_until(b"You: "), seen
         os.write(master, b"hello\n")
         assert read_until(b"You: ", 2), seen
-        time.sleep(0.5)  # readline has the terminal
-        os.write(master, b"half a line\x03")  # Ctrl-C at the prompt: clears the line, keeps the conversation
+        os.write(master, b"half a line")
+        assert read_until(b"half a line"), seen  # echoed: readline has the terminal
+        os.write(master, b"\x03")  # Ctrl-C at the prompt: clears the line, keeps the conversation
         assert read_until(b"You: ", 3), seen
         os.write(master, b"/history\n")
         assert read_until(b"You: ", 4), seen
