@@ -102,7 +102,7 @@ CASES = [  # (command, what the one line must name)
     (["convert.py", "--out_dir=out-tiny", "--to=onnx", "--dest=y"], "to"),
     (["convert.py", "--src=hf:hf-broken", "--out_dir=x"], "config.json"),
     (["convert.py", "--src=hf:hf-wrongkind", "--out_dir=x"], "bert"),
-    (T + ["--init_from=hf:hf-broken"], "config.json"),
+    (T + ["--init_from=hf:hf-broken"], "config.json"), (["report.py", "nowhere"], "nowhere"), (["report.py"], "OUT_DIR"),
 ]
 
 

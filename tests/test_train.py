@@ -146,3 +146,16 @@ def test_batched_samples_start_and_prompt(trained):
     varied = run("sample.py", "--out_dir=out-tiny", "--max_new_tokens=30", "--num_samples=3", "--temperature=1.5",
                  "--repetition_penalty=1.3", "--min_p=0.01", "--no_repeat_ngram_size=3", cwd=trained).stdout
     assert len(set(varied.split("\n" + "-" * 40 + "\n"))) == 3
+
+
+def test_report_describes_runs_and_plots_their_curves(trained, tmp_path):
+    proc = run("report.py", "out-tiny", f"--out={tmp_path / 'curves.png'}", cwd=trained)
+    assert "out-tiny: gpt 2L 32d" in proc.stdout and "60 iterations, 7,680 tokens seen" in proc.stdout
+    assert "val loss: best" in proc.stdout and "bits per byte" in proc.stdout and "ckpt.pt" in proc.stdout
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    except ImportError:
+        assert "pip install matplotlib" in proc.stdout
+    alone = run("report.py", "out-tiny/ckpt.pt", "--plot=False", cwd=trained).stdout  # a checkpoint file by itself
+    assert "60 iterations" in alone and "wrote" not in alone

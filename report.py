@@ -1,0 +1,132 @@
+"""
+Report on training runs: what each one is (architecture, parameters, tokenizer), how far it got (iterations,
+tokens seen, seconds of training), how good it is (best and last val loss, bits per byte), its checkpoint's size,
+and a PNG of the loss curves against iterations and against seconds of training, the runs overlaid, so runs of
+different speed compare honestly. Reads metrics.csv, run_meta.json and meta.json (a checkpoint file alone is read
+with weights_only=True, never built into a model). The plot needs matplotlib (optional: pip install matplotlib).
+
+    python report.py out-char-tiny
+    python report.py out-a out-b --out=curves.png
+    python report.py out-char-tiny/best.pt
+"""
+
+import csv
+import json
+import os
+import sys
+
+from configurator import configure, die
+
+# -----------------------------------------------------------------------------
+out = ""  # the PNG to write; '' = curves.png in the first run's folder
+plot = True  # False: the text report only
+# -----------------------------------------------------------------------------
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        die(f"{path} is not readable JSON; the run folder is damaged")
+
+
+def read_run(spec):
+    """What report.py knows about a run folder (or a checkpoint file): a dict of its figures and curves."""
+    folder, ckpt_file = (spec, None) if os.path.isdir(spec) else (os.path.dirname(spec) or ".", spec)
+    if not os.path.isdir(folder) or (ckpt_file and not os.path.isfile(ckpt_file)):
+        die(f"{spec} is neither a run folder nor a checkpoint file")
+    info, meta = read_json(os.path.join(folder, "run_meta.json")), read_json(os.path.join(folder, "meta.json"))
+    config, model_config = info.get("config", {}), info.get("model_config", {})
+    saved = {}
+    if ckpt_file or not info:  # a checkpoint alone: its stored configs and counters (tensors are not built into a model)
+        from common import load_checkpoint, resolve_checkpoint
+        saved = load_checkpoint(ckpt_file or resolve_checkpoint(folder))
+        config, model_config, meta = saved.get("config", config), saved.get("model_config", model_config), saved.get("meta") or meta
+    rows = []
+    if os.path.isfile(os.path.join(folder, "metrics.csv")):
+        with open(os.path.join(folder, "metrics.csv"), newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if (r.get("iter") or "").isdigit()]
+    # seconds of training at each logged iteration: ms/iter times the iterations since the previous log line
+    seconds, t, last = {}, 0.0, 0
+    for r in rows:
+        it = int(r["iter"])
+        if r.get("ms_per_iter"):
+            t += float(r["ms_per_iter"]) / 1000 * (it - last)
+            last = it
+        seconds[it] = t
+    evals = [(int(r["iter"]), float(r["val_loss"]), float(r["val_bpb"] or "nan")) for r in rows if r.get("val_loss")]
+    iters = max([int(r["iter"]) for r in rows] + [saved.get("iter_num", 0)])
+    tokens_per_step = config.get("total_batch_size") or (config.get("gradient_accumulation_steps", 0) *
+                                                         config.get("batch_size", 0) * config.get("block_size", 0))
+    ckpts = {n: os.path.getsize(os.path.join(folder, n)) for n in ("ckpt.pt", "best.pt") if os.path.isfile(os.path.join(folder, n))}
+    return dict(name=spec, folder=folder, config=config, model_config=model_config, meta=meta or {}, rows=rows,
+                seconds=seconds, evals=evals, iters=iters, tokens=iters * tokens_per_step, ckpts=ckpts,
+                parameters=info.get("parameters"), train_time=saved.get("train_time", t))
+
+
+def describe(run):
+    """The text report of one run, a few lines."""
+    from model import GPTConfig, MODEL_FIELDS
+    mc = {k: v for k, v in run["model_config"].items() if k in MODEL_FIELDS}
+    arch = GPTConfig(**mc).describe() if mc else "unknown architecture"
+    meta = run["meta"]
+    vocab = f"{meta.get('tokenizer', '?')} tokenizer, {meta.get('vocab_size', '?')} tokens"
+    params = f"{run['parameters'] / 1e6:.2f}M parameters" if run["parameters"] else "parameters unknown"
+    lines = [f"{run['name']}: {run['config'].get('model_type', '')} {arch}", f"  {params} | {vocab} | "
+             f"dataset {run['config'].get('dataset', '?')}",
+             f"  {run['iters']:,} iterations, {run['tokens']:,} tokens seen, {run['train_time']:.1f} s of training"]
+    if run["evals"]:
+        best = min(run["evals"], key=lambda e: e[1])
+        last = run["evals"][-1]
+        lines.append(f"  val loss: best {best[1]:.4f} (iter {best[0]}, {best[2]:.3f} bits per byte), "
+                     f"last {last[1]:.4f} (iter {last[0]}, {last[2]:.3f} bpb)")
+    else:
+        lines.append("  no evaluation logged yet")
+    if run["ckpts"]:
+        lines.append("  " + ", ".join(f"{n} {size / 1e6:.1f} MB" for n, size in run["ckpts"].items()))
+    return "\n".join(lines)
+
+
+def draw(runs, path):
+    """Train and val loss against iterations (left) and against seconds of training (right), runs overlaid."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: no plot: it needs matplotlib (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        train = [(int(r["iter"]), float(r["loss"])) for r in run["rows"] if r.get("loss")]
+        for ax, x_of in ((axes[0], lambda it: it), (axes[1], lambda it: run["seconds"].get(it, 0.0))):
+            if train:
+                ax.plot([x_of(it) for it, _ in train], [v for _, v in train], color=color, alpha=0.35, lw=1,
+                        label=f"{run['name']} train")
+            if run["evals"]:
+                ax.plot([x_of(e[0]) for e in run["evals"]], [e[1] for e in run["evals"]], color=color, marker="o",
+                        ms=3, lw=1.5, label=f"{run['name']} val")
+    axes[0].set_xlabel("iteration")
+    axes[1].set_xlabel("seconds of training")
+    axes[0].set_ylabel("loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    specs = [a for a in sys.argv[1:] if not a.startswith("-") and not a.endswith(".py")]
+    configure(globals(), [a for a in sys.argv[1:] if a not in specs])
+    if not specs:
+        die("name the runs to report on: python report.py OUT_DIR [OUT_DIR ...] (or a checkpoint file)")
+    runs = [read_run(s) for s in specs]
+    print("\n".join(describe(r) for r in runs))
+    if plot:
+        draw(runs, out or os.path.join(runs[0]["folder"], "curves.png"))
