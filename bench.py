@@ -12,12 +12,15 @@ from `args`): one training step (forward, backward, AdamW) on random tokens, or 
 
     python bench.py --args="config/char_tiny.py --eval_iters=200"
     python bench.py --args="config/shakespeare_char_cpu.py" --variants="['', '--optimizer=adamw']" --runs=3
+    python bench.py --args="config/char_tiny.py" --grid="{'learning_rate': [1e-3, 3e-3], 'batch_size': [8, 16]}"
     python bench.py --mode=corpus --corpus_mb=100 --args=corpus/
     python bench.py --mode=prepare --args="--input=corpus/ --tokenizer=data/pydocs_bpe/tokenizer.json"
     python bench.py --mode=step --variants="['', '--mlp=relu2', '--n_kv_head=1', '--model_type=gpt_fast']"
 """
 
+import ast
 import csv
+import itertools
 import os
 import re
 import shlex
@@ -35,16 +38,29 @@ args = "config/char_tiny.py"  # train.py (or prepare_bpe.py) arguments shared by
 corpus_mb = 100  # corpus mode: size of the corpus to write
 variants = [""]  # extra train.py arguments per variant; the first is the baseline
 runs = 3  # runs per variant; the table shows medians
+grid = ""  # train mode: a sweep, e.g. "{'learning_rate': [1e-3, 3e-3], 'batch_size': [16, 32]}": its product are the variants
+results_csv = ""  # train mode: every run is written here, and runs it already holds are not run again ('' = sweep.csv with a grid)
 batch_size = 12  # step/sample modes: sequences per step (sample: 1 sequence of block_size tokens)
 steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
 new_tokens = 500  # sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16)
 # -----------------------------------------------------------------------------
+HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts it runs sit beside it; data/ is the working folder's
+
+
+def sweep_variants(spec):
+    """The variants of a grid: every combination of its values, as train.py arguments."""
+    try:
+        axes = ast.literal_eval(spec)
+        assert isinstance(axes, dict) and axes and all(isinstance(v, (list, tuple)) and v for v in axes.values())
+    except (ValueError, SyntaxError, AssertionError):
+        die(f"--grid={spec!r} must be a dict of setting -> non-empty list, e.g. \"{{'learning_rate': [1e-3, 3e-3]}}\"")
+    return [" ".join(f"--{k}={v}" for k, v in zip(axes, values)) for values in itertools.product(*axes.values())]
 
 
 def one_run(extra):
     """Run train.py once in a scratch out_dir; return its figures."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "train.py", *shlex.split(args), *shlex.split(extra), f"--out_dir={out}", "--overwrite=True"]
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), *shlex.split(args), *shlex.split(extra), f"--out_dir={out}", "--overwrite=True"]
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.time() - t0
@@ -158,7 +174,7 @@ def bench_prepare():
     prep, raw, rss = [], [], []
     for _ in range(runs):  # all prepare runs first: a child's peak RSS counts this process's peak at spawn time
         with tempfile.TemporaryDirectory() as out:
-            wall, peak = run_measured([sys.executable, "prepare_bpe.py", *shlex.split(args), f"--out_dir={out}"])
+            wall, peak = run_measured([sys.executable, os.path.join(HERE, "prepare_bpe.py"), *shlex.split(args), f"--out_dir={out}"])
         prep.append(nbytes / 1e6 / wall)
         rss.append(peak)
         print(f"prepare {prep[-1]:.2f} MB/s, peak RSS {peak:.0f} MB", file=sys.stderr)
@@ -197,15 +213,33 @@ if __name__ == "__main__":
     if mode in ("step", "sample"):
         bench_model()
         raise SystemExit
+    if grid:
+        variants = sweep_variants(grid)
+    keys = ["val_loss", "val_bpb", "train_s", "wall_s", "ms_per_iter", "tok_per_s"]
+    csv_path = results_csv or ("sweep.csv" if grid else "")
+    done = {}  # (variant, run) -> figures already in csv_path: a killed sweep resumes where it stopped
+    if csv_path and os.path.isfile(csv_path):
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            done = {(r["variant"], int(r["run"])): {k: float(r[k]) for k in keys} for r in csv.DictReader(f)}
     results = {v: [] for v in variants}
     for i in range(runs):
         for v in variants:
-            results[v].append(one_run(v))
-            r = results[v][-1]
+            if (v, i) in done:
+                results[v].append(done[(v, i)])
+                continue
+            results[v].append(r := one_run(v))
             print(f"run {i + 1}/{runs} [{v or 'baseline'}]: val loss {r['val_loss']:.4f}, {r['train_s']:.1f} s training, "
                   f"{r['wall_s']:.1f} s wall, {r['ms_per_iter']:.1f} ms/iter", file=sys.stderr, flush=True)
-    keys = ["val_loss", "val_bpb", "train_s", "wall_s", "ms_per_iter", "tok_per_s"]
+            if csv_path:
+                new = not os.path.isfile(csv_path)
+                with open(csv_path, "a", newline="", encoding="utf-8") as f:
+                    writer = csv.DictWriter(f, fieldnames=["variant", "run", *keys])
+                    if new:
+                        writer.writeheader()
+                    writer.writerow(dict(variant=v, run=i, **r))
     med = {v: {k: statistics.median(r[k] for r in rs) for k in keys} for v, rs in results.items()}
+    if grid:  # best first
+        med = dict(sorted(med.items(), key=lambda kv: kv[1]["val_loss"]))
     base = med[variants[0]]
     print(f"train.py {args} — medians of {runs} runs")
     print("| variant | val loss | val bpb | train s | wall s | ms/iter | tok/s | ms/iter vs baseline |")

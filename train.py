@@ -556,4 +556,6 @@ if writes:
 if ddp:
     dist.destroy_process_group()
 if stop_signal:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # ignored from here: one more during the exit must not kill it
+        signal.signal(sig, signal.SIG_IGN)
     sys.exit(128 + stop_signal)

@@ -176,3 +176,18 @@ def test_shipped_configs_run_under_torchrun_with_2_processes(workdir, config):
                           cwd=workdir, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 process(es)" in proc.stdout and proc.stdout.count("done: 2 iterations") == 1
+
+
+def test_bench_grid_sweeps_the_product_and_resumes(workdir):
+    """A 2x1 grid: two variants, a table best first, a CSV of every run; run again, it runs nothing new."""
+    args = "--dataset=tiny_char " + " ".join(TINY) + " --max_iters=3 --eval_interval=3"
+    grid = "{'learning_rate': [1e-3, 3e-3], 'n_layer': [1]}"
+    first = run("bench.py", f"--args={args}", f"--grid={grid}", "--runs=1", "--results_csv=sweep-test.csv", cwd=workdir)
+    lines = [l for l in first.stdout.splitlines() if l.startswith("| --")]
+    assert sorted(l.split(" |")[0] for l in lines) == ["| --learning_rate=0.001 --n_layer=1", "| --learning_rate=0.003 --n_layer=1"]
+    losses = [float(l.split("|")[2]) for l in lines]
+    assert losses == sorted(losses)  # best first
+    table = (workdir / "sweep-test.csv").read_text()
+    again = run("bench.py", f"--args={args}", f"--grid={grid}", "--runs=1", "--results_csv=sweep-test.csv", cwd=workdir)
+    assert "run 1/1" not in again.stderr and (workdir / "sweep-test.csv").read_text() == table  # nothing re-run
+    assert [l for l in again.stdout.splitlines() if l.startswith("| --")] == lines
