@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import random
+import re
+import unicodedata
 import urllib.request
 from pathlib import Path
 
@@ -25,6 +27,9 @@ val_fraction = 0.1  # share of the text held out for validation
 split = "tail"  # tail (the last val_fraction of the text) | random (whole chunks, seeded)
 chunk_size = 10000  # characters per chunk for split=random
 seed = 1337  # seed for split=random
+sanitize = ""  # '' (keep the text as it is) | basic (curly quotes, dashes, odd spaces to ASCII; control characters dropped)
+collapse_whitespace = False  # runs of spaces/tabs to one space, 3+ newlines to 2
+lowercase = False  # lowercase everything (a smaller vocabulary)
 # -----------------------------------------------------------------------------
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -115,6 +120,23 @@ def write_dataset(out_dir, train_ids, val_ids, meta):
         os.replace(os.path.join(out_dir, fname + ".tmp"), os.path.join(out_dir, fname))
 
 
+# --sanitize=basic: typographic characters to their ASCII look-alikes, invisible ones dropped
+BASIC = str.maketrans({**dict.fromkeys("\u2018\u2019\u201a\u201b\u2032", "'"), **dict.fromkeys("\u201c\u201d\u201e\u201f\u2033", '"'),
+                       **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212", "-"), "\u2026": "...",
+                       **dict.fromkeys("\u00a0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u202f\u205f\u3000", " "),
+                       **dict.fromkeys("\u200b\u200c\u200d\u2060\ufeff\u00ad")})
+
+
+def clean(text):
+    """The text after --sanitize, --collapse_whitespace and --lowercase (in that order)."""
+    if sanitize == "basic":
+        text = text.replace("\r\n", "\n").translate(BASIC)
+        text = "".join(c for c in text if c in "\n\t" or unicodedata.category(c) != "Cc")
+    if collapse_whitespace:
+        text = re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]+", " ", text))
+    return text.lower() if lowercase else text
+
+
 def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
@@ -141,8 +163,10 @@ if __name__ == "__main__":
     if split not in ("tail", "random"):
         die(f"--split={split!r} is not one of tail, random")
     check(globals(), dict(val_fraction=(lambda v: 0 < v < 1, "in (0, 1)"), chunk_size=POSITIVE))
+    if sanitize not in ("", "basic"):
+        die(f"--sanitize={sanitize!r} is not one of '' (off), basic")
     name, source, docs = find_documents(input)
-    text = "".join(read_document(d) for d in docs)
+    text = clean("".join(read_document(d) for d in docs))
     if not text.strip():
         die(f"--input={input} is empty; give a text with some content")
     train_text, val_text = split_text(text, val_fraction, split, chunk_size, seed)
@@ -156,6 +180,7 @@ if __name__ == "__main__":
     digest = sha256(text.encode("utf-8"))
     check_out_dir(out_dir, source, digest)
     meta = dict(tokenizer="char", vocab=chars, vocab_size=len(chars), dtype="uint16", sha256=digest,
+                sanitize=sanitize, collapse_whitespace=collapse_whitespace, lowercase=lowercase,
                 train_tokens=len(train_text), val_tokens=len(val_text),
                 train_bytes=len(train_text.encode("utf-8")), val_bytes=len(val_text.encode("utf-8")),
                 source=source, split=split, val_fraction=val_fraction, seed=seed)

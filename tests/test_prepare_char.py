@@ -82,3 +82,16 @@ def test_refuses_to_replace_another_source(tmp_path):
     assert "already holds" in proc.stderr
     assert (tmp_path / "data" / "x" / "train.bin").read_bytes() == before
     run("prepare_char.py", "--input=a.txt", "--out_dir=data/x", cwd=tmp_path)  # the same source may be redone
+
+
+def test_sanitize_collapse_and_lowercase(tmp_path):
+    """--sanitize=basic maps typographic characters to ASCII and drops control and invisible ones; the two other
+    options collapse whitespace and lowercase; meta.json records them; the bins decode to the cleaned text."""
+    raw = "\u201cHello\u201d \u2014 it\u2019s\u00a0fine\u2026\x07\r\nA \t  B\n\n\n\nEnd \u200bX\n"
+    (tmp_path / "t.txt").write_text(raw * 20, encoding="utf-8", newline="")
+    run("prepare_char.py", "--input=t.txt", "--sanitize=basic", "--collapse_whitespace=True", "--lowercase=True", cwd=tmp_path)
+    d = tmp_path / "data" / "t_char"
+    meta = json.loads((d / "meta.json").read_text())
+    text = "".join(meta["vocab"][i] for s in ("train", "val") for i in np.fromfile(d / f"{s}.bin", dtype=np.uint16))
+    assert text == "\"hello\" - it's fine...\na b\n\nend x\n" * 20
+    assert (meta["sanitize"], meta["collapse_whitespace"], meta["lowercase"]) == ("basic", True, True)
