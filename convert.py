@@ -13,7 +13,6 @@ theirs, and both directions read them. train.py's init_from and sample.py/chat.p
 import json
 import os
 import pickle
-import shutil
 
 import torch
 
@@ -199,10 +198,9 @@ def token_ids(meta):
     if kind == "gpt2":
         return dict(bos=50256, eos=50256)
     if kind == "bpe":
-        from tokenizers import Tokenizer
-        from tokenizer import BOS, EOS
-        tok = Tokenizer.from_str(meta["tokenizer_json"])
-        return dict(bos=tok.token_to_id(meta.get("bos_token", BOS)), eos=tok.token_to_id(meta.get("eos_token", EOS)))
+        from tokenizer import load_tokenizer
+        tok = load_tokenizer(meta)
+        return dict(bos=tok.bos_id, eos=tok.eos_id)
     return dict(bos=None, eos=None)
 
 
@@ -269,8 +267,11 @@ def meta_from_hf(folder, arch, vocab_size):
     if not os.path.isfile(path):
         return dict(GPT2_META) if arch == "gpt2" and vocab_size == 50257 else None
     with open(path, encoding="utf-8") as f:
-        text = f.read()
-    spec = read_json(path, "tokenizer.json")
+        text = f.read()  # kept verbatim: warm starts compare it with a dataset's tokenizer.json
+    try:
+        spec = json.loads(text)
+    except ValueError as e:
+        die(f"{path} is not a readable tokenizer.json ({type(e).__name__}: {e})")
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         die(f"{path} is not a Hugging Face tokenizer.json")
     vocab = spec["model"].get("vocab", {})

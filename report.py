@@ -11,7 +11,6 @@ with weights_only=True, never built into a model). The plot needs matplotlib (op
 """
 
 import csv
-import json
 import os
 import sys
 
@@ -24,13 +23,9 @@ plot = True  # False: the text report only
 
 
 def read_json(path):
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        die(f"{path} is not readable JSON; the run folder is damaged")
+    """A run folder's JSON file, {} when it has none (one line when it is damaged)."""
+    from convert import read_json as read
+    return read(path, os.path.basename(path)) if os.path.isfile(path) else {}
 
 
 def read_run(spec):
