@@ -115,10 +115,17 @@ def test_interactive_terminal_session(trained):
         assert read_until(b"You: ", 2), seen
         os.write(master, b"half a line")
         assert read_until(b"half a line"), seen  # echoed: readline has the terminal
-        os.write(master, b"\x03")  # Ctrl-C at the prompt: clears the line, keeps the conversation
+        # Ctrl-C at the prompt: clears the line, keeps the conversation. A key pressed while readline is still
+        # drawing the echo is taken by readline's own handler and only acted on at the next key, so, like a
+        # person, press it again if nothing happened.
+        for _ in range(5):
+            time.sleep(0.2)
+            os.write(master, b"\x03")
+            if read_until(b"(Ctrl-D or /exit to leave)", timeout=5):
+                break
         assert read_until(b"You: ", 3), seen
         os.write(master, b"/history\n")
-        assert read_until(b"You: ", 4), seen
+        assert read_until(b"You: ", seen.count(b"You: ") + 1), seen
         os.write(master, b"/exit\n")
         assert proc.wait(timeout=30) == 0
     finally:
