@@ -54,13 +54,14 @@ def sweep_variants(spec):
         assert isinstance(axes, dict) and axes and all(isinstance(v, (list, tuple)) and v for v in axes.values())
     except (ValueError, SyntaxError, AssertionError):
         die(f"--grid={spec!r} must be a dict of setting -> non-empty list, e.g. \"{{'learning_rate': [1e-3, 3e-3]}}\"")
-    return [" ".join(f"--{k}={v}" for k, v in zip(axes, values)) for values in itertools.product(*axes.values())]
+    return [" ".join(f"--{k}={v}" for k, v in zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
 
 
 def one_run(extra):
     """Run train.py once in a scratch out_dir; return its figures."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, os.path.join(HERE, "train.py"), *shlex.split(args), *shlex.split(extra), f"--out_dir={out}", "--overwrite=True"]
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), *shlex.split(args), *shlex.split(extra), f"--out_dir={out}",
+               "--overwrite=True"]
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.time() - t0
@@ -96,6 +97,7 @@ def options(text):
 def bench_model():
     """Median step time (ms) or sampling speed (tokens/s) of each variant against the first."""
     import torch
+
     from common import DTYPES, autocast
     from model import GPT, config_from_preset
     shape = dict(dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65), **options(args))

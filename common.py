@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, die
-from model import GPT, GPTConfig, MODEL_FIELDS
+from model import GPT, MODEL_FIELDS, GPTConfig
 from tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -99,14 +99,16 @@ def _unknown(key, known, source):
 
 
 def _comments(path):
-    """Map each top-level `name = value  # comment` in the script to its comment, for --help."""
-    comments = {}
+    """Map each top-level `name = value  # comment` in the script to its comment, for --help (a long comment may
+    stand on the lines just above the setting instead)."""
+    comments, above = {}, []
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                m = re.match(r"^(\w+)\s*=.*?#\s*(.*)$", line)
-                if m:
-                    comments.setdefault(m.group(1), m.group(2).strip())
+                m = re.match(r"^(\w+)\s*=.*?(?:#\s*(.*))?$", line)
+                if m and (m.group(2) or above):
+                    comments.setdefault(m.group(1), (m.group(2) or " ".join(above)).strip())
+                above = above + [line[1:].strip()] if line.startswith("#") else []
     except OSError:
         pass
     return comments
@@ -162,7 +164,7 @@ def configure(scope, argv=None):
                 if not isinstance(scope[key], bool):
                     die(f"--{key} needs a value: --{key}=VALUE")
                 text = "True"  # a bare --flag switches a boolean on
-            value = text if isinstance(scope[key], str) and not text[:1] in "'\"" else parse_value(text)
+            value = text if isinstance(scope[key], str) and text[:1] not in "'\"" else parse_value(text)
             settings[key] = _coerce(key, value, scope[key], "command line")
             explicit.add(key)
     if wants_help:  # after the files and flags: the values in effect

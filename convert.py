@@ -91,7 +91,7 @@ def to_hf(cfg, state, arch):
         if kind in ("ones", "zeros"):
             out[theirs[0]] = getattr(torch, kind)(sizes)
         elif kind == "cat":
-            out.update(zip(theirs, state[ours].split(sizes, dim=0)))
+            out.update(zip(theirs, state[ours].split(sizes, dim=0), strict=True))
         else:
             out[theirs[0]] = state[ours].t() if kind == "conv1d" else state[ours]
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
@@ -453,7 +453,8 @@ def load_weights(model, weights, strict, name):
 def describe_vocab(meta):
     if not meta:
         return "an unknown tokenizer"
-    return {"char": f"{meta['vocab_size']} characters", "gpt2": "GPT-2's tokens"}.get(meta["tokenizer"], f"a {meta['vocab_size']}-token BPE")
+    known = {"char": f"{meta['vocab_size']} characters", "gpt2": "GPT-2's tokens"}
+    return known.get(meta["tokenizer"], f"a {meta['vocab_size']}-token BPE")
 
 
 # -----------------------------------------------------------------------------

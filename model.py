@@ -11,8 +11,8 @@ logit soft-capping); each is chosen once in __init__, so forward passes read the
 """
 
 import math
-from functools import partial
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -313,7 +313,7 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(positions)
         if self.config.ngram_emb:
             history = cache.history if cache is not None else idx.new_full((B, self.config.ngram_emb - 1), -1)
-            for table, ids in zip(self.transformer.nte, self.ngram_ids(idx, history)):
+            for table, ids in zip(self.transformer.nte, self.ngram_ids(idx, history), strict=True):
                 x = x + table(ids)
             if cache is not None:
                 cache.history.copy_(torch.cat([history, idx], dim=1)[:, -(self.config.ngram_emb - 1):])

@@ -15,9 +15,9 @@ in pieces, encoded in batches on all cores, appended to the bins.
 import json
 import math
 import os
+import queue
 import random
 import re
-import queue
 import shutil
 import sys
 import threading
@@ -73,11 +73,9 @@ def last_cut(buf, size):
     none, nowhere yet (None) unless buf is past 16*size, where it is cut anyway so memory stays bounded
     (only text with no whitespace for that long can then encode differently at the seam)."""
     for pattern in CUTS:
-        cut = None
-        for cut in pattern.finditer(buf, max(0, len(buf) - size)):
-            pass
-        if cut is not None:
-            return cut.end()
+        cuts = list(pattern.finditer(buf, max(0, len(buf) - size)))
+        if cuts:
+            return cuts[-1].end()
     return len(buf) if len(buf) >= 16 * size else None
 
 

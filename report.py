@@ -64,7 +64,7 @@ def read_run(spec):
 
 def describe(run):
     """The text report of one run, a few lines."""
-    from model import GPTConfig, MODEL_FIELDS
+    from model import MODEL_FIELDS, GPTConfig
     mc = {k: v for k, v in run["model_config"].items() if k in MODEL_FIELDS}
     arch = GPTConfig(**mc).describe() if mc else "unknown architecture"
     meta = run["meta"]
@@ -98,7 +98,7 @@ def draw(runs, path):
     for i, run in enumerate(runs):
         color = f"C{i}"
         train = [(int(r["iter"]), float(r["loss"])) for r in run["rows"] if r.get("loss")]
-        for ax, x_of in ((axes[0], lambda it: it), (axes[1], lambda it: run["seconds"].get(it, 0.0))):
+        for ax, x_of in ((axes[0], lambda it: it), (axes[1], lambda it, run=run: run["seconds"].get(it, 0.0))):
             if train:
                 ax.plot([x_of(it) for it, _ in train], [v for _, v in train], color=color, alpha=0.35, lw=1,
                         label=f"{run['name']} train")

@@ -22,8 +22,22 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (StopSignals, autocast, load_checkpoint, lock_out_dir, model_from_checkpoint, open_metrics, pick_device,
-                    pick_dtype, read_meta, restore_rng, rng_states, save_checkpoint, split_batch, write_run_meta)
+from common import (
+    StopSignals,
+    autocast,
+    load_checkpoint,
+    lock_out_dir,
+    model_from_checkpoint,
+    open_metrics,
+    pick_device,
+    pick_dtype,
+    read_meta,
+    restore_rng,
+    rng_states,
+    save_checkpoint,
+    split_batch,
+    write_run_meta,
+)
 from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, check, configure, die
 from convert import describe_vocab, load_source, load_weights, warm_start
 from model import GPT, MODEL_FIELDS, config_from_preset
@@ -36,7 +50,9 @@ eval_interval = 2000  # evaluate (and save) every this many iterations
 log_interval = 1  # print a log line every this many iterations
 eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once and exit
-init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | auto (resume if there is one) | a warm start: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:FOLDER | a run folder or ckpt.pt (ours or nanoGPT's)
+# scratch | resume (out_dir/ckpt.pt) | auto (resume if there is one) | a warm start: gpt2 | gpt2-medium | gpt2-large |
+# gpt2-xl | hf:FOLDER | a run folder or ckpt.pt (ours or nanoGPT's)
+init_from = "scratch"
 strict_init = True  # warm start: False loads the weights that fit and reports missing/unexpected keys
 overwrite = False  # let init_from=scratch replace a checkpoint already in out_dir
 save_strategy = "latest"  # latest (ckpt.pt at every eval) | best (best.pt on a new best val loss) | both | none
@@ -286,7 +302,7 @@ scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # a no-o
 if ckpt is not None:
     try:
         assert len(optimizers) == len(ckpt["optimizers"])
-        for opt, state in zip(optimizers, ckpt["optimizers"]):
+        for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
             opt.load_state_dict(state)
     except (AssertionError, ValueError, KeyError):
         die(f"the optimizer state in {ckpt_path} does not fit optimizer={optimizer!r}; resume with the optimizer "

@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # a tiny model and run that trains in a few seconds on a CPU
-TINY = ["--gradient_accumulation_steps=1", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=4",
-        "--log_interval=1", "--warmup_iters=5", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
+TINY = ["--gradient_accumulation_steps=1", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--eval_iters=4", "--log_interval=1", "--warmup_iters=5", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
 
 
 def run(script, *args, cwd, ok=True, input=None, env=None, fresh=False):

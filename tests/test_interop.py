@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run
+from conftest import TINY, run
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -96,7 +96,7 @@ def test_import_hugging_face_folder_same_logits_then_warm_start_and_resume(workd
     with torch.no_grad():
         assert (model(x, x)[0] - hf(x).logits).abs().max().item() <= 1e-4
     # a warm start takes the folder's architecture and context with no model flags, then resumes like any run
-    base = [a for a in TINY if not a.split("=")[0] in ("--n_layer", "--n_head", "--n_embd", "--block_size")]
+    base = [a for a in TINY if a.split("=")[0] not in ("--n_layer", "--n_head", "--n_embd", "--block_size")]
     out = f"out-hfwarm-{kind}"
     proc = run("train.py", *base, "--dataset=tiny_char", f"--init_from=hf:hf-src-{kind}", "--max_iters=4",
                "--eval_interval=4", f"--out_dir={out}", cwd=workdir)
@@ -162,7 +162,7 @@ def test_nanogpt_checkpoint_samples_converts_and_warm_starts(workdir):
     run("convert.py", "--src=out-nano", "--out_dir=out-nano-conv", cwd=workdir)
     proc = run("sample.py", "--out_dir=out-nano-conv", "--prompt=The ", "--temperature=0", "--max_new_tokens=20", cwd=workdir)
     assert proc.stdout.startswith("".join(chars[i] for i in ids))
-    base = [a for a in TINY if not a.split("=")[0] in ("--n_layer", "--n_head", "--n_embd", "--block_size")]
+    base = [a for a in TINY if a.split("=")[0] not in ("--n_layer", "--n_head", "--n_embd", "--block_size")]
     proc = run("train.py", *base, "--dataset=tiny_char", "--init_from=out-nano/ckpt.pt", "--max_iters=3",
                "--eval_interval=3", "--out_dir=out-from-nano", cwd=workdir)
     assert "missing keys []" in proc.stdout
@@ -185,9 +185,10 @@ def test_nanogpt_meta_pkl_is_never_executed_and_a_missing_vocabulary_says_where_
 
 
 def test_bpe_and_gpt2_tokenizers_export_to_the_same_ids(tmp_path, monkeypatch):
+    from test_prepare_bpe import small_tiktoken
+
     import convert
     from tokenizer import load_tokenizer
-    from test_prepare_bpe import small_tiktoken
     (tmp_path / "t.txt").write_text("A tokenizer for tests: spaces,  tabs\t and ünïcode 😀.\n" * 40, encoding="utf-8")
     run("prepare_bpe.py", "--input=t.txt", "--vocab_size=300", cwd=tmp_path)
     d = tmp_path / "data" / "t_bpe"
@@ -197,8 +198,8 @@ def test_bpe_and_gpt2_tokenizers_export_to_the_same_ids(tmp_path, monkeypatch):
     for name, meta_, ours in [("bpe", meta, load_tokenizer(meta)), ("gpt2", dict(tokenizer="gpt2"), None)]:
         if name == "gpt2":  # GPT-2's BPE, derived from tiktoken's ranks (a small stand-in encoding here)
             enc = small_tiktoken()
-            monkeypatch.setattr("tokenizer.gpt2_encoding", lambda: enc)
-            ours = type("T", (), dict(encode=lambda self, s: enc.encode_ordinary(s)))()
+            monkeypatch.setattr("tokenizer.gpt2_encoding", lambda enc=enc: enc)
+            ours = type("T", (), dict(encode=lambda self, s, enc=enc: enc.encode_ordinary(s)))()
         (tmp_path / name).mkdir()
         convert.export_tokenizer(meta_, str(tmp_path / name), 64)
         hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / name))
@@ -209,6 +210,7 @@ def test_bpe_and_gpt2_tokenizers_export_to_the_same_ids(tmp_path, monkeypatch):
 
 def test_plain_unpickler_reads_data_only():
     import io
+
     import convert
     data = dict(vocab_size=3, itos={0: "a", 1: "b"}, stoi={"a": 0}, extra=[1.5, (2, None), b"x"])
     assert convert.PlainUnpickler(io.BytesIO(pickle.dumps(data))).load() == data

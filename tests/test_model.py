@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, PRESETS, KVCache, config_from_preset, manual_attention, sdpa_attention, apply_rope, rope_tables
+from model import GPT, PRESETS, GPTConfig, KVCache, apply_rope, config_from_preset, manual_attention, rope_tables, sdpa_attention
 
 TINY = dict(vocab_size=67, block_size=24, n_layer=2, n_head=4, n_embd=32)
 VARIANTS = [dict(model_type=p) for p in PRESETS] + [

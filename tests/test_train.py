@@ -62,7 +62,8 @@ def test_scratch_refuses_to_overwrite_and_resume_checks_what_it_continues(workdi
     assert torch.load(workdir / "out-keep" / "ckpt.pt", weights_only=True)["iter_num"] == 6
 
 
-@pytest.mark.parametrize("argv,word", [(["--dataset=nothing_char"], "python prepare_char.py --input=nothing"), (["--optimizer=sgd"], "optimizer"),
+@pytest.mark.parametrize("argv,word", [(["--dataset=nothing_char"], "python prepare_char.py --input=nothing"),
+                                       (["--optimizer=sgd"], "optimizer"),
                                        (["--n_head=3"], "n_head"), (["--block_size=100000"], "block_size"),
                                        (["--device=tpu"], "device"), (["--total_batch_size=1000"], "total_batch_size"),
                                        (["--init_from=resume"], "not found")])
@@ -76,6 +77,7 @@ def test_atomic_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     """A save that dies half-way (a full disk) leaves the previous ckpt.pt whole, no temporary file behind, and
     says so in one line."""
     import errno
+
     import common
     path = str(tmp_path / "ckpt.pt")
     common.save_checkpoint({"x": torch.ones(3)}, path)
