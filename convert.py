@@ -454,7 +454,7 @@ def describe_vocab(meta):
     if not meta:
         return "an unknown tokenizer"
     known = {"char": f"{meta['vocab_size']} characters", "gpt2": "GPT-2's tokens"}
-    return known.get(meta["tokenizer"], f"a {meta['vocab_size']}-token BPE")
+    return known.get(meta["tokenizer"], f"a {meta['vocab_size']}-token {'word-level vocabulary' if meta.get('word_level') else 'BPE'}")
 
 
 # -----------------------------------------------------------------------------

@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 from configurator import POSITIVE, check, configure, die
 from prepare_char import check_out_dir, find_documents
-from tokenizer import BOS, EOS, BPETokenizer, TiktokenTokenizer, gpt2_encoding
+from tokenizer import BOS, EOS, UNK, BPETokenizer, TiktokenTokenizer, gpt2_encoding
 
 # -----------------------------------------------------------------------------
 input = "pydocs"  # pydocs | shakespeare | a .txt file | a folder of *.txt | a URL | a .parquet file or folder of them
 out_dir = ""  # where to write; '' = data/<name>_bpe (or _gpt2)
-tokenizer = "bpe"  # bpe (train one here) | gpt2 (tiktoken) | path/to/tokenizer.json (reuse one)
+tokenizer = "bpe"  # bpe (train one here) | word (a word-level vocabulary, trained here) | gpt2 (tiktoken) | path/to/tokenizer.json
 vocab_size = 0  # bpe: size of the trained vocabulary; 0 = by corpus size (~4*sqrt(bytes), 512..32768)
 no_bos_eos = False  # do not wrap each document in BOS ... EOS
 val_fraction = 0.1  # share of the documents held out for validation
@@ -173,13 +173,23 @@ def encode_documents(tok, docs, split_of, bos, eos, chunk):
             yield split, (bos if first else []) + ids + (eos if last else []), len(part.encode("utf-8")) if text else 0
 
 
-def train_bpe(docs, rows, size):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[BOS, EOS], show_progress=sys.stderr.isatty(),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+def train_tokenizer(docs, rows, size, word=False):
+    """A byte-level BPE of `size` tokens trained on the corpus; with word=True, a word-level vocabulary instead:
+    the `size` most frequent words (with their leading space, GPT-2's split), punctuation runs and whitespace,
+    every other word one <|unk|> token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    progress = sys.stderr.isatty()
+    if word:
+        tok = Tokenizer(models.WordLevel(unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?\w+| ?[^\w\s]+|\s+(?!\S)|\s+"), behavior="isolated")
+        tok.decoder = decoders.Fuse()  # the pieces keep their spaces: joined as they are
+        trainer = trainers.WordLevelTrainer(vocab_size=size, special_tokens=[BOS, EOS, UNK], show_progress=progress)
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[BOS, EOS], show_progress=progress,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     texts = (piece for doc in documents(docs, rows) for piece in doc)
     tok.train_from_iterator(texts, trainer=trainer)
     return BPETokenizer(tok)
@@ -204,8 +214,9 @@ if __name__ == "__main__":
         raise SystemExit
     if split not in ("tail", "random"):
         die(f"--split={split!r} is not one of tail, random")
+    least = (4, "3 specials and a word") if tokenizer == "word" else (258, "256 bytes and 2 specials")
     check(globals(), dict(val_fraction=(lambda v: 0 < v < 1, "in (0, 1)"), chunk_bytes=POSITIVE,
-                          vocab_size=(lambda v: v == 0 or v >= 258, "0 (sized by the corpus) or >= 258 (256 bytes and 2 specials)")))
+                          vocab_size=(lambda v: v == 0 or v >= least[0], f"0 (sized by the corpus) or >= {least[0]} ({least[1]})")))
     t0 = time.time()
 
     # the documents: files, built-in texts, or parquet rows
@@ -223,7 +234,7 @@ if __name__ == "__main__":
         column = "text" if "text" in schema.names else "tokens" if "tokens" in schema.names else None
         if column is None:
             die(f"{files[0]} has no 'text' or 'tokens' column (it has {', '.join(schema.names)})")
-        if column == "tokens" and tokenizer == "bpe":
+        if column == "tokens" and tokenizer in ("bpe", "word"):
             die("a pre-tokenized 'tokens' column needs the tokenizer it was made with: --tokenizer=gpt2 or PATH.json")
         n_docs = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         name, source = Path(input).stem, os.path.abspath(input)
@@ -240,10 +251,11 @@ if __name__ == "__main__":
     # the tokenizer
     if tokenizer == "gpt2":
         tok, kind = TiktokenTokenizer(gpt2_encoding()), "gpt2"
-    elif tokenizer == "bpe":
+    elif tokenizer in ("bpe", "word"):
         size = vocab_size or int(min(32768, max(512, 2 ** round(math.log2(4 * math.sqrt(n_bytes))))))
-        print(f"training a byte-level BPE with {size:,} tokens on {n_bytes / 1e6:.1f} MB")
-        tok, kind = train_bpe(docs, make_rows(), size), "bpe"
+        what = "a byte-level BPE" if tokenizer == "bpe" else "a word-level vocabulary"
+        print(f"training {what} with {size:,} tokens on {n_bytes / 1e6:.1f} MB")
+        tok, kind = train_tokenizer(docs, make_rows(), size, word=tokenizer == "word"), "bpe"
     elif os.path.isfile(tokenizer) and tokenizer.endswith(".json"):
         from tokenizers import Tokenizer
         try:
@@ -251,8 +263,8 @@ if __name__ == "__main__":
         except Exception as e:  # JSON that is not a tokenizer, or not JSON
             die(f"--tokenizer={tokenizer} is not a Hugging Face tokenizer.json ({type(e).__name__}: {e})")
     else:
-        die(f"--tokenizer={tokenizer!r} is not bpe, gpt2 or an existing tokenizer.json file")
-    suffix = "gpt2" if kind == "gpt2" else "bpe"
+        die(f"--tokenizer={tokenizer!r} is not bpe, word, gpt2 or an existing tokenizer.json file")
+    suffix = tokenizer if tokenizer in ("gpt2", "word") else "bpe"
     out_dir = out_dir or os.path.join("data", f"{name}_{suffix}")
     check_out_dir(out_dir, source)
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
@@ -305,8 +317,9 @@ if __name__ == "__main__":
         os.replace(tmp[s], os.path.join(out_dir, f"{s}.bin"))
     if kind == "bpe":
         tok.tok.save(os.path.join(out_dir, "tokenizer.json"))
-    meta = dict(tokenizer=kind, tokenizer_file="tokenizer.json" if kind == "bpe" else None, vocab_size=tok.vocab_size,
-                dtype=np.dtype(dtype).name, bos_id=tok.bos_id, eos_id=tok.eos_id, bos_eos=not no_bos_eos,
+    meta = dict(tokenizer=kind, tokenizer_file="tokenizer.json" if kind == "bpe" else None,
+                word_level=getattr(tok, "word_level", False), vocab_size=tok.vocab_size, dtype=np.dtype(dtype).name,
+                bos_id=tok.bos_id, eos_id=tok.eos_id, bos_eos=not no_bos_eos,
                 train_tokens=counts["train"], val_tokens=counts["val"], train_bytes=nbytes["train"], val_bytes=nbytes["val"],
                 documents=n_docs, source=source, split=split, val_fraction=val_fraction, seed=seed)
     with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:

@@ -9,6 +9,7 @@ import os
 from configurator import die
 
 BOS, EOS = "<|bos|>", "<|eos|>"  # document boundaries in our trained BPE
+UNK = "<|unk|>"  # a word outside a word-level vocabulary
 
 
 class CharTokenizer:
@@ -35,11 +36,12 @@ class CharTokenizer:
 
 
 class BPETokenizer:
-    """A byte-level BPE from Hugging Face tokenizers (a tokenizer.json), with BOS/EOS specials (ours, or the
-    names meta.json gives for an imported model's tokenizer)."""
+    """A Hugging Face tokenizers tokenizer (a tokenizer.json): a byte-level BPE, or a word-level vocabulary, with
+    BOS/EOS specials (ours, or the names meta.json gives for an imported model's tokenizer)."""
 
     def __init__(self, tok, bos=BOS, eos=EOS):
         self.tok = tok
+        self.word_level = type(tok.model).__name__ == "WordLevel"
         self.vocab_size = tok.get_vocab_size()
         self.bos_id, self.eos_id = tok.token_to_id(bos), tok.token_to_id(eos)
         self.specials = {i for i in (self.bos_id, self.eos_id) if i is not None}
@@ -54,6 +56,10 @@ class BPETokenizer:
         return self.tok.decode([i for i in ids if i not in self.specials], skip_special_tokens=False)
 
     def token_bytes(self):
+        """UTF-8 length of every token, for bits per byte (0 for specials and <|unk|>, whose text is unknown)."""
+        if self.word_level:  # tokens are text
+            return [0 if i in self.specials or t == UNK else len(t.encode("utf-8"))
+                    for i, t in enumerate(map(self.tok.id_to_token, range(self.vocab_size)))]
         # byte-level BPE: each character of a token's string stands for exactly one byte
         return [0 if i in self.specials else len(self.tok.id_to_token(i)) for i in range(self.vocab_size)]
 
