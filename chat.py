@@ -111,7 +111,7 @@ class Chat:
             return None
         x = torch.tensor([ids], dtype=torch.long, device=self.generator.device)
         self.write(self.s["assistant_prefix"] if self.s.get("interactive") else "")
-        decoder, text, printed = StreamDecoder(self.tokenizer), "", 0
+        decoder, text, printed, hits = StreamDecoder(self.tokenizer), "", 0, []
         s = self.s
         try:
             with torch.no_grad(), autocast(str(self.generator.device), s["dtype"]), keys_held(s.get("interactive")):
@@ -129,6 +129,7 @@ class Chat:
                     printed = safe
         except KeyboardInterrupt:  # Ctrl-C stops this reply only
             pass
+        text += "" if hits else decoder.flush()
         self.write(text[printed:] + "\n")
         text = text.strip()
         self.turns.append((message, text))

@@ -411,7 +411,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, rep
         grams = seen.unfold(1, n, 1)  # (B, W, n): every n-gram of the text
         repeats = (grams[:, :, :-1] == seen[:, seen.size(1) - n + 1:][:, None, :]).all(-1)  # same n-1 tokens as the end
         banned = torch.zeros_like(logits).scatter_add_(1, grams[:, :, -1], repeats.to(logits.dtype)) > 0
-        logits = logits.masked_fill(banned, float("-inf"))
+        kept = logits.masked_fill(banned, float("-inf"))
+        logits = torch.where(kept.isneginf().all(-1, keepdim=True), logits, kept)  # a row with no way out: no ban
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -422,6 +423,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, rep
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep tokens until the mass before them reaches p
+        drop[:, 0] = False  # and always the likeliest (a p below float precision would drop it too)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     if min_p:
         probs = logits.softmax(dim=-1)

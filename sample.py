@@ -94,6 +94,7 @@ if __name__ == "__main__":
                 if i == 0:  # the first sample streams as it is made
                     sys.stdout.write(decoder.push(t))
                     sys.stdout.flush()
+    sys.stdout.write(decoder.flush())
     for row in rows[1:]:  # the others when all are done
         sys.stdout.write("\n" + "-" * 40 + "\n" + prompt + tokenizer.decode(row))
     sys.stdout.write("\n")

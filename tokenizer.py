@@ -42,6 +42,7 @@ class BPETokenizer:
     def __init__(self, tok, bos=BOS, eos=EOS):
         self.tok = tok
         self.word_level = type(tok.model).__name__ == "WordLevel"
+        tok.encode_special_tokens = True  # "<|bos|>" written in a text is text; special ids are only ever placed
         self.vocab_size = tok.get_vocab_size()
         self.bos_id, self.eos_id = tok.token_to_id(bos), tok.token_to_id(eos)
         self.specials = {i for i in (self.bos_id, self.eos_id) if i is not None}
@@ -128,4 +129,10 @@ class StreamDecoder:
         new, self.printed = text[self.printed:], len(text)
         if len(self.ids) > 64:  # keep decoding cheap: restart from the text already printed
             self.ids, self.printed = [], 0
+        return new
+
+    def flush(self):
+        """The text still held back, at the end of the stream (an unfinished character decodes as \ufffd)."""
+        new = self.tokenizer.decode(self.ids)[self.printed:]
+        self.ids, self.printed = [], 0
         return new
