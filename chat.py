@@ -18,6 +18,7 @@ import torch
 from common import SAMPLING_RULES, autocast, load_for_inference, pick_device, pick_dtype
 from configurator import check, configure, die
 from sample import controls
+from sft import render
 from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
@@ -36,6 +37,7 @@ no_repeat_ngram_size = 0  # n > 0: never repeat an n-gram of the conversation (0
 seed = 1337  # random seed
 device = ""  # cpu | cuda | mps; '' picks cuda > mps > cpu
 dtype = "auto"  # float32 | bfloat16 | float16 | auto
+ema = False  # chat with the run's moving average of the weights (trained with --ema_decay)
 # -----------------------------------------------------------------------------
 
 SETTABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens", "seed")
@@ -74,29 +76,38 @@ def held_back(text, stops):
 
 
 class Chat:
+    """A conversation: with a chat template (a model fine-tuned on conversations, see sft.py) turns are rendered
+    as in training and a reply ends at the template's end token; a base model continues a plain transcript of
+    `User: ...` / `Assistant: ...` lines, its reply ending where it starts the next turn."""
+
     def __init__(self, model, tokenizer, settings, write):
         self.model, self.tokenizer, self.s, self.write = model, tokenizer, settings, write
         self.turns = []  # (user message, reply) pairs
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(settings["seed"])
-        # a reply ends where the model starts the next user turn
-        self.stops = ["\n" + settings["user_prefix"].strip(), "\n" + settings["assistant_prefix"].strip()]
+        self.template = getattr(tokenizer, "chat_template", None)
+        self.end_id = self.template["end_id"] if self.template else tokenizer.eos_id
+        self.stops = [] if self.template else ["\n" + settings["user_prefix"].strip(), "\n" + settings["assistant_prefix"].strip()]
 
     def transcript(self, pending=None):
-        s = self.s
+        """Token ids of the system prompt and of each turn (the last one, for `pending`, ending where the reply starts)."""
+        s, tok, tpl = self.s, self.tokenizer, self.template
+        if tpl:
+            say = lambda role, text: render(tok, tpl, role, text)[0]  # noqa: E731
+            system = tpl["bos"] + (say("system", s["system_prompt"]) if s["system_prompt"] else [])
+            turns = [say("user", u) + say("assistant", a) for u, a in self.turns]
+            return system, turns + ([say("user", pending) + tpl["markers"]["assistant"]] if pending is not None else [])
         turns = [f"{s['user_prefix']}{u}\n{s['assistant_prefix']}{a}\n" for u, a in self.turns]
         if pending is not None:
             turns.append(f"{s['user_prefix']}{pending}\n{s['assistant_prefix']}".rstrip(" "))
-        system = s["system_prompt"] + "\n" if s["system_prompt"] else ""
-        return system, turns
+        bos = [tok.bos_id] if tok.bos_id is not None else []
+        return bos + tok.encode(s["system_prompt"] + "\n" if s["system_prompt"] else ""), [tok.encode(t) for t in turns]
 
     def prompt_ids(self, message):
         """Encode the transcript plus the new message, cut to fit block_size with room for the reply."""
-        system, turns = self.transcript(message)
-        bos = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
-        system_ids = bos + self.tokenizer.encode(system)
+        system_ids, turn_ids = self.transcript(message)
         block = self.model.config.block_size
         budget = max(block - self.s["max_new_tokens"], block // 2)
-        ids, dropped, cut = fit_context(system_ids, [self.tokenizer.encode(t) for t in turns], budget)
+        ids, dropped, cut = fit_context(system_ids, turn_ids, budget)
         if cut:  # on a line of its own, before the reply starts
             self.write(f"(note: your message is longer than the {budget} tokens of context left for it; its first "
                        f"{cut} tokens were left out)\n")
@@ -115,9 +126,9 @@ class Chat:
         s = self.s
         try:
             with torch.no_grad(), autocast(str(self.generator.device), s["dtype"]), keys_held(s.get("interactive")):
-                for token in self.model.generate_stream(x, s["max_new_tokens"], eos_id=self.tokenizer.eos_id,
+                for token in self.model.generate_stream(x, s["max_new_tokens"], eos_id=self.end_id,
                                                         generator=self.generator, **controls(s)):
-                    if token.item() == self.tokenizer.eos_id:
+                    if token.item() == self.end_id:
                         break
                     text += decoder.push(token.item())
                     hits = [text.find(stop) for stop in self.stops if stop in text]
@@ -145,7 +156,7 @@ class Chat:
             self.write("(conversation cleared)\n")
         elif cmd == "/history":
             system, turns = self.transcript()
-            self.write(system + "".join(turns))
+            self.write(self.tokenizer.decode(system + [t for turn in turns for t in turn]) + ("\n" if self.template else ""))
         elif cmd == "/set":
             key, eq, value = arg.strip().partition("=")
             if key not in SETTABLE or not eq:
@@ -202,7 +213,7 @@ def main():
     config["interactive"] = interactive = sys.stdin.isatty()
     if interactive:  # Ctrl-C raises KeyboardInterrupt even when started with SIGINT ignored (as from a script)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    model, tokenizer = load_for_inference(out_dir, ckpt, config["device"])
+    model, tokenizer = load_for_inference(out_dir, ckpt, config["device"], ema=ema)
     try:
         tokenizer.encode(system_prompt + user_prefix + assistant_prefix)
     except ValueError as e:  # once, here, rather than every turn

@@ -175,6 +175,25 @@ def write_run_meta(path, iter_num, info):
         json.dump(info, f, indent=1)
 
 
+def draw_windows(data, block_size, batch_size, gen, mask=None, starts=None):
+    """Inputs and targets x, y (batch_size, block_size) int64 from windows of `data` at random offsets, or, for
+    conversations, at random conversation `starts`; targets the `mask` leaves out (0: system and user turns) are
+    -1, which the loss ignores, as is the padding past the end of the data."""
+    if starts is None:
+        ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen).tolist()
+    else:
+        ix = starts[torch.randint(len(starts), (batch_size,), generator=gen).numpy()].tolist()
+
+    def window(array, i):  # block_size + 1 values from i, zeros past the end
+        part = np.asarray(array[i:i + block_size + 1], dtype=np.int64)
+        return torch.from_numpy(np.pad(part, (0, block_size + 1 - len(part))))
+    xy = torch.stack([window(data, i) for i in ix])
+    x, y = xy[:, :-1], xy[:, 1:].clone()
+    if mask is not None:
+        y[torch.stack([window(mask, i) for i in ix])[:, 1:] == 0] = -1
+    return x, y
+
+
 def open_metrics(path, fields, upto):
     """metrics.csv, open for appending: new with its header, or cut back to the rows up to iteration `upto` (the
     resumed checkpoint's: rows a crash left after it would be written again)."""
@@ -240,20 +259,25 @@ def resolve_checkpoint(out_dir, name=""):
     return best if not os.path.isfile(latest) and os.path.isfile(best) else latest
 
 
-def load_for_inference(out_dir, name, device, source=""):
+def load_for_inference(out_dir, name, device, source="", ema=False):
     """(model in eval mode, tokenizer) from a training run's out_dir (or a nanoGPT one): all sample.py and
-    chat.py need."""
+    chat.py need. ema=True takes the run's moving average of the weights (train.py --ema_decay)."""
     if source:  # OpenAI's GPT-2 (or any convert.py source) instead of a run
         from convert import load_source
         ckpt = load_source(source)
     else:
         ckpt = load_checkpoint(path := resolve_checkpoint(out_dir, name))
+    if ema:
+        if not ckpt.get("ema"):
+            die(f"{source or path} holds no EMA weights; train with --ema_decay=0.999 (say), or drop --ema")
+        ckpt["model"] = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
     if "model_args" in ckpt:  # nanoGPT's: map its names and find its vocabulary in memory
         from convert import from_nanogpt
         ckpt = from_nanogpt(ckpt, path)
     model = model_from_checkpoint(ckpt, device).eval()
     try:
         tokenizer = load_tokenizer(ckpt["meta"] or {})
+        tokenizer.chat_template = (ckpt["meta"] or {}).get("chat_template")  # a model fine-tuned on conversations
     except (KeyError, ValueError) as e:
         die(f"the checkpoint in {out_dir} carries no usable tokenizer ({e}); re-train with this version, or "
             f"import the model with a tokenizer (convert.py --src=FOLDER with its tokenizer.json)")

@@ -334,8 +334,8 @@ class GPT(nn.Module):
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="sum",
+                               label_smoothing=label_smoothing) / (targets != -1).sum().clamp(min=1)  # 0 if all ignored
         return logits, loss
 
     def ngram_ids(self, idx, history):

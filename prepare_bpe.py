@@ -10,6 +10,7 @@ in pieces, encoded in batches on all cores, appended to the bins.
     python prepare_bpe.py --input=shard.parquet                 # a 'text' (or pre-tokenized 'tokens') column
     python prepare_bpe.py --tokenizer=data/pydocs_bpe/tokenizer.json --input=more.txt --out_dir=data/more_bpe
     python prepare_bpe.py --info=data/pydocs_bpe                # what a prepared dataset holds
+    python prepare_bpe.py --input=pydocs_chat                   # conversations (or chats.jsonl) for SFT, see sft.py
 """
 
 import json
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from configurator import POSITIVE, check, configure, die
 from prepare_char import check_out_dir, find_documents
+from sft import CHAT_TOKENS, is_chat_input, read_conversations, write_chat_dataset
 from tokenizer import BOS, EOS, UNK, BPETokenizer, TiktokenTokenizer, gpt2_encoding
 
 # -----------------------------------------------------------------------------
@@ -183,12 +185,13 @@ def train_tokenizer(docs, rows, size, word=False):
         tok = Tokenizer(models.WordLevel(unk_token=UNK))
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?\w+| ?[^\w\s]+|\s+(?!\S)|\s+"), behavior="isolated")
         tok.decoder = decoders.Fuse()  # the pieces keep their spaces: joined as they are
-        trainer = trainers.WordLevelTrainer(vocab_size=size, special_tokens=[BOS, EOS, UNK], show_progress=progress)
+        trainer = trainers.WordLevelTrainer(vocab_size=size, special_tokens=[BOS, EOS, *CHAT_TOKENS, UNK],
+                                            show_progress=progress)
     else:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[BOS, EOS], show_progress=progress,
+        trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[BOS, EOS, *CHAT_TOKENS], show_progress=progress,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     texts = (piece for doc in documents(docs, rows) for piece in doc)
     tok.train_from_iterator(texts, trainer=trainer)
@@ -214,14 +217,14 @@ if __name__ == "__main__":
         raise SystemExit
     if split not in ("tail", "random"):
         die(f"--split={split!r} is not one of tail, random")
-    least = (4, "3 specials and a word") if tokenizer == "word" else (258, "256 bytes and 2 specials")
+    least = (8, "7 specials and a word") if tokenizer == "word" else (262, "256 bytes and 6 specials")
     check(globals(), dict(val_fraction=(lambda v: 0 < v < 1, "in (0, 1)"), chunk_bytes=POSITIVE,
                           vocab_size=(lambda v: v == 0 or v >= least[0], f"0 (sized by the corpus) or >= {least[0]} ({least[1]})")))
     t0 = time.time()
 
     # the documents: files, built-in texts, or parquet rows
     files = parquet_files(input)
-    rows, docs = None, []
+    rows, docs, conversations = None, [], None
     if files:
         try:
             import pyarrow.parquet as pq
@@ -240,6 +243,11 @@ if __name__ == "__main__":
         name, source = Path(input).stem, os.path.abspath(input)
         n_bytes = sum(os.path.getsize(f) for f in files)
         make_rows = lambda: parquet_rows(files, column)  # noqa: E731
+    elif is_chat_input(input):  # conversations: the tokenizer learns from their messages' text
+        name, source, conversations = read_conversations(input)
+        docs = [m["content"] for c in conversations for m in c]
+        n_docs, n_bytes = len(conversations), sum(len(d.encode("utf-8")) for d in docs)
+        make_rows = lambda: None  # noqa: E731
     else:
         name, source, docs = find_documents(input)
         n_docs = len(docs)
@@ -267,6 +275,14 @@ if __name__ == "__main__":
     suffix = tokenizer if tokenizer in ("gpt2", "word") else "bpe"
     out_dir = out_dir or os.path.join("data", f"{name}_{suffix}")
     check_out_dir(out_dir, source)
+    if conversations is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        if kind == "bpe":
+            tok.tok.save(os.path.join(out_dir, "tokenizer.json"))
+        meta = dict(tokenizer=kind, tokenizer_file="tokenizer.json" if kind == "bpe" else None,
+                    word_level=getattr(tok, "word_level", False), bos_id=tok.bos_id, eos_id=tok.eos_id, source=source)
+        write_chat_dataset(out_dir, conversations, tok, kind, meta, val_fraction, split, seed)
+        raise SystemExit
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
     bos = [] if no_bos_eos or tok.bos_id is None or tok.bos_id == tok.eos_id else [tok.bos_id]
     eos = [] if no_bos_eos or tok.eos_id is None else [tok.eos_id]

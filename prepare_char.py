@@ -5,6 +5,7 @@ nanoGPT's) and meta.json (the vocabulary as a list of characters, counts, source
     python prepare_char.py                          # Python's reference docs -> data/pydocs_char
     python prepare_char.py --input=shakespeare      # tiny Shakespeare (downloaded once) -> data/shakespeare_char
     python prepare_char.py --input=notes.txt        # a file, a folder of *.txt, or an http(s) URL
+    python prepare_char.py --input=pydocs_chat      # conversations (or chats.jsonl) for SFT, see sft.py
 """
 
 import hashlib
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from configurator import POSITIVE, check, configure, die
+from sft import CHAR_END, TEXT_MARKERS, is_chat_input, read_conversations, write_chat_dataset
+from tokenizer import CharTokenizer
 
 # -----------------------------------------------------------------------------
 input = "pydocs"  # pydocs | shakespeare | a .txt file | a folder of *.txt | an http(s):// URL
@@ -165,6 +168,17 @@ if __name__ == "__main__":
     check(globals(), dict(val_fraction=(lambda v: 0 < v < 1, "in (0, 1)"), chunk_size=POSITIVE))
     if sanitize not in ("", "basic"):
         die(f"--sanitize={sanitize!r} is not one of '' (off), basic")
+    if is_chat_input(input):  # conversations for SFT: a text template whose turns end with ␄
+        name, source, conversations = read_conversations(input)
+        for m in (m for c in conversations for m in c):
+            m["content"] = clean(m["content"])
+        chars = sorted(set("".join(m["content"] for c in conversations for m in c) + "".join(TEXT_MARKERS.values()) + CHAR_END))
+        out_dir = out_dir or os.path.join("data", f"{name}_char")
+        check_out_dir(out_dir, source)
+        meta = dict(tokenizer="char", vocab=chars, sanitize=sanitize, collapse_whitespace=collapse_whitespace,
+                    lowercase=lowercase, source=source)
+        write_chat_dataset(out_dir, conversations, CharTokenizer(chars), "char", meta, val_fraction, split, seed)
+        raise SystemExit
     name, source, docs = find_documents(input)
     text = clean("".join(read_document(d) for d in docs))
     if not text.strip():

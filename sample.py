@@ -34,6 +34,7 @@ no_repeat_ngram_size = 0  # n > 0: never repeat an n-gram of the text (0 = off)
 seed = 1337  # random seed (the same seed and settings give the same text)
 device = ""  # cpu | cuda | mps; '' picks cuda > mps > cpu
 dtype = "auto"  # float32 | bfloat16 | float16 (the weights are converted) | auto (bfloat16 on GPUs, float32 on CPU)
+ema = False  # sample from the run's moving average of the weights (trained with --ema_decay)
 compile = False  # torch.compile the one-token decode step (start-up cost, then faster tokens)
 # -----------------------------------------------------------------------------
 
@@ -74,7 +75,8 @@ if __name__ == "__main__":
             prompt = f.read()
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    model, tokenizer = load_for_inference(out_dir, ckpt, device, source="" if init_from == "resume" else init_from)
+    model, tokenizer = load_for_inference(out_dir, ckpt, device, source="" if init_from == "resume" else init_from,
+                                          ema=ema)
     model = model.to(DTYPES[dtype])  # bfloat16/float16 weights: half the bytes to read per token
     ids = encode_prompt(tokenizer, prompt)
     if len(ids) >= model.config.block_size:

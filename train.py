@@ -20,11 +20,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from common import (
     StopSignals,
     autocast,
+    draw_windows,
     load_checkpoint,
     lock_out_dir,
     model_from_checkpoint,
@@ -99,6 +101,9 @@ muon_weight_decay = 0.0  # Muon decoupled weight decay
 muon_ns_steps = 5  # Newton-Schulz iterations per Muon step
 grad_clip = 1.0  # clip the gradient norm to this; 0 = off
 label_smoothing = 0.0  # cross-entropy label smoothing
+# an exponential moving average of the weights, updated after every step (ema = decay*ema + (1-decay)*weights),
+# evaluated (val_loss_ema) and saved beside them for sample.py --ema=True; e.g. 0.999, 0 = off
+ema_decay = 0.0
 # schedule
 max_iters = 600000  # total optimizer steps (also after a resume)
 max_time = 0.0  # if > 0: seconds of training; the LR schedule runs on the elapsed fraction of it
@@ -164,7 +169,7 @@ check(config, dict.fromkeys(["batch_size", "block_size", "gradient_accumulation_
       | dict.fromkeys(["total_batch_size", "warmup_iters", "lr_decay_iters", "max_time", "learning_rate", "min_lr",
                        "muon_lr", "weight_decay", "muon_weight_decay", "grad_clip", "early_stopping_patience",
                        "peak_flops"], NON_NEGATIVE)
-      | dict.fromkeys(["beta1", "beta2", "muon_momentum", "label_smoothing"], FRACTION)
+      | dict.fromkeys(["beta1", "beta2", "muon_momentum", "label_smoothing", "ema_decay"], FRACTION)
       | dict(eps=ABOVE_ZERO, warmdown_frac=UNIT))
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
@@ -199,6 +204,7 @@ if meta["tokenizer"] == "bpe":  # the checkpoint carries the tokenizer itself, s
 else:
     tokenizer = load_tokenizer(meta)
 token_dtype = np.dtype(meta["dtype"])
+masked = "chat_template" in meta  # conversations: the loss counts the assistant's tokens only (sft.py)
 vocab_keys = ("tokenizer", "vocab_size", "vocab", "tokenizer_json")
 if ckpt is not None and any(ckpt["meta"].get(k) != meta.get(k) for k in vocab_keys):
     die(f"data/{dataset} has a different vocabulary from the one {ckpt_path} was trained with; "
@@ -228,6 +234,12 @@ for split in ("train", "val"):
         die(f"{path} has {size // token_dtype.itemsize} tokens, fewer than block_size+1={block_size + 1}; lower --block_size")
     if (top := int(np.memmap(path, dtype=token_dtype, mode="r")[:1 << 20].max())) >= meta["vocab_size"]:  # get_batch checks the rest
         die(f"{path} holds token id {top}, beyond meta.json's vocab_size={meta['vocab_size']}; prepare the dataset again")
+    parts = [os.path.join(data_dir, f"{split}_{part}.bin") for part in ("mask", "starts")]
+    if masked and not (all(map(os.path.isfile, parts)) and os.path.getsize(parts[0]) == size // token_dtype.itemsize):
+        die(f"{parts[0]} or {parts[1]} is missing or does not match {split}.bin; prepare the dataset again")
+    if masked and not any(np.memmap(parts[0], mode="r")[s + 1:s + block_size + 1].any() for s in np.fromfile(parts[1], np.int64)[:1000]):
+        die(f"in data/{dataset}/{split}.bin no reply starts within block_size={block_size} tokens of its conversation's "
+            f"start, so there is nothing to learn; raise --block_size")
 
 # one run per out_dir: rank 0 holds a lock on it until the process ends; every rank stops if it is taken
 lock, busy = lock_out_dir(out_dir, probe=eval_only) if master else (None, None)
@@ -241,12 +253,16 @@ if busy:
 
 def get_batch(split, step, k):
     """The k-th micro-batch of optimizer step `step`: each (step, k) seeds its own generator, so every
-    rank draws distinct, reproducible batches and a resumed run continues the same stream."""
+    rank draws distinct, reproducible batches and a resumed run continues the same stream. Conversations
+    (a dataset with loss masks): windows start where a conversation starts, and the targets the mask leaves
+    out (system and user turns, the padding past the end) are -1, which the loss ignores."""
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=token_dtype, mode="r")
     gen = torch.Generator().manual_seed(hash((seed, split == "val", step, k)) % 2**62)  # ints hash the same in every process
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen)
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    mask, starts = None, None
+    if masked:
+        mask = np.memmap(os.path.join(data_dir, f"{split}_mask.bin"), dtype=np.uint8, mode="r")
+        starts = np.fromfile(os.path.join(data_dir, f"{split}_starts.bin"), dtype=np.int64)
+    x, y = draw_windows(data, block_size, batch_size, gen, mask, starts)
     if y.max() >= meta["vocab_size"] or x[:, 0].max() >= meta["vocab_size"]:
         die(f"data/{dataset}/{split}.bin holds token id {max(x.max(), y.max())}, beyond its meta.json's vocab_size="
             f"{meta['vocab_size']}; prepare the dataset again")
@@ -310,7 +326,10 @@ if ckpt is not None:
             f"--init_from={ckpt_path} --out_dir=NEW")
     scaler.load_state_dict(ckpt["scaler"])
     restore_rng(ckpt["rng"], rank, device_type)
-    del ckpt  # free the memory
+ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True) if ema_decay else None
+if ema is not None and ckpt is not None and ckpt.get("ema"):  # a run that already kept one
+    ema.load_state_dict(ckpt["ema"])
+del ckpt  # free the memory
 
 if compile:
     if master:
@@ -334,20 +353,20 @@ token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=
 
 
 @torch.no_grad()
-def evaluate():
+def evaluate(eval_model, splits=("train", "val")):
     """Loss on the same eval_iters batches of each split at every eval (shared out among the processes), and
     bits per byte: the total nats over the UTF-8 bytes of the targets, / ln 2, comparable across tokenizers."""
     eval_model.eval()
     out = {}
-    for split in ("train", "val"):
+    for split in splits:
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
         for i in range(rank, eval_iters, world_size):
             x, y = get_batch(split, -1 - i, 0)  # negative steps: batches that no training step draws
             with ctx:
                 logits, _ = eval_model(x, y)
-            nats = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
-            sums += torch.stack([nats.double().sum(), torch.tensor(float(nats.numel()), dtype=torch.float64, device=device),
-                                 token_bytes[y.view(-1)].sum()])
+            y = y.view(-1)
+            nats = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y, ignore_index=-1, reduction="none")
+            sums += torch.stack([nats.double().sum(), (y >= 0).double().sum(), token_bytes[y.clamp(min=0)][y >= 0].sum()])
         if ddp:
             dist.all_reduce(sums)
         nats, tokens, nbytes = sums.tolist()
@@ -375,7 +394,7 @@ def lr_factor(it, elapsed):
 
 
 def checkpoint_dict():
-    return dict(model=raw_model.state_dict(), model_config=vars(model_config), config=config,
+    return dict(model=raw_model.state_dict(), ema=ema.state_dict() if ema else None, model_config=vars(model_config), config=config,
                 optimizers=[opt.state_dict() for opt in optimizers], scaler=scaler.state_dict(),
                 iter_num=iter_num, best_val_loss=best_val_loss, train_time=train_time, rng=rng_states(ddp, world_size, device_type),
                 sampler=dict(seed=seed, note="batches are a function of (seed, iter_num); nothing else to save"),
@@ -383,7 +402,8 @@ def checkpoint_dict():
 
 
 # outputs: only rank 0 writes
-csv_fields = ["iter", "loss", "train_loss", "val_loss", "val_bpb", "lr", "ms_per_iter", "tok_per_s", "grad_norm", "gflops", "mfu"]
+csv_fields = ["iter", "loss", "train_loss", "val_loss", "val_bpb", "val_loss_ema",
+              "lr", "ms_per_iter", "tok_per_s", "grad_norm", "gflops", "mfu"]
 n_params = raw_model.num_params()
 gpu_name = torch.cuda.get_device_name(device) if device_type == "cuda" else ""
 peak = peak_flops or next((f for name, f in PEAK_FLOPS.items() if name in gpu_name), 0.0)  # per process
@@ -499,12 +519,14 @@ bar = tqdm(total=max_time or max_iters, initial=train_time if max_time else iter
 while True:
     last_step = iter_num >= max_iters or (max_time > 0 and all_ranks_mean(train_time) >= max_time)
     if (iter_num % eval_interval == 0 and iter_num != start_iter) or last_step or iter_num == 0 or eval_only:
-        losses = evaluate()
+        losses = evaluate(eval_model)
+        losses["val_ema"] = evaluate(ema.module, ("val",))["val"] if ema else None
         if master:
             tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                       f"val bpb {losses['val_bpb']:.4f}")
+                       f"val bpb {losses['val_bpb']:.4f}" + (f", val loss ema {losses['val_ema']:.4f}" if ema else ""))
         if iter_num > start_iter or iter_num == 0:  # not again for the step a resume starts from
-            record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_bpb=losses["val_bpb"])
+            record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_bpb=losses["val_bpb"],
+                   val_loss_ema=losses["val_ema"])
         improved = losses["val"] < best_val_loss
         best_val_loss, evals_since_best = (losses["val"], 0) if improved else (best_val_loss, evals_since_best + 1)
         if iter_num > start_iter and not eval_only:
@@ -534,6 +556,8 @@ while True:
         scaler.step(opt)
     scaler.update()
     zero_grads()
+    if ema is not None:
+        ema.update_parameters(raw_model)
     iter_num += 1
     sync()
     step_time = time.time() - t_step

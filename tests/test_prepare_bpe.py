@@ -216,18 +216,18 @@ def test_word_level_tokens_round_trip_train_and_sample(tmp_path):
     vocabulary lacks becomes <|unk|>; bits per byte count the words' bytes; train and sample as with a BPE."""
     text = "the cat sat on the mat.\n\nThe dog  ate\tthe cat!\n" * 40 + "a rare zebra.\n"
     (tmp_path / "words.txt").write_text(text, encoding="utf-8")
-    run("prepare_bpe.py", "--input=words.txt", "--tokenizer=word", "--vocab_size=17", "--val_fraction=0.2", cwd=tmp_path)
+    run("prepare_bpe.py", "--input=words.txt", "--tokenizer=word", "--vocab_size=21", "--val_fraction=0.2", cwd=tmp_path)
     folder = tmp_path / "data" / "words_word"
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["word_level"] and meta["vocab_size"] == 17 and meta["tokenizer"] == "bpe"
+    assert meta["word_level"] and meta["vocab_size"] == 21 and meta["tokenizer"] == "bpe"
     sys.path.insert(0, ROOT)
     from tokenizer import load_tokenizer
     tok = load_tokenizer(meta, folder)
     ids = np.concatenate([np.fromfile(folder / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")]).tolist()
-    # 14 pieces and 3 specials: BOS/EOS dropped, the 3 words seen once unknown
+    # 14 pieces and 7 specials: BOS/EOS dropped, the 3 words seen once unknown
     assert tok.decode(ids) == text.replace("a rare zebra", "<|unk|>" * 3)
     assert tok.decode(tok.encode(" the cat  sat.\n")) == " the cat  sat.\n"
-    sizes = dict(zip(map(tok.tok.id_to_token, range(17)), tok.token_bytes(), strict=True))
+    sizes = dict(zip(map(tok.tok.id_to_token, range(21)), tok.token_bytes(), strict=True))
     assert sizes[" cat"] == 4 and sizes["<|unk|>"] == 0 and sizes["<|bos|>"] == 0
     run("train.py", "--dataset=words_word", "--out_dir=out-word", "--max_iters=4", "--eval_interval=4", *TINY, cwd=tmp_path)
     out = run("sample.py", "--out_dir=out-word", "--prompt=the cat", "--max_new_tokens=10", cwd=tmp_path).stdout

@@ -25,11 +25,14 @@ def test_tiny_run_lowers_the_loss_and_checkpoint_loads_weights_only(workdir):
     assert ckpt["model_config"]["n_layer"] == 2 and ckpt["config"]["dataset"] == "tiny_char"
     for f in ("meta.json", "run_meta.json", "metrics.csv"):
         assert (workdir / "out-learn" / f).is_file()
+    proc = run("sample.py", "--out_dir=out-learn", "--ema=True", cwd=workdir, ok=False)  # trained without --ema_decay
+    assert "no EMA weights" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_resume_is_exact(workdir):
-    """40 iterations straight == 20 iterations, then resume to 40: identical weights and logged losses."""
-    args = ["--dataset=tiny_char", "--eval_interval=20", "--dropout=0.1", "--lr_decay_iters=40", *TINY]  # same schedule
+    """40 iterations straight == 20 iterations, then resume to 40: identical weights, moving average of the weights
+    and logged losses; sample.py --ema=True samples from that average."""
+    args = ["--dataset=tiny_char", "--eval_interval=20", "--dropout=0.1", "--lr_decay_iters=40", "--ema_decay=0.9", *TINY]
     run("train.py", "--out_dir=out-a", "--max_iters=40", *args, cwd=workdir)
     run("train.py", "--out_dir=out-b", "--max_iters=20", *args, cwd=workdir)
     run("train.py", "--out_dir=out-b", "--max_iters=40", "--init_from=resume", *args, cwd=workdir)
@@ -37,8 +40,15 @@ def test_resume_is_exact(workdir):
     assert a["iter_num"] == b["iter_num"] == 40
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
+    for name in a["ema"]:
+        assert torch.equal(a["ema"][name], b["ema"][name]), name
+    assert a["ema"]["n_averaged"] == 40 and not torch.equal(a["ema"]["module.lm_head.weight"], a["model"]["lm_head.weight"])
     assert losses(workdir / "out-a") == losses(workdir / "out-b")
     assert len(losses(workdir / "out-a")[0]) == 40
+    ema_losses = [r["val_loss_ema"] for r in csv.DictReader(open(workdir / "out-b" / "metrics.csv")) if r["val_loss"]]
+    assert len(ema_losses) == 3 and all(float(v) > 0 for v in ema_losses)
+    same = ["--out_dir=out-b", "--temperature=1.0", "--seed=1", "--max_new_tokens=60", "--prompt=The "]
+    assert run("sample.py", *same, "--ema=True", cwd=workdir).stdout != run("sample.py", *same, cwd=workdir).stdout
 
 
 def test_scratch_refuses_to_overwrite_and_resume_checks_what_it_continues(workdir):

@@ -1,0 +1,161 @@
+"""
+Conversations for supervised fine-tuning (SFT) and chat: JSON Lines in, the chat template, the per-token loss
+mask, and the built-in pydocs_chat corpus (questions about Python answered with its reference docs' words).
+
+prepare_bpe.py and prepare_char.py call it for .jsonl input (a file, or a folder of them) or --input=pydocs_chat;
+chat.py renders a conversation with the same `render`, so in chat the model sees exactly what it was trained on.
+
+    python prepare_bpe.py --input=pydocs_chat && python train.py config/sft_pydocs.py
+    python chat.py --out_dir=out-sft-pydocs
+"""
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+
+from configurator import die
+
+ROLES = ("system", "user", "assistant")
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # reserved in every BPE prepare_bpe.py trains
+TEXT_MARKERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}  # GPT-2's and characters' template
+CHAR_END = "\u2404"  # ␄: ends a turn in a character model's template
+
+
+def is_chat_input(spec):
+    return spec == "pydocs_chat" or spec.endswith(".jsonl") or (
+        os.path.isdir(spec) and any(f.endswith(".jsonl") for f in os.listdir(spec)))
+
+
+def read_conversations(spec):
+    """(name, source, conversations) for --input: each conversation a checked list of {role, content} messages."""
+    if spec == "pydocs_chat":
+        return "pydocs_chat", "pydoc_data.topics as questions and answers", pydocs_chat()
+    if os.path.isdir(spec):
+        files = sorted(Path(spec).glob("*.jsonl"))
+    elif os.path.isfile(spec):
+        files = [Path(spec)]
+    else:
+        die(f"--input={spec!r} is not pydocs_chat, a .jsonl file or a folder of them")
+    conversations = []
+    for path in files:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            die(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it, e.g. `iconv -t utf-8`")
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    die(f'{path}:{n} is not JSON ({e}); each line holds one conversation: {{"messages": [...]}}')
+                conversations.append(check_conversation(record, f"{path}:{n}"))
+    if not conversations:
+        die(f"--input={spec} holds no conversations; give JSON Lines of {{\"messages\": [...]}}")
+    return Path(spec).stem if os.path.isfile(spec) else Path(spec).resolve().name, str(Path(spec).resolve()), conversations
+
+
+def check_conversation(record, where):
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        die(f'{where}: expected {{"messages": [{{"role": "user", "content": "..."}}, ...]}}')
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            die(f"{where}: every message needs a role (system, user or assistant) and a string content, not {str(m)[:80]}")
+    if not any(m["role"] == "assistant" for m in messages):
+        die(f"{where}: no assistant message, so nothing to learn from")
+    return [dict(role=m["role"], content=m["content"]) for m in messages]
+
+
+def make_template(tokenizer, kind):
+    """The chat template for a tokenizer, recorded in meta.json and carried by checkpoints: each role's marker as
+    token ids and the id that ends a turn. Our BPE: its reserved special tokens (never produced by text); GPT-2's
+    fixed vocabulary: text markers and <|endoftext|>; characters: text markers and ␄."""
+    if kind == "bpe":
+        ids = [tokenizer.tok.token_to_id(t) for t in CHAT_TOKENS]
+        if None in ids:
+            die("this tokenizer.json has no chat tokens (<|user|>, <|assistant|>, <|end|>); re-prepare the base "
+                "model's data with this version (its BPEs reserve them), or let prepare_bpe.py train a new BPE")
+        return dict(style="special tokens", markers={r: [i] for r, i in zip(ROLES, ids, strict=False)},
+                    end=CHAT_TOKENS[-1], end_id=ids[-1], bos=[tokenizer.bos_id] if tokenizer.bos_id is not None else [])
+    end = "<|endoftext|>" if kind == "gpt2" else CHAR_END
+    return dict(style="text", markers={r: tokenizer.encode(t) for r, t in TEXT_MARKERS.items()}, end=end, bos=[],
+                end_id=tokenizer.eos_id if kind == "gpt2" else tokenizer.encode(CHAR_END)[0])
+
+
+def render(tokenizer, template, role, content):
+    """One message as (token ids, loss mask): its role's marker, its content, the end token; the mask is 1 on
+    an assistant's content and end (what the model learns to produce), 0 elsewhere."""
+    marker, body = template["markers"][role], tokenizer.encode(content) + [template["end_id"]]
+    return marker + body, [0] * len(marker) + [int(role == "assistant")] * len(body)
+
+
+def write_chat_dataset(out_dir, conversations, tokenizer, kind, meta, val_fraction, split, seed):
+    """train/val .bin token ids, _mask.bin (uint8 loss mask) and _starts.bin (int64 offset of each conversation),
+    then meta.json with the template. Whole conversations go to validation: the last ones, or a seeded choice."""
+    template = make_template(tokenizer, kind)
+    bos = template["bos"]  # a conversation starts as in chat.py
+    n_val = max(1, round(len(conversations) * val_fraction))
+    if len(conversations) < 2:
+        die("one conversation cannot be split into train and val; give at least two")
+    order = range(len(conversations))
+    val_set = set(order[-n_val:]) if split == "tail" else set(random.Random(seed).sample(order, n_val))
+    parts = {s: ([], [], []) for s in ("train", "val")}  # ids, mask, starts
+    for i, conversation in enumerate(conversations):
+        ids, mask, starts = parts["val" if i in val_set else "train"]
+        starts.append(len(ids))
+        ids += bos
+        mask += [0] * len(bos)
+        for m in conversation:
+            turn_ids, turn_mask = render(tokenizer, template, m["role"], m["content"])
+            ids += turn_ids
+            mask += turn_mask
+    dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
+    os.makedirs(out_dir, exist_ok=True)
+    for s, (ids, mask, starts) in parts.items():
+        for name, values, kind_ in ((f"{s}.bin", ids, dtype), (f"{s}_mask.bin", mask, np.uint8), (f"{s}_starts.bin", starts, np.int64)):
+            np.asarray(values, dtype=kind_).tofile(os.path.join(out_dir, name + ".tmp"))
+            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    meta.update(chat_template=template, vocab_size=tokenizer.vocab_size, dtype=np.dtype(dtype).name,
+                conversations=len(conversations), val_conversations=n_val, split=split, val_fraction=val_fraction, seed=seed,
+                train_tokens=len(parts["train"][0]), val_tokens=len(parts["val"][0]),
+                train_masked=int(sum(parts["train"][1])), val_masked=int(sum(parts["val"][1])))
+    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+    print(f"{len(conversations):,} conversations ({n_val:,} for validation), {meta['train_tokens']:,} + {meta['val_tokens']:,} "
+          f"tokens, {meta['train_masked']:,} + {meta['val_masked']:,} of them the assistant's (in the loss)")
+    print(f"wrote {out_dir}/train.bin, val.bin, *_mask.bin, *_starts.bin, meta.json ({template['style']} template); "
+          f"train with --dataset={os.path.basename(os.path.normpath(out_dir))}")
+
+
+def pydocs_chat(per_topic=4, turns=3, answer_chars=600, seed=0):
+    """Conversations made from Python's reference docs (pydoc_data.topics): a user asks about a topic in one of a
+    few ways, the assistant answers with the topic's first paragraphs; "tell me more" gets the next ones. Every
+    topic is asked once per round, so the last conversations (validation) ask again about topics seen in training."""
+    from pydoc_data.topics import topics
+    rng = random.Random(seed)
+    asks = ["Tell me about {}.", "What is {}?", "Explain {}.", "What do the docs say about {}?", "How does {} work?"]
+    more = ["Tell me more.", "Go on.", "What else?", "And then?"]
+    answers = {}
+    for key in sorted(topics):
+        title, _, body = topics[key].strip().partition("\n")
+        subject = " ".join(w if '"' in w else w.lower() for w in title.split())
+        chunks, chunk = [], ""
+        for paragraph in body.lstrip("*\n").split("\n\n"):
+            chunk = f"{chunk}\n\n{paragraph}" if chunk else paragraph
+            if len(chunk) >= answer_chars:
+                chunks.append(chunk.strip("\n"))
+                chunk = ""
+        answers[subject] = (chunks + [chunk.strip("\n")] if chunk.strip() else chunks)[:turns]
+    conversations = []
+    for _ in range(per_topic):
+        for subject, chunks in answers.items():
+            messages = [dict(role="user", content=rng.choice(asks).format(subject))]
+            for i, answer in enumerate(chunks):
+                if i:
+                    messages.append(dict(role="user", content=rng.choice(more)))
+                messages.append(dict(role="assistant", content=answer))
+            conversations.append(messages)
+    return conversations

@@ -1,0 +1,118 @@
+"""Supervised fine-tuning on conversations: the chat template and loss mask written by the prepare scripts, windows
+at conversation starts with the masked-out targets ignored, a tiny model that learns a task and answers it in
+chat.py, exact resume, and one clear line for bad JSON Lines."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from chat import Chat
+from common import draw_windows
+from conftest import TINY, run
+from model import GPT, GPTConfig
+from tokenizer import load_tokenizer
+
+PAIRS = {"cat": "meow", "dog": "woof", "cow": "moo", "owl": "hoot", "bee": "buzz", "duck": "quack"}
+
+
+def conversations(copies=8):
+    """The assistant answers an animal with its sound, under a system prompt."""
+    return [{"messages": [{"role": "system", "content": "Sounds."}, {"role": "user", "content": animal},
+                          {"role": "assistant", "content": sound}]}
+            for _ in range(copies) for animal, sound in PAIRS.items()]
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft")
+    (d / "sounds.jsonl").write_text("\n".join(json.dumps(c) for c in conversations()) + "\n", encoding="utf-8")
+    run("prepare_char.py", "--input=sounds.jsonl", "--split=random", cwd=d)
+    run("prepare_bpe.py", "--input=sounds.jsonl", "--vocab_size=300", "--split=random", cwd=d)
+    return d
+
+
+def load(folder, split="train"):
+    meta = json.loads((folder / "meta.json").read_text())
+    data = np.fromfile(folder / f"{split}.bin", dtype=meta["dtype"]).astype(np.int64)
+    mask = np.fromfile(folder / f"{split}_mask.bin", dtype=np.uint8)
+    starts = np.fromfile(folder / f"{split}_starts.bin", dtype=np.int64)
+    tok = load_tokenizer(meta, folder)
+    tok.chat_template = meta["chat_template"]
+    return meta, data, mask, starts, tok
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_prepare_and_chat_render_a_conversation_alike_and_the_mask_covers_the_replies(chat_data, kind):
+    meta, data, mask, starts, tok = load(chat_data / "data" / f"sounds_{kind}")
+    assert len(data) == len(mask) == meta["train_tokens"] and starts[0] == 0 and list(starts) == sorted(starts)
+    ends = list(starts[1:]) + [len(data)]
+    end = meta["chat_template"]["end"]
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=meta["vocab_size"]))
+    for s, e in zip(starts, ends, strict=True):
+        ids, keep = data[s:e].tolist(), mask[s:e]
+        learned = tok.decode([t for t, m in zip(ids, keep, strict=True) if m])
+        assert learned.endswith(end) and learned[:-len(end)] in PAIRS.values()  # the reply and its end token, only
+        animal = next(a for a, sound in PAIRS.items() if learned == sound + end)
+        chat = Chat(model, tok, dict(system_prompt="Sounds.", user_prefix="", assistant_prefix="", seed=0), print)
+        chat.turns = [(animal, PAIRS[animal])]
+        system, turns = chat.transcript()
+        assert system + turns[0] == ids  # chat.py renders it token for token as prepared
+    if kind == "bpe":  # special tokens that text cannot produce: "<|user|>" typed by a user stays text
+        assert meta["chat_template"]["markers"]["user"] == [tok.tok.token_to_id("<|user|>")]
+        assert tok.tok.token_to_id("<|user|>") not in tok.encode("<|user|> hi")
+
+
+def test_windows_start_at_conversations_and_the_loss_counts_only_the_replies(chat_data):
+    meta, data, mask, starts, _ = load(chat_data / "data" / "sounds_char")
+    block = 64  # a conversation is ~45 characters: windows hold a reply and the next conversation's start
+    x, y = draw_windows(data, block, 16, torch.Generator().manual_seed(0), mask, starts)
+    for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
+        s = next(s for s in starts if data[s:s + block].tolist() == row_x[:len(data[s:s + block])])  # a conversation's start
+        for j, target in enumerate(row_y):
+            inside = s + j + 1 < len(data)
+            assert target == (data[s + j + 1] if inside and mask[s + j + 1] else -1)  # -1: user, system, padding
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=block, vocab_size=meta["vocab_size"]))
+    logits, loss = model(x, y)
+    nats = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none", ignore_index=-1)
+    assert torch.allclose(loss, nats[y.view(-1) >= 0].mean())
+    other = x.clone()
+    other[y == -1] = (other[y == -1] + 1) % meta["vocab_size"]  # different tokens where only masked targets were
+    assert torch.equal(draw_windows(data, block, 16, torch.Generator().manual_seed(0), mask, starts)[1], y)
+    assert model(x, torch.full_like(y, -1))[1].item() == 0.0  # a window with nothing to learn adds nothing, not nan
+
+
+def test_a_tiny_model_learns_the_replies_and_chat_answers_them(chat_data):
+    args = ["--dataset=sounds_char", "--block_size=64", "--eval_interval=300", "--learning_rate=1e-2",
+            *[a for a in TINY if not a.startswith(("--block_size", "--learning_rate"))]]
+    run("train.py", "--out_dir=out-sft", "--max_iters=300", *args, cwd=chat_data)
+    ckpt = torch.load(chat_data / "out-sft" / "ckpt.pt", weights_only=True)
+    assert ckpt["meta"]["chat_template"]["end"] == "\u2404"  # the template travels with the checkpoint
+    asked = list(PAIRS)
+    out = run("chat.py", "--out_dir=out-sft", "--temperature=0", "--system_prompt=Sounds.", "--max_new_tokens=8", cwd=chat_data,
+              input="\n".join(asked) + "\n/history\n").stdout
+    replies = out.split("System: ")[0].splitlines()
+    assert replies == [PAIRS[a] for a in asked], out  # each answered, each reply ended at the end token
+    assert f"User: {asked[-1]}\u2404Assistant: {PAIRS[asked[-1]]}\u2404" in out  # /history: the rendered template
+    # resume with masks is exact: 20 straight == 10, then resumed to 20
+    run("train.py", "--out_dir=out-r1", "--max_iters=20", "--lr_decay_iters=20", *args, cwd=chat_data)
+    run("train.py", "--out_dir=out-r2", "--max_iters=10", "--lr_decay_iters=20", *args, cwd=chat_data)
+    run("train.py", "--out_dir=out-r2", "--max_iters=20", "--lr_decay_iters=20", "--init_from=resume", *args, cwd=chat_data)
+    a, b = (torch.load(chat_data / d / "ckpt.pt", weights_only=True)["model"] for d in ("out-r1", "out-r2"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("line,why", [
+    ("{not json", "is not JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', "role (system, user or assistant)"),
+    ('{"text": "hi"}', '"messages"'),
+])
+def test_bad_conversations_are_one_line_naming_the_file_and_line(tmp_path, line, why):
+    good = json.dumps(conversations(1)[0])
+    (tmp_path / "bad.jsonl").write_text(f"{good}\n{line}\n", encoding="utf-8")
+    for script in ("prepare_char.py", "prepare_bpe.py"):
+        proc = run(script, "--input=bad.jsonl", cwd=tmp_path, ok=False)
+        assert why in proc.stderr and "bad.jsonl:2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
