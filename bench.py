@@ -21,6 +21,7 @@ from `args`): one training step (forward, backward, AdamW) on random tokens, or 
 import ast
 import csv
 import itertools
+import math
 import os
 import re
 import shlex
@@ -71,7 +72,8 @@ def one_run(extra):
             rows = list(csv.DictReader(f))
     done = re.search(r"iterations, best val loss [\d.]+, ([\d.]+) s of training", proc.stdout)
     steps = [r for r in rows if r["ms_per_iter"]]
-    return dict(val_loss=float([r for r in rows if r["val_loss"]][-1]["val_loss"]),
+    last_eval = [r for r in rows if r["val_loss"]][-1]
+    return dict(val_loss=float(last_eval["val_loss"]), val_loss_ema=float(last_eval.get("val_loss_ema") or "nan"),
                 val_bpb=float([r for r in rows if r["val_bpb"]][-1]["val_bpb"]),
                 train_s=float(done.group(1)) if done else float("nan"), wall_s=wall,
                 ms_per_iter=statistics.median(float(r["ms_per_iter"]) for r in steps) if steps else float("nan"),
@@ -217,12 +219,12 @@ if __name__ == "__main__":
         raise SystemExit
     if grid:
         variants = sweep_variants(grid)
-    keys = ["val_loss", "val_bpb", "train_s", "wall_s", "ms_per_iter", "tok_per_s"]
+    keys = ["val_loss", "val_bpb", "train_s", "wall_s", "ms_per_iter", "tok_per_s", "val_loss_ema"]
     csv_path = results_csv or ("sweep.csv" if grid else "")
     done = {}  # (variant, run) -> figures already in csv_path: a killed sweep resumes where it stopped
     if csv_path and os.path.isfile(csv_path):
         with open(csv_path, newline="", encoding="utf-8") as f:
-            done = {(r["variant"], int(r["run"])): {k: float(r[k]) for k in keys} for r in csv.DictReader(f)}
+            done = {(r["variant"], int(r["run"])): {k: float(r.get(k) or "nan") for k in keys} for r in csv.DictReader(f)}
     results = {v: [] for v in variants}
     for i in range(runs):
         for v in variants:
@@ -244,8 +246,9 @@ if __name__ == "__main__":
         med = dict(sorted(med.items(), key=lambda kv: kv[1]["val_loss"]))
     base = med[variants[0]]
     print(f"train.py {args} — medians of {runs} runs")
-    print("| variant | val loss | val bpb | train s | wall s | ms/iter | tok/s | ms/iter vs baseline |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | val loss | val bpb | train s | wall s | ms/iter | tok/s | ms/iter vs baseline | val loss of the EMA |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for v, m in med.items():
+        ema = "—" if math.isnan(m["val_loss_ema"]) else f"{m['val_loss_ema']:.4f}"
         print(f"| {v or 'baseline'} | {m['val_loss']:.4f} | {m['val_bpb']:.4f} | {m['train_s']:.1f} | {m['wall_s']:.1f} | "
-              f"{m['ms_per_iter']:.1f} | {m['tok_per_s']:,.0f} | {m['ms_per_iter'] / base['ms_per_iter']:.2f}x |")
+              f"{m['ms_per_iter']:.1f} | {m['tok_per_s']:,.0f} | {m['ms_per_iter'] / base['ms_per_iter']:.2f}x | {ema} |")

@@ -175,6 +175,29 @@ def write_run_meta(path, iter_num, info):
         json.dump(info, f, indent=1)
 
 
+def check_bins(data_dir, meta, block_size):
+    """Stop with one line unless data_dir's bins are whole, long enough for a window, within the vocabulary and, for
+    conversations, have masks and starts that match and some reply within a window of a conversation's start."""
+    dtype = np.dtype(meta["dtype"])
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        size = os.path.getsize(path) if os.path.isfile(path) else -1
+        if size < 0 or size % dtype.itemsize:
+            die(f"{path} is {'missing' if size < 0 else 'not a whole number of ' + meta['dtype'] + ' tokens'}; prepare the dataset again")
+        if size // dtype.itemsize <= block_size:
+            die(f"{path} has {size // dtype.itemsize} tokens, fewer than block_size+1={block_size + 1}; lower --block_size")
+        if (top := int(np.memmap(path, dtype=dtype, mode="r")[:1 << 20].max())) >= meta["vocab_size"]:  # get_batch checks the rest
+            die(f"{path} holds token id {top}, beyond meta.json's vocab_size={meta['vocab_size']}; prepare the dataset again")
+        if "chat_template" not in meta:
+            continue
+        mask, starts = (os.path.join(data_dir, f"{split}_{part}.bin") for part in ("mask", "starts"))
+        if not (os.path.isfile(mask) and os.path.isfile(starts) and os.path.getsize(mask) == size // dtype.itemsize):
+            die(f"{mask} or {starts} is missing or does not match {split}.bin; prepare the dataset again")
+        if not any(np.memmap(mask, mode="r")[s + 1:s + block_size + 1].any() for s in np.fromfile(starts, np.int64)[:1000]):
+            die(f"in {path} no reply starts within block_size={block_size} tokens of its conversation's start, so there is "
+                f"nothing to learn; raise --block_size")
+
+
 def draw_windows(data, block_size, batch_size, gen, mask=None, starts=None):
     """Inputs and targets x, y (batch_size, block_size) int64 from windows of `data` at random offsets, or, for
     conversations, at random conversation `starts`; targets the `mask` leaves out (0: system and user turns) are

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from configurator import POSITIVE, check, configure, die
 from prepare_char import check_out_dir, find_documents
-from sft import CHAT_TOKENS, is_chat_input, read_conversations, write_chat_dataset
+from sft import CHAT_TOKENS, is_chat_input, make_template, read_conversations, write_chat_dataset
 from tokenizer import BOS, EOS, UNK, BPETokenizer, TiktokenTokenizer, gpt2_encoding
 
 # -----------------------------------------------------------------------------
@@ -276,12 +276,13 @@ if __name__ == "__main__":
     out_dir = out_dir or os.path.join("data", f"{name}_{suffix}")
     check_out_dir(out_dir, source)
     if conversations is not None:
+        template = make_template(tok, kind)  # checked before anything is written
         os.makedirs(out_dir, exist_ok=True)
         if kind == "bpe":
             tok.tok.save(os.path.join(out_dir, "tokenizer.json"))
         meta = dict(tokenizer=kind, tokenizer_file="tokenizer.json" if kind == "bpe" else None,
                     word_level=getattr(tok, "word_level", False), bos_id=tok.bos_id, eos_id=tok.eos_id, source=source)
-        write_chat_dataset(out_dir, conversations, tok, kind, meta, val_fraction, split, seed)
+        write_chat_dataset(out_dir, conversations, tok, template, meta, val_fraction, split, seed)
         raise SystemExit
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
     bos = [] if no_bos_eos or tok.bos_id is None or tok.bos_id == tok.eos_id else [tok.bos_id]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from configurator import POSITIVE, check, configure, die
-from sft import CHAR_END, TEXT_MARKERS, is_chat_input, read_conversations, write_chat_dataset
+from sft import CHAR_END, TEXT_MARKERS, is_chat_input, make_template, read_conversations, write_chat_dataset
 from tokenizer import CharTokenizer
 
 # -----------------------------------------------------------------------------
@@ -177,7 +177,8 @@ if __name__ == "__main__":
         check_out_dir(out_dir, source)
         meta = dict(tokenizer="char", vocab=chars, sanitize=sanitize, collapse_whitespace=collapse_whitespace,
                     lowercase=lowercase, source=source)
-        write_chat_dataset(out_dir, conversations, CharTokenizer(chars), "char", meta, val_fraction, split, seed)
+        tok = CharTokenizer(chars)
+        write_chat_dataset(out_dir, conversations, tok, make_template(tok, "char"), meta, val_fraction, split, seed)
         raise SystemExit
     name, source, docs = find_documents(input)
     text = clean("".join(read_document(d) for d in docs))

@@ -52,8 +52,8 @@ def read_conversations(spec):
                 except ValueError as e:
                     die(f'{path}:{n} is not JSON ({e}); each line holds one conversation: {{"messages": [...]}}')
                 conversations.append(check_conversation(record, f"{path}:{n}"))
-    if not conversations:
-        die(f"--input={spec} holds no conversations; give JSON Lines of {{\"messages\": [...]}}")
+    if len(conversations) < 2:
+        die(f"--input={spec} holds {len(conversations)} conversation(s); give at least two (one for validation)")
     return Path(spec).stem if os.path.isfile(spec) else Path(spec).resolve().name, str(Path(spec).resolve()), conversations
 
 
@@ -92,14 +92,11 @@ def render(tokenizer, template, role, content):
     return marker + body, [0] * len(marker) + [int(role == "assistant")] * len(body)
 
 
-def write_chat_dataset(out_dir, conversations, tokenizer, kind, meta, val_fraction, split, seed):
+def write_chat_dataset(out_dir, conversations, tokenizer, template, meta, val_fraction, split, seed):
     """train/val .bin token ids, _mask.bin (uint8 loss mask) and _starts.bin (int64 offset of each conversation),
     then meta.json with the template. Whole conversations go to validation: the last ones, or a seeded choice."""
-    template = make_template(tokenizer, kind)
     bos = template["bos"]  # a conversation starts as in chat.py
     n_val = max(1, round(len(conversations) * val_fraction))
-    if len(conversations) < 2:
-        die("one conversation cannot be split into train and val; give at least two")
     order = range(len(conversations))
     val_set = set(order[-n_val:]) if split == "tail" else set(random.Random(seed).sample(order, n_val))
     parts = {s: ([], [], []) for s in ("train", "val")}  # ids, mask, starts

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from common import (
     StopSignals,
     autocast,
+    check_bins,
     draw_windows,
     load_checkpoint,
     lock_out_dir,
@@ -225,21 +226,7 @@ except ValueError as e:
     die(str(e))
 tokens_per_iter = batch_size * block_size * world_size * accum_steps
 
-for split in ("train", "val"):
-    path = os.path.join(data_dir, f"{split}.bin")
-    size = os.path.getsize(path) if os.path.isfile(path) else -1
-    if size < 0 or size % token_dtype.itemsize:
-        die(f"{path} is {'missing' if size < 0 else 'not a whole number of ' + meta['dtype'] + ' tokens'}; prepare the dataset again")
-    if size // token_dtype.itemsize <= block_size:
-        die(f"{path} has {size // token_dtype.itemsize} tokens, fewer than block_size+1={block_size + 1}; lower --block_size")
-    if (top := int(np.memmap(path, dtype=token_dtype, mode="r")[:1 << 20].max())) >= meta["vocab_size"]:  # get_batch checks the rest
-        die(f"{path} holds token id {top}, beyond meta.json's vocab_size={meta['vocab_size']}; prepare the dataset again")
-    parts = [os.path.join(data_dir, f"{split}_{part}.bin") for part in ("mask", "starts")]
-    if masked and not (all(map(os.path.isfile, parts)) and os.path.getsize(parts[0]) == size // token_dtype.itemsize):
-        die(f"{parts[0]} or {parts[1]} is missing or does not match {split}.bin; prepare the dataset again")
-    if masked and not any(np.memmap(parts[0], mode="r")[s + 1:s + block_size + 1].any() for s in np.fromfile(parts[1], np.int64)[:1000]):
-        die(f"in data/{dataset}/{split}.bin no reply starts within block_size={block_size} tokens of its conversation's "
-            f"start, so there is nothing to learn; raise --block_size")
+check_bins(data_dir, meta, block_size)
 
 # one run per out_dir: rank 0 holds a lock on it until the process ends; every rank stops if it is taken
 lock, busy = lock_out_dir(out_dir, probe=eval_only) if master else (None, None)

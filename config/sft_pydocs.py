@@ -7,7 +7,7 @@
 #   python train.py config/sft_pydocs.py --init_from=out-bpe-small
 out_dir = "out-sft-pydocs"
 dataset = "pydocs_chat_bpe"  # 316 conversations (~120 K tokens) from prepare_bpe.py --input=pydocs_chat
-eval_interval = 200
+eval_interval = 100
 eval_iters = 40
 log_interval = 50
 # 16 conversations (packed to 256 tokens, starting at a conversation's start) per step
@@ -22,7 +22,7 @@ dropout = 0.1
 optimizer = "muon"
 muon_lr = 0.02
 learning_rate = 2e-3
-max_iters = 800
+max_iters = 300
 warmup_iters = 50
 min_lr = 2e-4
 beta2 = 0.99

@@ -189,7 +189,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused(workdir):
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     table = rows(workdir / "out-locked")  # one writer: a clean table, iterations in order
-    assert all(None not in r and len(r) == 11 for r in table)
+    assert all(None not in r and len(r) == 12 for r in table)  # as many fields as the header, no line cut or merged
     assert [int(r["iter"]) for r in table] == sorted(int(r["iter"]) for r in table) and int(table[-1]["iter"]) == 400
     run("train.py", *BASE, "--max_iters=402", "--init_from=resume", "--out_dir=out-locked", cwd=workdir)  # free again
 

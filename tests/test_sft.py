@@ -42,18 +42,22 @@ def load(folder, split="train"):
     return meta, data, mask, starts, tok
 
 
-@pytest.mark.parametrize("kind", ["char", "bpe"])
-def test_prepare_and_chat_render_a_conversation_alike_and_the_mask_covers_the_replies(chat_data, kind):
+@pytest.mark.parametrize("kind", ["char", "bpe", "gpt2"])
+def test_prepare_and_chat_render_a_conversation_alike_and_the_mask_covers_the_replies(chat_data, kind, monkeypatch):
+    if kind == "gpt2":  # GPT-2's tokens, from a small stand-in encoding (no download)
+        from test_prepare_bpe import small_tiktoken
+        monkeypatch.setattr("tokenizer.gpt2_encoding", small_tiktoken)
+        run("prepare_bpe.py", "--input=sounds.jsonl", "--tokenizer=gpt2", "--split=random", cwd=chat_data)
     meta, data, mask, starts, tok = load(chat_data / "data" / f"sounds_{kind}")
     assert len(data) == len(mask) == meta["train_tokens"] and starts[0] == 0 and list(starts) == sorted(starts)
+    assert meta["chat_template"]["style"] == ("special tokens" if kind == "bpe" else "text")
     ends = list(starts[1:]) + [len(data)]
-    end = meta["chat_template"]["end"]
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=meta["vocab_size"]))
     for s, e in zip(starts, ends, strict=True):
         ids, keep = data[s:e].tolist(), mask[s:e]
-        learned = tok.decode([t for t, m in zip(ids, keep, strict=True) if m])
-        assert learned.endswith(end) and learned[:-len(end)] in PAIRS.values()  # the reply and its end token, only
-        animal = next(a for a, sound in PAIRS.items() if learned == sound + end)
+        learned = [t for t, m in zip(ids, keep, strict=True) if m]  # the reply and its end token, only
+        assert learned[-1] == meta["chat_template"]["end_id"] and tok.decode(learned[:-1]) in PAIRS.values()
+        animal = next(a for a, sound in PAIRS.items() if tok.decode(learned[:-1]) == sound)
         chat = Chat(model, tok, dict(system_prompt="Sounds.", user_prefix="", assistant_prefix="", seed=0), print)
         chat.turns = [(animal, PAIRS[animal])]
         system, turns = chat.transcript()
@@ -116,3 +120,16 @@ def test_bad_conversations_are_one_line_naming_the_file_and_line(tmp_path, line,
         proc = run(script, "--input=bad.jsonl", cwd=tmp_path, ok=False)
         assert why in proc.stderr and "bad.jsonl:2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_a_tokenizer_without_chat_tokens_is_refused_before_anything_is_written(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    old = Tokenizer(models.BPE())
+    old.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    old.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(
+        vocab_size=270, special_tokens=["<|bos|>", "<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    old.save(str(tmp_path / "old.json"))  # an older BPE: no <|user|> etc.
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(c) for c in conversations(1)), encoding="utf-8")
+    proc = run("prepare_bpe.py", "--input=c.jsonl", "--tokenizer=old.json", cwd=tmp_path, ok=False)
+    assert "no chat tokens" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.*"))
