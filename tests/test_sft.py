@@ -99,10 +99,11 @@ def test_a_tiny_model_learns_the_replies_and_chat_answers_them(chat_data):
     replies = out.split("System: ")[0].splitlines()
     assert replies == [PAIRS[a] for a in asked], out  # each answered, each reply ended at the end token
     assert f"User: {asked[-1]}\u2404Assistant: {PAIRS[asked[-1]]}\u2404" in out  # /history: the rendered template
-    # resume with masks is exact: 20 straight == 10, then resumed to 20
-    run("train.py", "--out_dir=out-r1", "--max_iters=20", "--lr_decay_iters=20", *args, cwd=chat_data)
-    run("train.py", "--out_dir=out-r2", "--max_iters=10", "--lr_decay_iters=20", *args, cwd=chat_data)
-    run("train.py", "--out_dir=out-r2", "--max_iters=20", "--lr_decay_iters=20", "--init_from=resume", *args, cwd=chat_data)
+    # resume with masks is exact: 6 steps straight == 3, then resumed to 6
+    args[args.index("--eval_interval=300")] = "--eval_interval=3"
+    run("train.py", "--out_dir=out-r1", "--max_iters=6", "--lr_decay_iters=6", *args, cwd=chat_data)
+    run("train.py", "--out_dir=out-r2", "--max_iters=3", "--lr_decay_iters=6", *args, cwd=chat_data)
+    run("train.py", "--out_dir=out-r2", "--max_iters=6", "--lr_decay_iters=6", "--init_from=resume", *args, cwd=chat_data)
     a, b = (torch.load(chat_data / d / "ckpt.pt", weights_only=True)["model"] for d in ("out-r1", "out-r2"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
