@@ -184,7 +184,7 @@ def check_bins(data_dir, meta, block_size):
         size = os.path.getsize(path) if os.path.isfile(path) else -1
         if size < 0 or size % dtype.itemsize:
             die(f"{path} is {'missing' if size < 0 else 'not a whole number of ' + meta['dtype'] + ' tokens'}; prepare the dataset again")
-        if size // dtype.itemsize <= block_size:
+        if size // dtype.itemsize <= block_size and "chat_template" not in meta:  # conversations are padded
             die(f"{path} has {size // dtype.itemsize} tokens, fewer than block_size+1={block_size + 1}; lower --block_size")
         if (top := int(np.memmap(path, dtype=dtype, mode="r")[:1 << 20].max())) >= meta["vocab_size"]:  # get_batch checks the rest
             die(f"{path} holds token id {top}, beyond meta.json's vocab_size={meta['vocab_size']}; prepare the dataset again")

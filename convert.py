@@ -256,6 +256,9 @@ def export_tokenizer(meta, dest, block_size):
         specials = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     tok.save(os.path.join(dest, "tokenizer.json"))
     specials = {k: v for k, v in specials.items() if tok.token_to_id(v) is not None}
+    if meta.get("chat_template"):  # a fine-tuned chat model: apply_chat_template renders as chat.py does
+        from sft import jinja
+        specials["chat_template"] = jinja(meta["chat_template"])
     with open(os.path.join(dest, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(dict(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False,
                        model_max_length=block_size, add_bos_token=False, **specials), f, indent=1)

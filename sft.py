@@ -85,6 +85,15 @@ def make_template(tokenizer, kind):
                 end_id=tokenizer.eos_id if kind == "gpt2" else tokenizer.encode(CHAR_END)[0])
 
 
+def jinja(template):
+    """The template as Hugging Face's `chat_template` (Jinja) for an exported tokenizer, so transformers'
+    apply_chat_template gives the ids render() gives."""
+    marks = dict(zip(ROLES, CHAT_TOKENS, strict=False)) if template["style"] == "special tokens" else TEXT_MARKERS
+    return ("{{ bos_token }}" if template["bos"] else "") + f"{{% set marks = {json.dumps(marks)} %}}" + (
+        "{% for m in messages %}{{ marks[m['role']] }}{{ m['content'] }}" + template["end"] + "{% endfor %}"
+        "{% if add_generation_prompt %}{{ marks['assistant'] }}{% endif %}")
+
+
 def render(tokenizer, template, role, content):
     """One message as (token ids, loss mask): its role's marker, its content, the end token; the mask is 1 on
     an assistant's content and end (what the model learns to produce), 0 elsewhere."""

@@ -134,3 +134,23 @@ def test_a_tokenizer_without_chat_tokens_is_refused_before_anything_is_written(t
     proc = run("prepare_bpe.py", "--input=c.jsonl", "--tokenizer=old.json", cwd=tmp_path, ok=False)
     assert "no chat tokens" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.*"))
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_an_exported_chat_model_renders_conversations_as_chat_does_in_transformers(chat_data, kind):
+    """convert.py writes the template as tokenizer_config.json's chat_template: transformers' apply_chat_template
+    gives the token ids chat.py feeds the model."""
+    transformers = pytest.importorskip("transformers")
+    run("train.py", f"--dataset=sounds_{kind}", f"--out_dir=out-export-{kind}", "--max_iters=1", "--eval_interval=1",
+        "--block_size=64", *[a for a in TINY if not a.startswith("--block_size")], cwd=chat_data)
+    run("convert.py", f"--out_dir=out-export-{kind}", "--to=hf", f"--dest=hf-{kind}", cwd=chat_data)
+    hf = transformers.AutoTokenizer.from_pretrained(str(chat_data / f"hf-{kind}"))
+    messages = [dict(role="system", content="Sounds."), dict(role="user", content="cat"),
+                dict(role="assistant", content="meow"), dict(role="user", content="dog")]
+    ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    meta, *_, tok = load(chat_data / "data" / f"sounds_{kind}")
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=meta["vocab_size"]))
+    chat = Chat(model, tok, dict(system_prompt="Sounds.", user_prefix="", assistant_prefix="", seed=0), print)
+    chat.turns = [("cat", "meow")]
+    system, turns = chat.transcript("dog")
+    assert list(ids) == system + [t for turn in turns for t in turn]
