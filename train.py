@@ -248,7 +248,7 @@ def get_batch(split, step, k):
     mask, starts = None, None
     if masked:
         mask = np.memmap(os.path.join(data_dir, f"{split}_mask.bin"), dtype=np.uint8, mode="r")
-        starts = np.fromfile(os.path.join(data_dir, f"{split}_starts.bin"), dtype=np.int64)
+        starts = np.memmap(os.path.join(data_dir, f"{split}_starts.bin"), dtype=np.int64, mode="r")
     x, y = draw_windows(data, block_size, batch_size, gen, mask, starts)
     if y.max() >= meta["vocab_size"] or x[:, 0].max() >= meta["vocab_size"]:
         die(f"data/{dataset}/{split}.bin holds token id {max(x.max(), y.max())}, beyond its meta.json's vocab_size="
