@@ -424,14 +424,33 @@ def load_source(spec, meta_path=""):
     return dict(model_config=ckpt["model_config"], model=state, meta=ckpt.get("meta"))
 
 
+def extends_vocab(old, new):
+    """True when the vocabulary of `new` (a dataset's meta) keeps every token of `old` (a model's) at its id and
+    adds more after them (prepare_char --vocab_from, chat tokens added to an older BPE)."""
+    if not old or old.get("tokenizer") != new.get("tokenizer") or new["vocab_size"] <= old["vocab_size"]:
+        return False
+    if old["tokenizer"] == "char":
+        return new["vocab"][:len(old["vocab"])] == old["vocab"]
+    if old["tokenizer"] == "bpe" and "tokenizer_json" in old and "tokenizer_json" in new:
+        from tokenizers import Tokenizer
+        ours, theirs = (Tokenizer.from_str(m["tokenizer_json"]).get_vocab() for m in (old, new))
+        return all(theirs.get(token) == i for token, i in ours.items())
+    return False
+
+
 def warm_start(source, overrides):
     """(GPTConfig, state dict) to start a run from `source`: its architecture with the given fields overridden
-    (dropout, and block_size lowered as nanoGPT crops it; learned positions cannot grow)."""
+    (dropout, and block_size lowered as nanoGPT crops it; learned positions cannot grow; a larger vocab_size adds
+    embedding rows, each the mean of the learned ones, for the tokens an extended vocabulary adds)."""
     fields = {k: v for k, v in source["model_config"].items() if k in MODEL_FIELDS}
     if "model_type" in overrides:
         fields.update(PRESETS[overrides.pop("model_type")])
     fields.update(overrides)
     state = dict(source["model"])
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        if key in state and len(state[key]) < fields["vocab_size"]:
+            rows = state[key]
+            state[key] = torch.cat([rows, rows.mean(0, keepdim=True).expand(fields["vocab_size"] - len(rows), -1)])
     wpe = state.get("transformer.wpe.weight")
     if wpe is not None and fields["block_size"] != len(wpe):
         if fields["block_size"] > len(wpe):

@@ -276,7 +276,12 @@ if __name__ == "__main__":
     out_dir = out_dir or os.path.join("data", f"{name}_{suffix}")
     check_out_dir(out_dir, source)
     if conversations is not None:
-        template = make_template(tok, kind)  # checked before anything is written
+        if kind == "bpe" and None in map(tok.tok.token_to_id, CHAT_TOKENS):  # an older BPE: chat tokens added after it
+            tok.tok.add_special_tokens(list(CHAT_TOKENS))
+            tok = BPETokenizer(tok.tok)
+            print(f"added {', '.join(CHAT_TOKENS)} to the tokenizer (ids from {tok.vocab_size - len(CHAT_TOKENS)}); a model "
+                  f"trained with the old one grows its embeddings for them when it is warm-started on this data")
+        template = make_template(tok, kind)
         os.makedirs(out_dir, exist_ok=True)
         if kind == "bpe":
             tok.tok.save(os.path.join(out_dir, "tokenizer.json"))

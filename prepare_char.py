@@ -33,6 +33,7 @@ seed = 1337  # seed for split=random
 sanitize = ""  # '' (keep the text as it is) | basic (curly quotes, dashes, odd spaces to ASCII; control characters dropped)
 collapse_whitespace = False  # runs of spaces/tabs to one space, 3+ newlines to 2
 lowercase = False  # lowercase everything (a smaller vocabulary)
+vocab_from = ""  # a prepared dataset (data/NAME) whose characters keep their ids, new ones after them (to fine-tune its models)
 # -----------------------------------------------------------------------------
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -140,6 +141,23 @@ def clean(text):
     return text.lower() if lowercase else text
 
 
+def vocabulary(text):
+    """The characters of text, sorted; with --vocab_from, that dataset's characters first, at their ids, and only
+    the new ones after them, so a model trained on it can be fine-tuned here (train.py grows its embeddings)."""
+    chars = sorted(set(text))
+    if not vocab_from:
+        return chars
+    path = os.path.join(vocab_from, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            base = json.load(f)["vocab"]
+        assert isinstance(base, list) and all(isinstance(c, str) and len(c) == 1 for c in base)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        die(f"--vocab_from={vocab_from}: no character dataset's meta.json there; give a folder prepare_char.py wrote")
+    known = set(base)
+    return base + [c for c in chars if c not in known]
+
+
 def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
@@ -172,7 +190,7 @@ if __name__ == "__main__":
         name, source, conversations = read_conversations(input)
         for m in (m for c in conversations for m in c):
             m["content"] = clean(m["content"])
-        chars = sorted(set("".join(m["content"] for c in conversations for m in c) + "".join(TEXT_MARKERS.values()) + CHAR_END))
+        chars = vocabulary("".join(m["content"] for c in conversations for m in c) + "".join(TEXT_MARKERS.values()) + CHAR_END)
         out_dir = out_dir or os.path.join("data", f"{name}_char")
         check_out_dir(out_dir, source)
         meta = dict(tokenizer="char", vocab=chars, sanitize=sanitize, collapse_whitespace=collapse_whitespace,
@@ -187,7 +205,7 @@ if __name__ == "__main__":
     train_text, val_text = split_text(text, val_fraction, split, chunk_size, seed)
     if len(train_text) < 2 or len(val_text) < 2:
         die(f"--input={input} ({len(text)} characters) is too small to split with val_fraction={val_fraction}")
-    chars = sorted(set(text))
+    chars = vocabulary(text)
     if len(chars) > 65535:
         die(f"{len(chars)} distinct characters do not fit uint16; use prepare_bpe.py for this corpus")
     stoi = {c: i for i, c in enumerate(chars)}

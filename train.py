@@ -42,7 +42,7 @@ from common import (
     write_run_meta,
 )
 from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, check, configure, die
-from convert import describe_vocab, load_source, load_weights, warm_start
+from convert import describe_vocab, extends_vocab, load_source, load_weights, warm_start
 from model import GPT, MODEL_FIELDS, config_from_preset
 from tokenizer import load_tokenizer
 
@@ -210,7 +210,8 @@ vocab_keys = ("tokenizer", "vocab_size", "vocab", "tokenizer_json")
 if ckpt is not None and any(ckpt["meta"].get(k) != meta.get(k) for k in vocab_keys):
     die(f"data/{dataset} has a different vocabulary from the one {ckpt_path} was trained with; "
         f"re-prepare the same data or start a new --out_dir")
-if source and source["meta"] and any(source["meta"].get(k) != meta.get(k) for k in vocab_keys):
+grown = bool(source) and extends_vocab(source["meta"], meta)  # the source's tokens, and new ones after them
+if source and source["meta"] and any(source["meta"].get(k) != meta.get(k) for k in vocab_keys) and not grown:
     die(f"--init_from={init_from} reads {describe_vocab(source['meta'])} but data/{dataset} holds "
         f"{describe_vocab(meta)}; prepare the data with its tokenizer"
         + (" (python prepare_bpe.py --input=... --tokenizer=gpt2)" if source["meta"]["tokenizer"] == "gpt2" else ""))
@@ -273,7 +274,8 @@ else:
             model_config = config_from_preset(model_type, **model_settings, vocab_size=meta["vocab_size"])
         else:  # the source's fields, but those set here (and dropout) win
             overrides = {k: config[k] for k in explicit & (set(MODEL_FIELDS) | {"model_type"})}
-            model_config, weights = warm_start(source, {**overrides, "dropout": dropout})
+            grow = dict(vocab_size=meta["vocab_size"]) if grown else {}
+            model_config, weights = warm_start(source, {**overrides, "dropout": dropout, **grow})
     except ValueError as e:
         die(str(e))
     if model_config.vocab_size < meta["vocab_size"]:

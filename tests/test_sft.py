@@ -123,17 +123,38 @@ def test_bad_conversations_are_one_line_naming_the_file_and_line(tmp_path, line,
         assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
 
-def test_a_tokenizer_without_chat_tokens_is_refused_before_anything_is_written(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    old = Tokenizer(models.BPE())
-    old.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    old.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(
-        vocab_size=270, special_tokens=["<|bos|>", "<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    old.save(str(tmp_path / "old.json"))  # an older BPE: no <|user|> etc.
-    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(c) for c in conversations(1)), encoding="utf-8")
-    proc = run("prepare_bpe.py", "--input=c.jsonl", "--tokenizer=old.json", cwd=tmp_path, ok=False)
-    assert "no chat tokens" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.*"))
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_a_base_model_with_an_older_vocabulary_is_fine_tuned_with_grown_embeddings(tmp_path, kind):
+    """A base model whose vocabulary lacks the template's tokens (a BPE from before the chat tokens, characters
+    without the end mark): the chat data keeps the base's ids and adds the new tokens after them, and the warm start
+    keeps every learned embedding row, the new rows starting at their mean."""
+    (tmp_path / "base.txt").write_text("the cat says meow and the dog says woof.\n" * 100, encoding="utf-8")
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(c) for c in conversations(2)), encoding="utf-8")
+    if kind == "bpe":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        old = Tokenizer(models.BPE())
+        old.pre_tokenizer, old.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        old.train_from_iterator(["the cat says meow"] * 5, trainers.BpeTrainer(
+            vocab_size=270, special_tokens=["<|bos|>", "<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        old.save(str(tmp_path / "old.json"))  # an older BPE: no <|user|> etc.
+        run("prepare_bpe.py", "--input=base.txt", "--tokenizer=old.json", cwd=tmp_path)
+        out = run("prepare_bpe.py", "--input=c.jsonl", "--tokenizer=old.json", cwd=tmp_path).stdout
+        assert "added <|system|>, <|user|>, <|assistant|>, <|end|>" in out
+    else:
+        run("prepare_char.py", "--input=base.txt", cwd=tmp_path)
+        run("prepare_char.py", "--input=c.jsonl", "--vocab_from=data/base_char", cwd=tmp_path)
+    base, chat = (json.loads((tmp_path / "data" / f"{n}_{kind}" / "meta.json").read_text()) for n in ("base", "c"))
+    assert chat["chat_template"]["end_id"] >= base["vocab_size"]  # new tokens come after the base's
+    args = ["--block_size=64", *[a for a in TINY if not a.startswith(("--block_size", "--learning_rate", "--min_lr"))]]
+    run("train.py", f"--dataset=base_{kind}", "--out_dir=out-base", "--max_iters=2", "--eval_interval=2", *args, cwd=tmp_path)
+    frozen = ["--learning_rate=0", "--min_lr=0", "--weight_decay=0"]  # one step that changes nothing: compare the rows
+    run("train.py", f"--dataset=c_{kind}", "--init_from=out-base", "--out_dir=out-sft", "--max_iters=1", "--eval_interval=1",
+        *args, *frozen, cwd=tmp_path)
+    old_rows, new_rows = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"]["transformer.wte.weight"]
+                          for d in ("out-base", "out-sft"))
+    assert len(new_rows) == chat["vocab_size"] > len(old_rows) == base["vocab_size"]
+    assert torch.equal(new_rows[:len(old_rows)], old_rows)
+    assert torch.allclose(new_rows[len(old_rows):], old_rows.mean(0).expand(len(new_rows) - len(old_rows), -1))
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
