@@ -193,7 +193,8 @@ def check_bins(data_dir, meta, block_size):
         mask, starts = (os.path.join(data_dir, f"{split}_{part}.bin") for part in ("mask", "starts"))
         if not (os.path.isfile(mask) and os.path.isfile(starts) and os.path.getsize(mask) == size // dtype.itemsize):
             die(f"{mask} or {starts} is missing or does not match {split}.bin; prepare the dataset again")
-        if not any(np.memmap(mask, mode="r")[s + 1:s + block_size + 1].any() for s in np.fromfile(starts, np.int64)[:1000]):
+        loss_mask = np.memmap(mask, mode="r")
+        if not any(loss_mask[s + 1:s + block_size + 1].any() for s in np.fromfile(starts, np.int64, count=1000)):
             die(f"in {path} no reply starts within block_size={block_size} tokens of its conversation's start, so there is "
                 f"nothing to learn; raise --block_size")
 

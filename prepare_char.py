@@ -111,16 +111,15 @@ def split_text(text, val_fraction, split, chunk_size, seed):
     return train, "".join(c for i, c in enumerate(chunks) if i in val_ids)
 
 
-def write_dataset(out_dir, train_ids, val_ids, meta):
-    """Write the bins and meta.json via temporary files, so a failure leaves no half dataset."""
+def write_dataset(out_dir, arrays, meta):
+    """Write the arrays ({file name: numpy array}, e.g. train.bin) and meta.json via temporary files, so a failure
+    leaves no half dataset."""
     os.makedirs(out_dir, exist_ok=True)
-    dtype = np.dtype(meta["dtype"])
-    files = {"train.bin": train_ids, "val.bin": val_ids}
-    for fname, ids in files.items():
-        np.asarray(ids, dtype=dtype).tofile(os.path.join(out_dir, fname + ".tmp"))
+    for fname, values in arrays.items():
+        values.tofile(os.path.join(out_dir, fname + ".tmp"))
     with open(os.path.join(out_dir, "meta.json.tmp"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1, ensure_ascii=False)
-    for fname in list(files) + ["meta.json"]:
+    for fname in list(arrays) + ["meta.json"]:
         os.replace(os.path.join(out_dir, fname + ".tmp"), os.path.join(out_dir, fname))
 
 
@@ -217,7 +216,8 @@ if __name__ == "__main__":
                 train_tokens=len(train_text), val_tokens=len(val_text),
                 train_bytes=len(train_text.encode("utf-8")), val_bytes=len(val_text.encode("utf-8")),
                 source=source, split=split, val_fraction=val_fraction, seed=seed)
-    write_dataset(out_dir, [stoi[c] for c in train_text], [stoi[c] for c in val_text], meta)
+    write_dataset(out_dir, {"train.bin": np.array([stoi[c] for c in train_text], dtype=np.uint16),
+                            "val.bin": np.array([stoi[c] for c in val_text], dtype=np.uint16)}, meta)
     print(f"{source}: {len(text):,} characters, {len(docs):,} documents, vocab {len(chars)}")
     print(f"wrote {out_dir}/train.bin ({len(train_text):,} tokens), val.bin ({len(val_text):,} tokens), meta.json; "
           f"train with --dataset={os.path.basename(os.path.normpath(out_dir))}")

@@ -73,11 +73,8 @@ def make_template(tokenizer, kind):
     """The chat template for a tokenizer, recorded in meta.json and carried by checkpoints: each role's marker as
     token ids and the id that ends a turn. Our BPE: its reserved special tokens (never produced by text); GPT-2's
     fixed vocabulary: text markers and <|endoftext|>; characters: text markers and ␄."""
-    if kind == "bpe":
+    if kind == "bpe":  # (prepare_bpe.py adds the tokens to an older tokenizer first)
         ids = [tokenizer.tok.token_to_id(t) for t in CHAT_TOKENS]
-        if None in ids:
-            die("this tokenizer.json has no chat tokens (<|user|>, <|assistant|>, <|end|>); re-prepare the base "
-                "model's data with this version (its BPEs reserve them), or let prepare_bpe.py train a new BPE")
         return dict(style="special tokens", markers={r: [i] for r, i in zip(ROLES, ids, strict=False)},
                     end=CHAT_TOKENS[-1], end_id=ids[-1], bos=[tokenizer.bos_id] if tokenizer.bos_id is not None else [])
     end = "<|endoftext|>" if kind == "gpt2" else CHAR_END
@@ -118,18 +115,15 @@ def write_chat_dataset(out_dir, conversations, tokenizer, template, meta, val_fr
             turn_ids, turn_mask = render(tokenizer, template, m["role"], m["content"])
             ids += turn_ids
             mask += turn_mask
+    from prepare_char import write_dataset  # (prepare_char imports this module)
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
-    os.makedirs(out_dir, exist_ok=True)
-    for s, (ids, mask, starts) in parts.items():
-        for name, values, kind_ in ((f"{s}.bin", ids, dtype), (f"{s}_mask.bin", mask, np.uint8), (f"{s}_starts.bin", starts, np.int64)):
-            np.asarray(values, dtype=kind_).tofile(os.path.join(out_dir, name + ".tmp"))
-            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
     meta.update(chat_template=template, vocab_size=tokenizer.vocab_size, dtype=np.dtype(dtype).name,
                 conversations=len(conversations), val_conversations=n_val, split=split, val_fraction=val_fraction, seed=seed,
                 train_tokens=len(parts["train"][0]), val_tokens=len(parts["val"][0]),
                 train_masked=int(sum(parts["train"][1])), val_masked=int(sum(parts["val"][1])))
-    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
+    write_dataset(out_dir, {name: np.array(values, dtype=kind) for s, (ids, mask, starts) in parts.items()
+                            for name, values, kind in ((f"{s}.bin", ids, dtype), (f"{s}_mask.bin", mask, np.uint8),
+                                                       (f"{s}_starts.bin", starts, np.int64))}, meta)
     print(f"{len(conversations):,} conversations ({n_val:,} for validation), {meta['train_tokens']:,} + {meta['val_tokens']:,} "
           f"tokens, {meta['train_masked']:,} + {meta['val_masked']:,} of them the assistant's (in the loss)")
     print(f"wrote {out_dir}/train.bin, val.bin, *_mask.bin, *_starts.bin, meta.json ({template['style']} template); "
