@@ -104,6 +104,7 @@ def bench_model():
     from model import GPT, config_from_preset
     shape = dict(dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65), **options(args))
     results, startup = {v: [] for v in variants}, {v: [] for v in variants}
+    floor = []  # sample mode: ms per token of the baseline model's matrix-vector products alone
     for _ in range(runs):
         for v in variants:
             opts = {**shape, **options(v)}
@@ -120,6 +121,8 @@ def bench_model():
                 t0 = time.perf_counter()
                 model.generate(prompt, new_tokens, top_k=200, use_cache=use_cache, decode=decode)
                 results[v].append(batch * new_tokens / (time.perf_counter() - t0))
+                if v == variants[0]:
+                    floor.append(gemv_ms(model))
                 continue
             ctx = autocast("cpu", dtype)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -143,6 +146,23 @@ def bench_model():
         tok = f" {batch_size * {**shape, **options(v)}['block_size'] / m * 1000:,.0f} |" if mode == "step" else \
             f" {statistics.median(startup[v]):.2f} |"
         print(f"| {v or 'baseline'} | {m:,.1f} | {m / base:.2f}x |{tok}")
+    if floor:
+        ms = statistics.median(floor)
+        print(f"Bound at batch 1: the first variant's weight matrix-vector products alone take {ms:.3f} ms per token "
+              f"(at most {1000 / ms:,.0f} tokens/s, {1000 / ms / base:.1f}x the first variant)")
+
+
+def gemv_ms(model, n=50):
+    """Milliseconds for one token's pass through every nn.Linear weight of the model as torch.mv and nothing else:
+    what batch-1 decoding costs at least, however little else it does (the weights stream from memory per token)."""
+    import torch
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(w.size(1), dtype=w.dtype) for w in weights]
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for w, x in zip(weights, xs, strict=True):
+            torch.mv(w, x)
+    return (time.perf_counter() - t0) / n * 1000
 
 
 def make_corpus(out, mb):
