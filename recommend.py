@@ -1,7 +1,7 @@
 """
 Recommend a training run for a time budget. Reads a prepared dataset (tokens, vocabulary), measures this device's
 training speed on a ladder of model shapes for a second or two each, and prints the train.py command it
-recommends with its reasons: the tokens the budget buys, the passes over the data, why that size, why that dropout.
+recommends with its reasons: the tokens the budget buys, the passes over the data, why that size, and where to stop.
 The rules were fitted on runs recorded in BENCHMARKS.md ("The time-budget recommender") and checked on corpora they
 were not fitted on.
 
@@ -23,18 +23,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 dataset = "pydocs_char"  # a folder in data/ written by prepare_char.py or prepare_bpe.py
 max_time = 60.0  # seconds of training the run may take (compile, start-up and the two evals come on top)
 device = "auto"  # auto | cpu | cuda | cuda:N | mps: where to measure and train
-priority = "quality"  # quality: all of the budget, for the lowest val loss; speed: stop where more time buys little
+priority = "quality"  # quality: the lowest val loss the budget buys; speed: the smallest shape, stopped where it levels off
 out_dir = ""  # the recommended run's out_dir; '' = out-<dataset>-<max_time>s
 run = False  # True: run the recommended command after printing it
+train_args = ""  # more train.py arguments for the command, e.g. "--compile=False --eval_iters=50"
 # -----------------------------------------------------------------------------
 
 # The shapes to choose from, smallest first: (n_layer, n_head, n_embd, block_size, batch_size). The first is
 # config/shakespeare_char_cpu.py's; every rung is that recipe (gpt_fast, n-gram tables, Muon, WSD) made larger.
 LADDER = [(1, 2, 96, 128, 24), (2, 4, 128, 128, 24), (4, 4, 192, 128, 32), (6, 6, 256, 256, 16),
           (8, 8, 384, 256, 32), (12, 12, 768, 512, 32)]
-TOKENS_PER_WEIGHT = 10  # a larger shape only when the budget shows it this many tokens per block weight
-DROPOUT = [(4, 0.0), (12, 0.1), (float("inf"), 0.2)]  # (passes over the training tokens up to, dropout)
-PLATEAU_PASSES = 3  # priority=speed: the first rung stops improving after about this many passes
+TOKENS_PER_WEIGHT = 10  # a larger shape only when the run shows it this many tokens per block weight
+MAX_PASSES = 5  # the run stops after this many passes over the training tokens: past it the n-gram tables memorise
+SPEED_PASSES = 3  # priority=speed: the smallest shape, stopped where its val loss levels off
+NGRAM_MAX_VOCAB = 256  # the recipe's n-gram tables for character (or byte) vocabularies only; off for larger ones
 
 
 def block_weights(shape):
@@ -43,18 +45,19 @@ def block_weights(shape):
     return n_layer * 12 * n_embd ** 2
 
 
-def measure(shape, vocab_size, device_name, seconds=1.0):
-    """Training tokens per second of one shape on the device (uncompiled forward, backward and AdamW step on random
-    tokens); None when it does not fit in memory."""
+def measure(shape, vocab_size, ngram, device_name, seconds=1.0):
+    """Training tokens per second of one shape on the device (forward, backward and an AdamW step on random tokens,
+    uncompiled, for about `seconds`); None when it does not fit in the device's memory."""
     import torch
 
     from common import autocast, pick_dtype
     from model import GPT, config_from_preset
     n_layer, n_head, n_embd, block_size, batch_size = shape
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device_name.split(":")[0], lambda: None)
     torch.manual_seed(0)
     try:
         model = GPT(config_from_preset("gpt_fast", n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                                       vocab_size=vocab_size, ngram_emb=3, dropout=0.0)).to(device_name)
+                                       vocab_size=vocab_size, ngram_emb=ngram, dropout=0.0)).to(device_name)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ctx = autocast(device_name, pick_dtype("auto", device_name))
         x = torch.randint(0, vocab_size, (batch_size, block_size), device=device_name)
@@ -65,55 +68,56 @@ def measure(shape, vocab_size, device_name, seconds=1.0):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if device_name.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync()
             steps += 1
             if steps == 0:  # the first step warms up
                 t0 = time.perf_counter()
         return steps * batch_size * block_size / (time.perf_counter() - t0)
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # torch.OutOfMemoryError on CUDA, a RuntimeError saying so on MPS
+        if "out of memory" not in str(e).lower():
+            raise
         return None
 
 
 def plan(speeds, train_tokens, budget, priority):
-    """The recommendation from measured speeds (tokens/s per rung, None past what fits): rung, seconds, dropout and
-    the reasons, one line each."""
-    rung = 0
-    for i, tps in enumerate(speeds):
-        if tps and tps * budget >= TOKENS_PER_WEIGHT * block_weights(LADDER[i]):
-            rung = i
-    why = []
-    seconds = budget
+    """The recommendation from measured speeds (tokens/s per rung, None past what fits): rung, seconds of training
+    and the reasons, one line each. A rung pays off when the tokens it can use (the budget's, at most MAX_PASSES
+    passes over the data) reach TOKENS_PER_WEIGHT per block weight; the largest that pays is taken (the first
+    when none does) and stopped at MAX_PASSES passes if the budget would go past them."""
+    usable = [min(tps * budget, MAX_PASSES * train_tokens) if tps else 0 for tps in speeds]
+    rung = max([0] + [i for i, u in enumerate(usable) if u >= TOKENS_PER_WEIGHT * block_weights(LADDER[i])])
+    passes = SPEED_PASSES if priority == "speed" else MAX_PASSES
     if priority == "speed":
-        seconds = min(budget, PLATEAU_PASSES * train_tokens / speeds[0])
         rung = 0
-        why.append(f"priority=speed: the smallest shape, stopped after ~{PLATEAU_PASSES} passes over the data "
-                   f"({seconds:.0f} s), where it stops improving")
+    seconds = min(budget, passes * train_tokens / speeds[rung])
     tokens = speeds[rung] * seconds
-    passes = tokens / train_tokens
-    dropout = next(p for limit, p in DROPOUT if passes <= limit)
     n_layer, n_head, n_embd, block_size, batch_size = LADDER[rung]
-    why.append(f"~{tokens / 1e6:.1f} M tokens in {seconds:.0f} s at the measured {speeds[rung]:,.0f} tokens/s "
-               f"(uncompiled; the compiled run sees somewhat more): {passes:.1f} passes over {train_tokens / 1e6:.2f} M "
-               f"training tokens")
     weights = block_weights(LADDER[rung])
+    why = [f"~{tokens / 1e6:.1f} M tokens in {seconds:.0f} s at the {speeds[rung]:,.0f} tokens/s measured: "
+           f"{tokens / train_tokens:.1f} passes over {train_tokens / 1e6:.2f} M training tokens"]
+    if seconds < budget:
+        why.append(f"stopped at {passes} passes, {seconds:.0f} of the {budget:g} s: "
+                   + ("the smallest shape levels off there (priority=speed)" if priority == "speed" else
+                      "more passes over this data overfit (the n-gram tables memorise it); a larger corpus would use the time"))
     reason = f"{tokens / weights:.0f} tokens per block weight ({weights / 1e6:.2f} M weights)"
-    if rung + 1 < len(speeds) and speeds[rung + 1]:
+    if priority == "quality" and rung + 1 < len(speeds) and speeds[rung + 1]:
         up = LADDER[rung + 1]
-        reason += (f"; the next size up ({up[0]} × {up[2]}) would see {speeds[rung + 1] * seconds / block_weights(up):.1f}"
-                   f" per weight, below the {TOKENS_PER_WEIGHT} it needs to pay off")
+        reason += (f"; the next size up ({up[0]} × {up[2]}) could use {usable[rung + 1] / block_weights(up):.1f} per "
+                   f"weight, below the {TOKENS_PER_WEIGHT} that pays off")
     why.append(f"{n_layer} layer{'s' * (n_layer > 1)} × {n_embd} wide ({n_head} heads), block {block_size}, "
                f"batch {batch_size}: {reason}")
-    why.append(f"dropout {dropout}: " + ("few passes, nothing to regularise" if not dropout else
-                                         f"{passes:.0f} passes would overfit without it"))
-    return rung, seconds, dropout, why
+    why.append("no dropout: in our CPU runs it cost half the tokens/s and did worse than stopping at those passes")
+    return rung, seconds, why
 
 
-def command(rung, seconds, dropout, device_name, run_dir):
+def command(rung, seconds, ngram, device_name, run_dir):
+    """train.py's arguments: config/shakespeare_char_cpu.py's recipe at this rung's shape and budget."""
     n_layer, n_head, n_embd, block_size, batch_size = LADDER[rung]
+    tables = [] if ngram else ["--ngram_emb=0"]
     return ["train.py", "config/shakespeare_char_cpu.py", f"--dataset={dataset}", f"--out_dir={run_dir}",
-            f"--device={device_name}", f"--max_time={seconds:g}", f"--n_layer={n_layer}", f"--n_head={n_head}",
-            f"--n_embd={n_embd}", f"--block_size={block_size}", f"--batch_size={batch_size}", f"--dropout={dropout}"]
+            f"--device={device_name}", f"--max_time={round(seconds, 1):g}", f"--n_layer={n_layer}", f"--n_head={n_head}",
+            f"--n_embd={n_embd}", f"--block_size={block_size}", f"--batch_size={batch_size}",
+            *tables, *shlex.split(train_args)]
 
 
 if __name__ == "__main__":
@@ -124,7 +128,7 @@ if __name__ == "__main__":
     import numpy as np
 
     from common import pick_device, read_meta
-    data_dir = os.path.join(HERE, "data", dataset)
+    data_dir = os.path.join("data", dataset)
     meta = read_meta(data_dir)
     if "chat_template" in meta:
         die(f"data/{dataset} is a conversation dataset; fine-tune on it with config/sft_pydocs.py (see the README), "
@@ -135,20 +139,28 @@ if __name__ == "__main__":
         die(f"{train_path} is missing or holds fewer than {LADDER[0][3] + 1} tokens; prepare the dataset again")
     device_name = pick_device(device)
     run_dir = out_dir or f"out-{dataset}-{max_time:g}s"
+    ngram = 3 if meta["vocab_size"] <= NGRAM_MAX_VOCAB else 0
     speeds = []
     for shape in LADDER:  # measured smallest first; a rung that cannot pay off at this budget ends the ladder
         if shape[3] >= train_tokens:
             break
-        tps = measure(shape, meta["vocab_size"], device_name)
+        tps = measure(shape, meta["vocab_size"], ngram, device_name)
         speeds.append(tps)
         print(f"measured {shape[0]} × {shape[2]}, block {shape[3]}, batch {shape[4]}: "
               + (f"{tps:,.0f} tokens/s" if tps else "does not fit in memory"), file=sys.stderr)
-        if not tps or tps * max_time < TOKENS_PER_WEIGHT * block_weights(shape):
+        if not tps or min(tps * max_time, MAX_PASSES * train_tokens) < TOKENS_PER_WEIGHT * block_weights(shape):
             break
-    rung, seconds, dropout, why = plan(speeds, train_tokens, max_time, priority)
-    cmd = command(rung, seconds, dropout, device_name, run_dir)
+    if not speeds[0]:
+        die(f"even the smallest shape ({LADDER[0][0]} × {LADDER[0][2]}, batch {LADDER[0][4]}) does not fit in "
+            f"{device_name}'s memory; free some, or try --device=cpu")
+    rung, seconds, why = plan(speeds, train_tokens, max_time, priority)
+    cmd = command(rung, seconds, ngram, device_name, run_dir)
+    why.insert(-1, "n-gram tables (the recipe's ngram_emb=3): a character vocabulary's 2- and 3-grams fit their rows"
+               if ngram else f"no n-gram tables: the n-grams of {meta['vocab_size']:,} tokens overflow their rows and the "
+               f"tables memorise instead (0.7 worse val loss on tiny Shakespeare in BPE tokens)")
     print("python " + " ".join(shlex.quote(a) for a in cmd))
     for line in why:
         print(f"  # {line}")
     if run:
-        sys.exit(subprocess.call([sys.executable, *cmd], cwd=HERE))
+        script, config, *rest = cmd  # run from here, as printed, with this checkout's train.py and recipe
+        sys.exit(subprocess.call([sys.executable, os.path.join(HERE, script), os.path.join(HERE, config), *rest]))

@@ -66,6 +66,7 @@ def digests(folder):
 
 T, S = ["train.py", *BASE, "--out_dir=out-bad", "--max_iters=2"], ["sample.py", "--out_dir=out-tiny"]
 C, PC, PB, B = ["chat.py", "--out_dir=out-tiny"], ["prepare_char.py"], ["prepare_bpe.py"], ["bench.py"]
+R = ["recommend.py", "--dataset=tiny_char", "--max_time=5"]
 CASES = [  # (command, what the one line must name)
     *[(T + [f"--{k}={v}"], k) for k, v in [
         ("batch_size", 0), ("batch_size", -4), ("block_size", 0), ("eval_iters", 0), ("eval_interval", 0),
@@ -102,6 +103,8 @@ CASES = [  # (command, what the one line must name)
     (["convert.py", "--src=hf:hf-broken", "--out_dir=x"], "config.json"),
     (["convert.py", "--src=hf:hf-wrongkind", "--out_dir=x"], "bert"),
     (T + ["--init_from=hf:hf-broken"], "config.json"), (["report.py", "nowhere"], "nowhere"), (["report.py"], "OUT_DIR"),
+    (R + ["--dataset=nothing_char"], "prepare_char.py"), (R + ["--dataset=badjson_char"], "meta.json"),
+    (R + ["--priority=fast"], "priority"), (R + ["--max_time=0"], "max_time"), (R + ["--device=tpu"], "device"),
 ]
 
 
