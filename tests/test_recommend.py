@@ -42,10 +42,11 @@ def test_recommend_prints_a_command_that_runs(workdir):
     proc = run("recommend.py", "--dataset=tiny_char", "--max_time=3", "--out_dir=out-rec", "--run=True",
                "--train_args=--compile=False --eval_iters=2 --log_interval=5", cwd=workdir)
     command = next(line for line in proc.stdout.splitlines() if line.startswith("python train.py"))
-    assert "config/shakespeare_char_cpu.py" in command and "--max_time=3 " in command and "--ngram_emb" not in command
+    assert "config/shakespeare_char_cpu.py" in command and "--ngram_emb" not in command
     assert "passes over" in proc.stdout and "tokens/s" in proc.stderr
     info = json.loads((workdir / "out-rec" / "run_meta.json").read_text())
     settings = dict(a[2:].split("=", 1) for a in command.split() if a.startswith("--"))
+    assert 0 < float(settings["max_time"]) <= 3  # the budget, or less where 5 passes over the data end sooner
     for key in ("n_layer", "n_embd", "block_size", "batch_size", "max_time"):
         assert float(info["config"][key]) == float(settings[key]), key
     assert info["config"]["compile"] is False and (workdir / "out-rec" / "ckpt.pt").exists()
