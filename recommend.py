@@ -86,9 +86,7 @@ def plan(speeds, train_tokens, budget, priority):
     when none does) and stopped at MAX_PASSES passes if the budget would go past them."""
     usable = [min(tps * budget, MAX_PASSES * train_tokens) if tps else 0 for tps in speeds]
     rung = max([0] + [i for i, u in enumerate(usable) if u >= TOKENS_PER_WEIGHT * block_weights(LADDER[i])])
-    passes = SPEED_PASSES if priority == "speed" else MAX_PASSES
-    if priority == "speed":
-        rung = 0
+    rung, passes = (0, SPEED_PASSES) if priority == "speed" else (rung, MAX_PASSES)
     seconds = min(budget, passes * train_tokens / speeds[rung])
     tokens = speeds[rung] * seconds
     n_layer, n_head, n_embd, block_size, batch_size = LADDER[rung]
@@ -98,7 +96,7 @@ def plan(speeds, train_tokens, budget, priority):
     if seconds < budget:
         why.append(f"stopped at {passes} passes, {seconds:.0f} of the {budget:g} s: "
                    + ("the smallest shape levels off there (priority=speed)" if priority == "speed" else
-                      "more passes over this data overfit (the n-gram tables memorise it); a larger corpus would use the time"))
+                      "more passes over this data overfit; a larger corpus would use the time"))
     reason = f"{tokens / weights:.0f} tokens per block weight ({weights / 1e6:.2f} M weights)"
     if priority == "quality" and rung + 1 < len(speeds) and speeds[rung + 1]:
         up = LADDER[rung + 1]
