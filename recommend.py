@@ -125,16 +125,14 @@ if __name__ == "__main__":
         die(f"--priority={priority!r} is not one of quality, speed")
     import numpy as np
 
-    from common import pick_device, read_meta
+    from common import check_bins, pick_device, read_meta
     data_dir = os.path.join("data", dataset)
     meta = read_meta(data_dir)
     if "chat_template" in meta:
         die(f"data/{dataset} is a conversation dataset; fine-tune on it with config/sft_pydocs.py (see the README), "
             f"the recommender plans pre-training runs")
-    train_path = os.path.join(data_dir, "train.bin")
-    train_tokens = os.path.getsize(train_path) // np.dtype(meta["dtype"]).itemsize if os.path.isfile(train_path) else 0
-    if train_tokens <= LADDER[0][3]:
-        die(f"{train_path} is missing or holds fewer than {LADDER[0][3] + 1} tokens; prepare the dataset again")
+    check_bins(data_dir, meta, LADDER[0][3])  # train.py's checks, for the smallest shape's block
+    train_tokens = os.path.getsize(os.path.join(data_dir, "train.bin")) // np.dtype(meta["dtype"]).itemsize
     device_name = pick_device(device)
     run_dir = out_dir or f"out-{dataset}-{max_time:g}s"
     ngram = 3 if meta["vocab_size"] <= NGRAM_MAX_VOCAB else 0
