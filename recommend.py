@@ -31,12 +31,15 @@ train_args = ""  # more train.py arguments for the command, e.g. "--compile=Fals
 
 # The shapes to choose from, smallest first: (n_layer, n_head, n_embd, block_size, batch_size). The first is
 # config/shakespeare_char_cpu.py's; every rung is that recipe (gpt_fast, n-gram tables, Muon, WSD) made larger.
-LADDER = [(1, 2, 96, 128, 24), (2, 4, 128, 128, 24), (4, 4, 192, 128, 32), (6, 6, 256, 256, 16),
+LADDER = [(1, 2, 96, 128, 24), (2, 4, 128, 128, 24), (4, 4, 192, 128, 32), (6, 4, 256, 256, 16),
           (8, 8, 384, 256, 32), (12, 12, 768, 512, 32)]
-TOKENS_PER_WEIGHT = 10  # a larger shape only when the run shows it this many tokens per block weight
-MAX_PASSES = 5  # the run stops after this many passes over the training tokens: past it the n-gram tables memorise
+TOKENS_PER_WEIGHT = 10  # a larger shape pays off when its run sees this many tokens per block weight (time-limited)
+MIN_PASSES = 4  # ... or, when it makes this many passes over the training tokens in the budget (data-limited), ...
+MIN_TOKENS_PER_WEIGHT = 2  # ... this many: a small model would run out of data and leave time unused
+TABLE_PASSES = 5  # the recipe's n-gram tables only for runs of at most this many passes: past them they memorise
+MAX_PASSES = 10  # a run without the tables stops after this many passes over the training tokens
 SPEED_PASSES = 3  # priority=speed: the smallest shape, stopped where its val loss levels off
-NGRAM_MAX_VOCAB = 256  # the recipe's n-gram tables for character (or byte) vocabularies only; off for larger ones
+NGRAM_MAX_VOCAB = 256  # the n-gram tables for character (or byte) vocabularies only; on larger ones they memorise
 
 
 def block_weights(shape):
@@ -79,39 +82,63 @@ def measure(shape, vocab_size, ngram, device_name, seconds=1.0):
         return None
 
 
-def plan(speeds, train_tokens, budget, priority):
-    """The recommendation from measured speeds (tokens/s per rung, None past what fits): rung, seconds of training
-    and the reasons, one line each. A rung pays off when the tokens it can use (the budget's, at most MAX_PASSES
-    passes over the data) reach TOKENS_PER_WEIGHT per block weight; the largest that pays is taken (the first
-    when none does) and stopped at MAX_PASSES passes if the budget would go past them."""
-    usable = [min(tps * budget, MAX_PASSES * train_tokens) if tps else 0 for tps in speeds]
-    rung = max([0] + [i for i, u in enumerate(usable) if u >= TOKENS_PER_WEIGHT * block_weights(LADDER[i])])
-    rung, passes = (0, SPEED_PASSES) if priority == "speed" else (rung, MAX_PASSES)
-    seconds = min(budget, passes * train_tokens / speeds[rung])
-    tokens = speeds[rung] * seconds
+def pays(tps, shape, train_tokens, budget):
+    """Whether a shape measured at `tps` tokens/s is worth its size: its run sees TOKENS_PER_WEIGHT tokens per block
+    weight, or MIN_TOKENS_PER_WEIGHT when the budget makes MIN_PASSES passes over the data; only the first MAX_PASSES
+    passes count."""
+    tokens = tps * budget if tps else 0
+    need = TOKENS_PER_WEIGHT if tokens < MIN_PASSES * train_tokens else MIN_TOKENS_PER_WEIGHT
+    return min(tokens, MAX_PASSES * train_tokens) >= need * block_weights(shape)
+
+
+def plan(speeds, train_tokens, budget, priority, char_vocab):
+    """The recommendation from measured speeds (tokens/s per rung, None past what fits): rung, seconds of training,
+    n-gram tables or not, and the reasons, one line each. The largest rung that pays off is taken (the first when
+    none does); the tables only for a character vocabulary and a run of at most TABLE_PASSES passes; without them the
+    run stops at MAX_PASSES passes if the budget would go past them."""
+    fits = [i for i, tps in enumerate(speeds) if pays(tps, LADDER[i], train_tokens, budget)]
+    rung = 0 if priority == "speed" else max([0] + fits)
+    tps = speeds[rung]
+    passes = tps * budget / train_tokens  # in the whole budget
+    ngram = char_vocab and (passes <= TABLE_PASSES or priority == "speed")
+    cap = SPEED_PASSES if priority == "speed" else TABLE_PASSES if ngram else MAX_PASSES
+    seconds = min(budget, cap * train_tokens / tps)
+    tokens = tps * seconds
     n_layer, n_head, n_embd, block_size, batch_size = LADDER[rung]
     weights = block_weights(LADDER[rung])
-    why = [f"~{tokens / 1e6:.1f} M tokens in {seconds:.0f} s at the {speeds[rung]:,.0f} tokens/s measured: "
+    why = [f"~{tokens / 1e6:.1f} M tokens in {seconds:.0f} s at the {tps:,.0f} tokens/s measured: "
            f"{tokens / train_tokens:.1f} passes over {train_tokens / 1e6:.2f} M training tokens"]
     if seconds < budget:
-        why.append(f"stopped at {passes} passes, {seconds:.0f} of the {budget:g} s: "
+        why.append(f"stopped at {cap} passes, {seconds:.0f} of the {budget:g} s: "
                    + ("the smallest shape levels off there (priority=speed)" if priority == "speed" else
                       "more passes over this data overfit; a larger corpus would use the time"))
-    reason = f"{tokens / weights:.0f} tokens per block weight ({weights / 1e6:.2f} M weights)"
+    reason = (f"{tokens / weights:.0f} tokens per block weight ({weights / 1e6:.2f} M weights)"
+              + (f", {passes:.1f} passes in the budget" if priority == "quality" else ""))
     if priority == "quality" and rung + 1 < len(speeds) and speeds[rung + 1]:
-        up = LADDER[rung + 1]
-        reason += (f"; the next size up ({up[0]} × {up[2]}) could use {usable[rung + 1] / block_weights(up):.1f} per "
-                   f"weight, below the {TOKENS_PER_WEIGHT} that pays off")
+        up, up_tokens = LADDER[rung + 1], speeds[rung + 1] * budget
+        usable = min(up_tokens, MAX_PASSES * train_tokens)
+        reason += (f"; the next size up ({up[0]} × {up[2]}) would see {usable / block_weights(up):.1f} per weight in "
+                   f"{up_tokens / train_tokens:.1f} passes, which does not pay off ({TOKENS_PER_WEIGHT} per weight, or "
+                   f"{MIN_TOKENS_PER_WEIGHT} in {MIN_PASSES}+ passes)")
     why.append(f"{n_layer} layer{'s' * (n_layer > 1)} × {n_embd} wide ({n_head} heads), block {block_size}, "
                f"batch {batch_size}: {reason}")
+    if ngram:
+        why.append("n-gram tables (the recipe's ngram_emb=3): a character vocabulary's 2- and 3-grams fit their rows, "
+                   f"and {TABLE_PASSES} passes or fewer do not give them time to memorise")
+    elif char_vocab:
+        why.append(f"no n-gram tables: {passes:.0f} passes would let them memorise the data; without them a model "
+                   f"improves up to ~{MAX_PASSES} passes")
+    else:
+        why.append("no n-gram tables: the n-grams of a token vocabulary overflow their rows and the tables memorise "
+                   "(0.7 worse val loss on tiny Shakespeare in BPE tokens)")
     why.append("no dropout: in our CPU runs it cost half the tokens/s and did worse than stopping at those passes")
-    return rung, seconds, why
+    return rung, seconds, ngram, why
 
 
 def command(rung, seconds, ngram, device_name, run_dir):
     """train.py's arguments: config/shakespeare_char_cpu.py's recipe at this rung's shape and budget."""
     n_layer, n_head, n_embd, block_size, batch_size = LADDER[rung]
-    tables = [] if ngram else ["--ngram_emb=0"]
+    tables = [] if ngram else ["--ngram_emb=0"]  # config/shakespeare_char_cpu.py turns them on
     return ["train.py", "config/shakespeare_char_cpu.py", f"--dataset={dataset}", f"--out_dir={run_dir}",
             f"--device={device_name}", f"--max_time={round(seconds, 1):g}", f"--n_layer={n_layer}", f"--n_head={n_head}",
             f"--n_embd={n_embd}", f"--block_size={block_size}", f"--batch_size={batch_size}",
@@ -135,25 +162,22 @@ if __name__ == "__main__":
     train_tokens = os.path.getsize(os.path.join(data_dir, "train.bin")) // np.dtype(meta["dtype"]).itemsize
     device_name = pick_device(device)
     run_dir = out_dir or f"out-{dataset}-{max_time:g}s"
-    ngram = 3 if meta["vocab_size"] <= NGRAM_MAX_VOCAB else 0
+    char_vocab = meta["vocab_size"] <= NGRAM_MAX_VOCAB
     speeds = []
     for shape in LADDER:  # measured smallest first; a rung that cannot pay off at this budget ends the ladder
         if shape[3] >= train_tokens:
             break
-        tps = measure(shape, meta["vocab_size"], ngram, device_name)
+        tps = measure(shape, meta["vocab_size"], 3 if char_vocab else 0, device_name)
         speeds.append(tps)
         print(f"measured {shape[0]} × {shape[2]}, block {shape[3]}, batch {shape[4]}: "
               + (f"{tps:,.0f} tokens/s" if tps else "does not fit in memory"), file=sys.stderr)
-        if not tps or min(tps * max_time, MAX_PASSES * train_tokens) < TOKENS_PER_WEIGHT * block_weights(shape):
+        if not pays(tps, shape, train_tokens, max_time):
             break
     if not speeds[0]:
         die(f"even the smallest shape ({LADDER[0][0]} × {LADDER[0][2]}, batch {LADDER[0][4]}) does not fit in "
             f"{device_name}'s memory; free some, or try --device=cpu")
-    rung, seconds, why = plan(speeds, train_tokens, max_time, priority)
+    rung, seconds, ngram, why = plan(speeds, train_tokens, max_time, priority, char_vocab)
     cmd = command(rung, seconds, ngram, device_name, run_dir)
-    why.insert(-1, "n-gram tables (the recipe's ngram_emb=3): a character vocabulary's 2- and 3-grams fit their rows"
-               if ngram else f"no n-gram tables: the n-grams of {meta['vocab_size']:,} tokens overflow their rows and the "
-               f"tables memorise instead (0.7 worse val loss on tiny Shakespeare in BPE tokens)")
     print("python " + " ".join(shlex.quote(a) for a in cmd))
     for line in why:
         print(f"  # {line}")
