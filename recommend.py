@@ -9,6 +9,7 @@ were not fitted on.
     python recommend.py --dataset=pydocs_bpe --max_time=600 --run=True
 """
 
+import math
 import os
 import shlex
 import subprocess
@@ -37,7 +38,8 @@ TOKENS_PER_WEIGHT = 10  # a larger shape pays off when its run sees this many to
 MIN_PASSES = 4  # ... or, when it makes this many passes over the training tokens in the budget (data-limited), ...
 MIN_TOKENS_PER_WEIGHT = 2  # ... this many: a small model would run out of data and leave time unused
 TABLE_PASSES = 5  # the recipe's n-gram tables only for runs of at most this many passes: past them they memorise
-MAX_PASSES = 10  # a run without the tables stops after this many passes over the training tokens
+MAX_PASSES = 10  # a character-level run without the tables stops after this many passes over the training tokens
+TOKEN_PASSES = 3  # a token-level run after this many: a BPE token's embedding memorises sooner than a character's
 SPEED_PASSES = 3  # priority=speed: the smallest shape, stopped where its val loss levels off
 NGRAM_MAX_VOCAB = 256  # the n-gram tables for character (or byte) vocabularies only; on larger ones they memorise
 
@@ -82,41 +84,48 @@ def measure(shape, vocab_size, ngram, device_name, seconds=1.0):
         return None
 
 
-def pays(tps, shape, train_tokens, budget):
+def pass_limit(char_vocab):
+    """The passes over the training tokens after which a run without n-gram tables stops."""
+    return MAX_PASSES if char_vocab else TOKEN_PASSES
+
+
+def pays(tps, shape, train_tokens, budget, char_vocab):
     """Whether a shape measured at `tps` tokens/s is worth its size: its run sees TOKENS_PER_WEIGHT tokens per block
-    weight, or MIN_TOKENS_PER_WEIGHT when the budget makes MIN_PASSES passes over the data; only the first MAX_PASSES
-    passes count."""
+    weight, or MIN_TOKENS_PER_WEIGHT when the budget makes MIN_PASSES passes over the data; only the passes up to
+    the pass limit count."""
     tokens = tps * budget if tps else 0
     need = TOKENS_PER_WEIGHT if tokens < MIN_PASSES * train_tokens else MIN_TOKENS_PER_WEIGHT
-    return min(tokens, MAX_PASSES * train_tokens) >= need * block_weights(shape)
+    return min(tokens, pass_limit(char_vocab) * train_tokens) >= need * block_weights(shape)
 
 
 def plan(speeds, train_tokens, budget, priority, char_vocab):
     """The recommendation from measured speeds (tokens/s per rung, None past what fits): rung, seconds of training,
-    n-gram tables or not, and the reasons, one line each. The largest rung that pays off is taken (the first when
+    the iterations that end it where a pass limit does (None: the budget ends it), n-gram tables or not, and the
+    reasons, one line each. The largest rung that pays off is taken (the first when
     none does); the tables only for a character vocabulary and a run of at most TABLE_PASSES passes; without them the
-    run stops at MAX_PASSES passes if the budget would go past them."""
-    fits = [i for i, tps in enumerate(speeds) if pays(tps, LADDER[i], train_tokens, budget)]
+    run stops at the pass limit if the budget would go past it."""
+    fits = [i for i, tps in enumerate(speeds) if pays(tps, LADDER[i], train_tokens, budget, char_vocab)]
     rung = 0 if priority == "speed" else max([0] + fits)
     tps = speeds[rung]
     passes = tps * budget / train_tokens  # in the whole budget
     ngram = char_vocab and (passes <= TABLE_PASSES or priority == "speed")
-    cap = SPEED_PASSES if priority == "speed" else TABLE_PASSES if ngram else MAX_PASSES
+    cap = SPEED_PASSES if priority == "speed" else TABLE_PASSES if ngram else pass_limit(char_vocab)
     seconds = min(budget, cap * train_tokens / tps)
     tokens = tps * seconds
     n_layer, n_head, n_embd, block_size, batch_size = LADDER[rung]
+    iters = math.ceil(cap * train_tokens / (batch_size * block_size)) if seconds < budget else None  # passes, not time
     weights = block_weights(LADDER[rung])
     why = [f"~{tokens / 1e6:.1f} M tokens in {seconds:.0f} s at the {tps:,.0f} tokens/s measured: "
            f"{tokens / train_tokens:.1f} passes over {train_tokens / 1e6:.2f} M training tokens"]
     if seconds < budget:
-        why.append(f"stopped at {cap} passes, {seconds:.0f} of the {budget:g} s: "
+        why.append(f"stopped at {cap} passes ({iters:,} iterations, ~{seconds:.0f} of the {budget:g} s): "
                    + ("the smallest shape levels off there (priority=speed)" if priority == "speed" else
                       "more passes over this data overfit; a larger corpus would use the time"))
     reason = (f"{tokens / weights:.0f} tokens per block weight ({weights / 1e6:.2f} M weights)"
               + (f", {passes:.1f} passes in the budget" if priority == "quality" else ""))
     if priority == "quality" and rung + 1 < len(speeds) and speeds[rung + 1]:
         up, up_tokens = LADDER[rung + 1], speeds[rung + 1] * budget
-        usable = min(up_tokens, MAX_PASSES * train_tokens)
+        usable = min(up_tokens, pass_limit(char_vocab) * train_tokens)
         reason += (f"; the next size up ({up[0]} × {up[2]}) would see {usable / block_weights(up):.1f} per weight in "
                    f"{up_tokens / train_tokens:.1f} passes, which does not pay off ({TOKENS_PER_WEIGHT} per weight, or "
                    f"{MIN_TOKENS_PER_WEIGHT} in {MIN_PASSES}+ passes)")
@@ -132,15 +141,17 @@ def plan(speeds, train_tokens, budget, priority, char_vocab):
         why.append("no n-gram tables: the n-grams of a token vocabulary overflow their rows and the tables memorise "
                    "(0.7 worse val loss on tiny Shakespeare in BPE tokens)")
     why.append("no dropout: in our CPU runs it cost half the tokens/s and did worse than stopping at those passes")
-    return rung, seconds, ngram, why
+    return rung, seconds, iters, ngram, why
 
 
-def command(rung, seconds, ngram, device_name, run_dir):
-    """train.py's arguments: config/shakespeare_char_cpu.py's recipe at this rung's shape and budget."""
+def command(rung, seconds, iters, ngram, device_name, run_dir):
+    """train.py's arguments: config/shakespeare_char_cpu.py's recipe at this rung's shape, for `seconds` of training or,
+    where a pass limit ends the run, `iters` iterations (the LR schedule then runs on iterations)."""
     n_layer, n_head, n_embd, block_size, batch_size = LADDER[rung]
     tables = [] if ngram else ["--ngram_emb=0"]  # config/shakespeare_char_cpu.py turns them on
+    stop = [f"--max_time={round(seconds, 1):g}"] if iters is None else ["--max_time=0", f"--max_iters={iters}"]
     return ["train.py", "config/shakespeare_char_cpu.py", f"--dataset={dataset}", f"--out_dir={run_dir}",
-            f"--device={device_name}", f"--max_time={round(seconds, 1):g}", f"--n_layer={n_layer}", f"--n_head={n_head}",
+            f"--device={device_name}", *stop, f"--n_layer={n_layer}", f"--n_head={n_head}",
             f"--n_embd={n_embd}", f"--block_size={block_size}", f"--batch_size={batch_size}",
             *tables, *shlex.split(train_args)]
 
@@ -171,13 +182,13 @@ if __name__ == "__main__":
         speeds.append(tps)
         print(f"measured {shape[0]} × {shape[2]}, block {shape[3]}, batch {shape[4]}: "
               + (f"{tps:,.0f} tokens/s" if tps else "does not fit in memory"), file=sys.stderr)
-        if not pays(tps, shape, train_tokens, max_time):
+        if not pays(tps, shape, train_tokens, max_time, char_vocab):
             break
     if not speeds[0]:
         die(f"even the smallest shape ({LADDER[0][0]} × {LADDER[0][2]}, batch {LADDER[0][4]}) does not fit in "
             f"{device_name}'s memory; free some, or try --device=cpu")
-    rung, seconds, ngram, why = plan(speeds, train_tokens, max_time, priority, char_vocab)
-    cmd = command(rung, seconds, ngram, device_name, run_dir)
+    rung, seconds, iters, ngram, why = plan(speeds, train_tokens, max_time, priority, char_vocab)
+    cmd = command(rung, seconds, iters, ngram, device_name, run_dir)
     print("python " + " ".join(shlex.quote(a) for a in cmd))
     for line in why:
         print(f"  # {line}")

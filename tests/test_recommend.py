@@ -6,7 +6,7 @@ import json
 import recommend
 from conftest import run
 from model import config_from_preset
-from recommend import LADDER, MAX_PASSES, MIN_TOKENS_PER_WEIGHT, SPEED_PASSES, TABLE_PASSES, block_weights, pays, plan
+from recommend import LADDER, MAX_PASSES, MIN_TOKENS_PER_WEIGHT, SPEED_PASSES, TABLE_PASSES, TOKEN_PASSES, block_weights, pays, plan
 
 SPEEDS = [40_000, 16_000, 5_600, 2_000, 500, 50]  # tokens/s per rung, like a 2-core CPU's
 
@@ -21,9 +21,9 @@ def test_every_rung_is_a_valid_model():
 def test_the_largest_rung_that_pays_is_chosen():
     for budget in (10, 30, 120, 300, 1200, 4000, 100_000):
         for data in (100_000, 1_000_000, 10 ** 9):
-            rung, seconds, _, why = plan(SPEEDS, data, budget, "quality", True)
-            assert rung == 0 or pays(SPEEDS[rung], LADDER[rung], data, budget)
-            assert not any(pays(SPEEDS[i], LADDER[i], data, budget) for i in range(rung + 1, len(SPEEDS)))
+            rung, seconds, _, _, why = plan(SPEEDS, data, budget, "quality", True)
+            assert rung == 0 or pays(SPEEDS[rung], LADDER[rung], data, budget, True)
+            assert not any(pays(SPEEDS[i], LADDER[i], data, budget, True) for i in range(rung + 1, len(SPEEDS)))
             assert seconds <= budget and any(f"{LADDER[rung][0]} layer" in line for line in why)
     rungs = [plan(SPEEDS, 10 ** 9, b, "quality", True)[0] for b in (30, 300, 3000, 30_000, 300_000)]
     assert rungs == sorted(rungs) and rungs[0] < rungs[-1]  # more time, a larger model
@@ -34,22 +34,27 @@ def test_the_largest_rung_that_pays_is_chosen():
 
 
 def test_ngram_tables_only_for_characters_and_few_passes():
-    rung, seconds, ngram, _ = plan(SPEEDS, 10 ** 7, 60, "quality", True)  # 0.24 passes: the recipe as it is
-    assert (rung, seconds, ngram) == (0, 60, True)
-    assert not plan(SPEEDS, 10 ** 7, 60, "quality", False)[2]  # a token vocabulary: never
-    rung, seconds, ngram, why = plan(SPEEDS, 100_000, 600, "quality", True)  # passes past TABLE_PASSES: drop them
+    rung, seconds, iters, ngram, _ = plan(SPEEDS, 10 ** 7, 60, "quality", True)  # 0.24 passes: the recipe as it is
+    assert (rung, seconds, iters, ngram) == (0, 60, None, True)
+    assert not plan(SPEEDS, 10 ** 7, 60, "quality", False)[3]  # a token vocabulary: never
+    rung, seconds, _, ngram, why = plan(SPEEDS, 100_000, 600, "quality", True)  # passes past TABLE_PASSES: drop them
     assert not ngram and SPEEDS[rung] * 600 > TABLE_PASSES * 100_000
     assert seconds == min(600, MAX_PASSES * 100_000 / SPEEDS[rung]) and any("memorise" in line for line in why)
 
 
 def test_a_budget_past_the_useful_passes_stops_early():
-    rung, seconds, _, why = plan([40_000], 100_000, 600, "quality", True)
+    rung, seconds, iters, _, why = plan([40_000], 100_000, 600, "quality", True)
     assert seconds == MAX_PASSES * 100_000 / 40_000 < 600 and any("stopped at" in line for line in why)
-    assert plan(SPEEDS, 10 ** 9, 600, "quality", True)[1] == 600
+    assert iters * LADDER[0][3] * LADDER[0][4] >= MAX_PASSES * 100_000 > (iters - 1) * LADDER[0][3] * LADDER[0][4]
+    args = recommend.command(rung, seconds, iters, False, "cpu", "out-x")  # the passes end it, whatever the speed
+    assert "--max_time=0" in args and f"--max_iters={iters}" in args
+    assert plan(SPEEDS, 10 ** 9, 600, "quality", True)[1:3] == (600, None)
+    rung, seconds, iters, _, _ = plan([40_000], 100_000, 600, "quality", False)  # BPE tokens: TOKEN_PASSES
+    assert seconds == TOKEN_PASSES * 100_000 / 40_000 and iters * LADDER[0][3] * LADDER[0][4] >= TOKEN_PASSES * 100_000
 
 
 def test_priority_speed_stops_the_smallest_shape_where_it_levels_off():
-    rung, seconds, ngram, why = plan(SPEEDS, 1_000_000, 1200, "speed", True)
+    rung, seconds, _, ngram, why = plan(SPEEDS, 1_000_000, 1200, "speed", True)
     assert rung == 0 and ngram and seconds == SPEED_PASSES * 1_000_000 / SPEEDS[0] < 1200
     assert plan(SPEEDS, 1_000_000, 20, "speed", True)[1] == 20  # never past the budget
     assert any("priority=speed" in line for line in why)
@@ -64,15 +69,15 @@ def test_recommend_prints_a_command_that_runs(workdir):
     assert "passes over" in proc.stdout and "tokens/s" in proc.stderr
     info = json.loads((workdir / "out-rec" / "run_meta.json").read_text())
     settings = dict(a[2:].split("=", 1) for a in command.split() if a.startswith("--"))
-    assert 0 < float(settings["max_time"]) <= 10  # the budget, or less where the passes over the data end sooner
-    for key in ("n_layer", "n_embd", "block_size", "batch_size", "max_time"):
+    assert settings["max_time"] == "0" and int(settings["max_iters"]) * 24 * 128 >= 10 * 36_000  # 10 passes end it
+    for key in ("n_layer", "n_embd", "block_size", "batch_size", "max_time", "max_iters"):
         assert float(info["config"][key]) == float(settings[key]), key
     assert info["config"]["compile"] is False and (workdir / "out-rec" / "ckpt.pt").exists()
     assert recommend.LADDER[0][2] == info["config"]["n_embd"]  # 36 K characters pay for the smallest rung only
 
 
 def test_the_command_drops_the_ngram_tables_for_token_vocabularies():
-    char = recommend.command(1, 42.0, 3, "cpu", "out-x")
-    tokens = recommend.command(1, 42.0, 0, "cpu", "out-x")
+    char = recommend.command(1, 42.0, None, True, "cpu", "out-x")
+    tokens = recommend.command(1, 42.0, None, False, "cpu", "out-x")
     assert "--ngram_emb=0" in tokens and not any(a.startswith("--ngram_emb") for a in char)
     assert char[:2] == ["train.py", "config/shakespeare_char_cpu.py"] and "--max_time=42" in char and "--n_embd=128" in char
