@@ -101,9 +101,9 @@ def pays(tps, shape, train_tokens, budget, char_vocab):
 def plan(speeds, train_tokens, budget, priority, char_vocab):
     """The recommendation from measured speeds (tokens/s per rung, None past what fits): rung, seconds of training,
     the iterations that end it where a pass limit does (None: the budget ends it), n-gram tables or not, and the
-    reasons, one line each. The largest rung that pays off is taken (the first when
-    none does); the tables only for a character vocabulary and a run of at most TABLE_PASSES passes; without them the
-    run stops at the pass limit if the budget would go past it."""
+    reasons, one line each. The largest rung that pays off is taken (the first when none does); the tables only for
+    a character vocabulary and a run of at most TABLE_PASSES passes; without them the run stops at the pass limit if
+    the budget would go past it."""
     fits = [i for i, tps in enumerate(speeds) if pays(tps, LADDER[i], train_tokens, budget, char_vocab)]
     rung = 0 if priority == "speed" else max([0] + fits)
     tps = speeds[rung]
