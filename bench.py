@@ -16,6 +16,8 @@ from `args`): one training step (forward, backward, AdamW) on random tokens, or 
     python bench.py --mode=corpus --corpus_mb=100 --args=corpus/
     python bench.py --mode=prepare --args="--input=corpus/ --tokenizer=data/pydocs_bpe/tokenizer.json"
     python bench.py --mode=step --variants="['', '--mlp=relu2', '--n_kv_head=1', '--model_type=gpt_fast']"
+    python bench.py --mode=step --device=cuda --batch_size=32 --args="--block_size=1024 --vocab_size=50304 --n_layer=12 \
+        --n_head=12 --n_embd=768" --variants="['--dtype=bfloat16 --compile=True', '--dtype=bfloat16 --compile=True --optimizer=muon']"
 """
 
 import ast
@@ -44,6 +46,7 @@ results_csv = ""  # train mode: every run is written here, and runs it already h
 batch_size = 12  # step/sample modes: sequences per step (sample: 1 sequence of block_size tokens)
 steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
 new_tokens = 500  # sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16)
+device = "cpu"  # step/sample modes: cpu | cuda | mps (step variants: --dtype=bfloat16, --compile=True, --optimizer=muon)
 # -----------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts it runs sit beside it; data/ is the working folder's
 
@@ -100,68 +103,98 @@ def bench_model():
     """Median step time (ms) or sampling speed (tokens/s) of each variant against the first."""
     import torch
 
-    from common import DTYPES, autocast
+    from common import DTYPES, PEAK_FLOPS, autocast, pick_device
     from model import GPT, config_from_preset
+    dev = pick_device(device)
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (torch.mps.synchronize if dev == "mps" else lambda: None)
     shape = dict(dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65), **options(args))
-    results, startup = {v: [] for v in variants}, {v: [] for v in variants}
-    floor = []  # sample mode: ms per token of the baseline model's matrix-vector products alone
+    results, startup, memory = {v: [] for v in variants}, {v: [] for v in variants}, {v: [] for v in variants}
+    flops, floor = {}, []  # floor, sample mode: ms per token of the baseline model's matrix-vector products alone
     for _ in range(runs):
         for v in variants:
             opts = {**shape, **options(v)}
             dtype = opts.pop("dtype", "float32")  # step: autocast, as train.py does; sample: the weights, as sample.py
             use_cache, compiled, batch = opts.pop("use_cache", True), opts.pop("compile", False), opts.pop("batch", 1)
+            optimizer = opts.pop("optimizer", "adamw")
             torch.manual_seed(0)
-            model = GPT(config_from_preset(opts.pop("model_type", "gpt"), **opts))
+            model = GPT(config_from_preset(opts.pop("model_type", "gpt"), **opts)).to(dev)
+            if dev.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
             if mode == "sample":  # new_tokens from one token, top_k=200; the first 8 tokens warm up (and compile)
                 model = model.eval().to(DTYPES[dtype])
-                decode, prompt = model.compile_decode() if compiled else None, torch.zeros(batch, 1, dtype=torch.long)
+                decode = model.compile_decode() if compiled else None
+                prompt = torch.zeros(batch, 1, dtype=torch.long, device=dev)
                 t0 = time.perf_counter()
                 model.generate(prompt, 8, top_k=200, use_cache=use_cache, decode=decode)
+                sync()
                 startup[v].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 model.generate(prompt, new_tokens, top_k=200, use_cache=use_cache, decode=decode)
+                sync()
                 results[v].append(batch * new_tokens / (time.perf_counter() - t0))
                 if v == variants[0]:
-                    floor.append(gemv_ms(model))
+                    floor.append(gemv_ms(model, sync))
                 continue
-            ctx = autocast("cpu", dtype)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            x = torch.randint(0, model.config.vocab_size, (batch_size, model.config.block_size))
+            # one training step as train.py takes it: AdamW (fused on CUDA) on everything, or Muon on the blocks' matrices
+            ctx, fused = autocast(dev, dtype), dev.startswith("cuda")
+            muon = [p for n, p in model.named_parameters() if optimizer == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
+            ids = {id(p) for p in muon}
+            optims = [torch.optim.AdamW([p for p in model.parameters() if id(p) not in ids], lr=1e-3, fused=fused)]
+            if muon:
+                optims.append(torch.optim.Muon(muon, lr=0.02))
+            step_model = torch.compile(model) if compiled else model
+            x = torch.randint(0, model.config.vocab_size, (batch_size, model.config.block_size), device=dev)
             for i in range(5 + steps):
                 if i == 5:
+                    sync()
                     t0 = time.perf_counter()
                 with ctx:
-                    _, loss = model(x, x)
+                    _, loss = step_model(x, x)
                 loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                for opt in optims:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            sync()
             results[v].append((time.perf_counter() - t0) / steps * 1000)
+            flops[v] = model.flops_per_token()  # training FLOPs per token, for MFU
+            if dev.startswith("cuda"):
+                memory[v].append(torch.cuda.max_memory_allocated() / 2**30)
+            del model, step_model, optims, x, loss
     unit = "tokens/s" if mode == "sample" else "ms/step"
     base = statistics.median(results[variants[0]])
-    print(f"bench.py --mode={mode} --args={args!r} — medians of {runs} runs")
-    extra = " tok/s |" if mode == "step" else " first 8 tokens (s) |"
-    print(f"| variant | {unit} | vs baseline |{extra}\n|---|---|---|---|")
+    gpu = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else ""
+    peak = next((f for name, f in PEAK_FLOPS.items() if name in gpu), 0.0)
+    print(f"bench.py --mode={mode} --args={args!r} on {gpu or dev} — medians of {runs} runs")
+    extra = " tok/s | MFU | peak memory GiB |" if mode == "step" else " first 8 tokens (s) |"
+    print(f"| variant | {unit} | vs baseline |{extra}\n|---|---|---|---|" + ("---|---|" if mode == "step" else ""))
     for v, r in results.items():
         m = statistics.median(r)
-        tok = f" {batch_size * {**shape, **options(v)}['block_size'] / m * 1000:,.0f} |" if mode == "step" else \
-            f" {statistics.median(startup[v]):.2f} |"
-        print(f"| {v or 'baseline'} | {m:,.1f} | {m / base:.2f}x |{tok}")
+        if mode == "step":
+            tok_s = batch_size * {**shape, **options(v)}["block_size"] / m * 1000
+            mfu = f"{flops[v] * tok_s / peak:.1%}" if peak else "—"
+            mem = f"{statistics.median(memory[v]):.1f}" if memory[v] else "—"
+            extra = f" {tok_s:,.0f} | {mfu} | {mem} |"
+        else:
+            extra = f" {statistics.median(startup[v]):.2f} |"
+        print(f"| {v or 'baseline'} | {m:,.1f} | {m / base:.2f}x |{extra}")
     if floor:
         ms = statistics.median(floor)
         print(f"Bound at batch 1: the first variant's weight matrix-vector products alone take {ms:.3f} ms per token "
               f"(at most {1000 / ms:,.0f} tokens/s, {1000 / ms / base:.1f}x the first variant)")
 
 
-def gemv_ms(model, n=50):
+def gemv_ms(model, sync, n=50):
     """Milliseconds for one token's pass through every nn.Linear weight of the model as torch.mv and nothing else:
     what batch-1 decoding costs at least, however little else it does (the weights stream from memory per token)."""
     import torch
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    xs = [torch.randn(w.size(1), dtype=w.dtype) for w in weights]
+    xs = [torch.randn(w.size(1), dtype=w.dtype, device=w.device) for w in weights]
+    sync()
     t0 = time.perf_counter()
     for _ in range(n):
         for w, x in zip(weights, xs, strict=True):
             torch.mv(w, x)
+    sync()
     return (time.perf_counter() - t0) / n * 1000
 
 

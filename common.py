@@ -25,6 +25,9 @@ from model import GPT, MODEL_FIELDS, GPTConfig
 from tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# dense bf16 peak FLOP/s per GPU, matched against torch.cuda.get_device_name() for MFU
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+              "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 SAMPLING_RULES = dict(max_new_tokens=POSITIVE, temperature=NON_NEGATIVE, top_k=NON_NEGATIVE, top_p=UNIT, min_p=FRACTION,
                       repetition_penalty=ABOVE_ZERO, no_repeat_ngram_size=NON_NEGATIVE)  # sample.py, chat.py
 

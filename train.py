@@ -24,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from common import (
+    PEAK_FLOPS,
     StopSignals,
     autocast,
     check_bins,
@@ -125,9 +126,6 @@ wandb_project = "yoctogpt"  # wandb project
 wandb_run_name = ""  # wandb run name ('' = wandb's)
 seed = 1337  # seeds the weights, dropout and the batch stream
 # -----------------------------------------------------------------------------
-# dense bf16 peak FLOP/s per GPU, matched against torch.cuda.get_device_name() for MFU
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-              "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 config, explicit = configure(globals())
 if os.environ.get("RANK", "0") == "0" and (busy := lock_out_dir(out_dir, probe=True)[1]):
     die(busy)  # another run holds out_dir: stop before reading or writing anything there
@@ -341,6 +339,11 @@ def all_ranks_mean(value):
 token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=device)  # UTF-8 bytes per token id
 
 
+def out_of_memory():
+    die(f"out of memory at batch_size={batch_size} x block_size={block_size}; lower --batch_size (raising "
+        f"--gradient_accumulation_steps keeps the tokens per step) or pass --auto_microbatch=True")
+
+
 @torch.no_grad()
 def evaluate(eval_model, splits=("train", "val")):
     """Loss on the same eval_iters batches of each split at every eval (shared out among the processes), and
@@ -351,8 +354,11 @@ def evaluate(eval_model, splits=("train", "val")):
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
         for i in range(rank, eval_iters, world_size):
             x, y = get_batch(split, -1 - i, 0)  # negative steps: batches that no training step draws
-            with ctx:
-                logits, _ = eval_model(x, y)
+            try:
+                with ctx:
+                    logits, _ = eval_model(x, y)
+            except torch.OutOfMemoryError:
+                out_of_memory()
             y = y.view(-1)
             nats = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y, ignore_index=-1, reduction="none")
             sums += torch.stack([nats.double().sum(), (y >= 0).double().sum(), token_bytes[y.clamp(min=0)][y >= 0].sum()])
@@ -476,7 +482,7 @@ def gradients():
             return forward_backward()
         except torch.OutOfMemoryError:
             if not auto_microbatch or batch_size == 1:
-                raise
+                out_of_memory()
             zero_grads()
             batch_size, accum_steps = batch_size // 2, accum_steps * 2
             if device_type == "cuda":
@@ -485,19 +491,18 @@ def gradients():
 
 
 # compile before the clock starts, so max_time and ms/iter count training only: one forward/backward whose
-# gradients are dropped, with the RNG (dropout) restored as if it had not run
-if compile and iter_num < max_iters and not eval_only:
+# gradients are dropped, with the RNG (dropout) restored as if it had not run. auto_microbatch settles its
+# micro-batch here too, before the first evaluation draws batches of that size
+if (compile or auto_microbatch) and iter_num < max_iters and not eval_only:
     t_compile = time.time()
     with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []):
         try:
             gradients()
-        except torch.OutOfMemoryError:
-            raise
         except Exception as e:  # inductor needs a working C++ compiler on CPU, Triton on CUDA
             first_line = (str(e).strip().splitlines() or [""])[0][:300]
             die(f"torch.compile failed ({type(e).__name__}: {first_line}); run with --compile=False")
     zero_grads()
-    if master:
+    if master and compile:
         print(f"compiled the training step in {time.time() - t_compile:.1f} s (start-up, outside max_time)")
 
 
@@ -511,7 +516,7 @@ while True:
         losses = evaluate(eval_model)
         losses["val_ema"] = evaluate(ema.module, ("val",))["val"] if ema else None
         if master:
-            tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+            tqdm.write(f"step {iter_num} ({train_time:.1f} s): train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                        f"val bpb {losses['val_bpb']:.4f}" + (f", val loss ema {losses['val_ema']:.4f}" if ema else ""))
         if iter_num > start_iter or iter_num == 0:  # not again for the step a resume starts from
             record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_bpb=losses["val_bpb"],
@@ -577,8 +582,9 @@ if stop_signal:  # Ctrl-C or SIGTERM: save this step (a second signal only sets 
     if master:
         print(f"stopped at iter {iter_num} by {signal.Signals(stop_signal).name}; {saved}", file=sys.stderr)
 elif master:
+    memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device_type == "cuda" else ""
     print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, {train_time:.1f} s of training, "
-          f"{time.time() - t0:.1f} s in all")
+          f"{time.time() - t0:.1f} s in all{memory}")
 if writes:
     metrics_file.close()
     lock.close()
