@@ -48,6 +48,8 @@ steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
 new_tokens = 500  # sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16)
 device = "cpu"  # step/sample modes: cpu | cuda | mps (step variants: --dtype=bfloat16, --compile=True, --optimizer=muon)
 # -----------------------------------------------------------------------------
+TRAIN_OPTIMIZER = dict(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, muon_lr=0.02, muon_momentum=0.95,
+                       muon_weight_decay=0.0, muon_ns_steps=5)  # step mode: train.py's optimizer settings
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts it runs sit beside it; data/ is the working folder's
 
 
@@ -103,7 +105,7 @@ def bench_model():
     """Median step time (ms) or sampling speed (tokens/s) of each variant against the first."""
     import torch
 
-    from common import DTYPES, PEAK_FLOPS, autocast, pick_device
+    from common import DTYPES, PEAK_FLOPS, autocast, make_optimizers, pick_device
     from model import GPT, config_from_preset
     dev = pick_device(device)
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (torch.mps.synchronize if dev == "mps" else lambda: None)
@@ -135,13 +137,9 @@ def bench_model():
                 if v == variants[0]:
                     floor.append(gemv_ms(model, sync))
                 continue
-            # one training step as train.py takes it: AdamW (fused on CUDA) on everything, or Muon on the blocks' matrices
+            # one training step as train.py takes it: AdamW (fused on CUDA), or Muon on the blocks' matrices
             ctx, fused = autocast(dev, dtype), dev.startswith("cuda")
-            muon = [p for n, p in model.named_parameters() if optimizer == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
-            ids = {id(p) for p in muon}
-            optims = [torch.optim.AdamW([p for p in model.parameters() if id(p) not in ids], lr=1e-3, fused=fused)]
-            if muon:
-                optims.append(torch.optim.Muon(muon, lr=0.02))
+            optims = make_optimizers(model, dict(TRAIN_OPTIMIZER, optimizer=optimizer), fused)[0]
             step_model = torch.compile(model) if compiled else model
             x = torch.randint(0, model.config.vocab_size, (batch_size, model.config.block_size), device=dev)
             for i in range(5 + steps):

@@ -155,6 +155,25 @@ def lock_out_dir(out_dir, probe=False):
     return f, None
 
 
+def make_optimizers(model, cfg, fused=False):
+    """train.py's optimizers from its settings (cfg): AdamW for every parameter, or with optimizer="muon"
+    torch.optim.Muon for the 2-D matrices inside the blocks and AdamW for the rest (embeddings, head, norms, biases).
+    Weight decay on AdamW's matrices only; each group keeps its peak LR in base_lr for the schedule to scale.
+    Returns (optimizers, Muon's parameter names, AdamW's)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    muon = [n for n, p in params.items() if cfg["optimizer"] == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
+    adam = [n for n in params if n not in muon]
+    lr = cfg["learning_rate"]
+    groups = [dict(params=[params[n] for n in adam if params[n].dim() >= 2], weight_decay=cfg["weight_decay"], base_lr=lr),
+              dict(params=[params[n] for n in adam if params[n].dim() < 2], weight_decay=0.0, base_lr=lr)]
+    optimizers = [torch.optim.AdamW(groups, lr=lr, betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], fused=fused)]
+    if muon:
+        optimizers.append(torch.optim.Muon([dict(params=[params[n] for n in muon], base_lr=cfg["muon_lr"])],
+                                           lr=cfg["muon_lr"], weight_decay=cfg["muon_weight_decay"],
+                                           momentum=cfg["muon_momentum"], ns_steps=cfg["muon_ns_steps"]))
+    return optimizers, muon, adam
+
+
 def split_batch(tokens, batch_size, block_size, world_size):
     """(micro-batch, micro-steps per process) for `tokens` per optimizer step shared by world_size processes: the
     largest micro-batch up to batch_size that divides each process's share of sequences."""

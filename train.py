@@ -31,6 +31,7 @@ from common import (
     draw_windows,
     load_checkpoint,
     lock_out_dir,
+    make_optimizers,
     model_from_checkpoint,
     open_metrics,
     pick_device,
@@ -288,19 +289,7 @@ raw_model = model  # the plain module: saved, evaluated and counted
 model_config = raw_model.config
 
 # optimizers: AdamW for everything, or Muon for the 2-D matrices inside the blocks and AdamW for the rest
-params = {n: p for n, p in raw_model.named_parameters() if p.requires_grad}
-muon_names = [n for n, p in params.items() if optimizer == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
-adam_names = [n for n in params if n not in muon_names]
-adam_groups = [
-    dict(params=[params[n] for n in adam_names if params[n].dim() >= 2], weight_decay=weight_decay, base_lr=learning_rate),
-    dict(params=[params[n] for n in adam_names if params[n].dim() < 2], weight_decay=0.0, base_lr=learning_rate),
-]
-optimizers = [torch.optim.AdamW(adam_groups, lr=learning_rate, betas=(beta1, beta2), eps=eps,
-                                fused=device_type == "cuda")]
-if muon_names:
-    optimizers.append(torch.optim.Muon([dict(params=[params[n] for n in muon_names], base_lr=muon_lr)],
-                                       lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum,
-                                       ns_steps=muon_ns_steps))
+optimizers, muon_names, adam_names = make_optimizers(raw_model, config, fused=device_type == "cuda")
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # a no-op unless float16
 if ckpt is not None:
     try:

@@ -99,12 +99,14 @@ def test_every_shipped_config_splits_its_batch_over_1_2_and_8_processes(config):
 
 
 def test_auto_microbatch_backs_off_on_out_of_memory(workdir, monkeypatch, capsys):
-    """A fake OOM for micro-batches above 2 sequences: the run halves batch_size, doubles the micro-steps, goes on."""
+    """A fake OOM for micro-batches above 2 sequences, in training and evaluation alike: the run halves batch_size
+    and doubles the micro-steps before its first evaluation, then goes on; without auto_microbatch it stops with
+    one line."""
     import model
     real_forward = model.GPT.forward
 
     def forward(self, idx, *a, **kw):
-        if self.training and idx.size(0) > 2:
+        if idx.size(0) > 2:
             raise torch.OutOfMemoryError("fake: CUDA out of memory")
         return real_forward(self, idx, *a, **kw)
     monkeypatch.setattr(model.GPT, "forward", forward)
@@ -113,6 +115,19 @@ def test_auto_microbatch_backs_off_on_out_of_memory(workdir, monkeypatch, capsys
     runpy.run_path(f"{ROOT}/train.py", run_name="__main__")
     out = capsys.readouterr().out
     assert "batch_size=2 x 2 micro-steps" in out and "done: 3 iterations" in out
+    assert out.index("batch_size=2 x 2 micro-steps") < out.index("step 0 ")
+    monkeypatch.setattr(sys, "argv", ["train.py", *BASE, "--max_iters=3", "--out_dir=out-oom2"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(f"{ROOT}/train.py", run_name="__main__")
+    assert str(stop.value.code).startswith("error: out of memory at batch_size=4") and "--auto_microbatch=True" in str(stop.value.code)
+
+
+def test_bench_step_and_sample_modes(workdir):
+    """bench.py times a training step (AdamW, Muon) and sampling on the default device, a table row per variant."""
+    step = run("bench.py", "--mode=step", "--runs=1", "--steps=2", "--variants=['', '--optimizer=muon']", cwd=workdir).stdout
+    assert "| baseline |" in step and "| --optimizer=muon |" in step and "MFU" in step
+    sample = run("bench.py", "--mode=sample", "--runs=1", "--new_tokens=5", "--variants=['', '--batch=2']", cwd=workdir).stdout
+    assert "| --batch=2 |" in sample and "Bound at batch 1" in sample
 
 
 def test_max_time_ends_the_run_and_the_schedule(workdir):
