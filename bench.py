@@ -105,7 +105,7 @@ def bench_model():
     """Median step time (ms) or sampling speed (tokens/s) of each variant against the first."""
     import torch
 
-    from common import DTYPES, PEAK_FLOPS, autocast, make_optimizers, pick_device
+    from common import DTYPES, autocast, gpu_peak, make_optimizers, pick_device
     from model import GPT, config_from_preset
     dev = pick_device(device)
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (torch.mps.synchronize if dev == "mps" else lambda: None)
@@ -160,8 +160,7 @@ def bench_model():
             del model, step_model, optims, x, loss
     unit = "tokens/s" if mode == "sample" else "ms/step"
     base = statistics.median(results[variants[0]])
-    gpu = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else ""
-    peak = next((f for name, f in PEAK_FLOPS.items() if name in gpu), 0.0)
+    gpu, peak = gpu_peak(dev)
     print(f"bench.py --mode={mode} --args={args!r} on {gpu or dev} — medians of {runs} runs")
     extra = " tok/s | MFU | peak memory GiB |" if mode == "step" else " first 8 tokens (s) |"
     print(f"| variant | {unit} | vs baseline |{extra}\n|---|---|---|---|" + ("---|---|" if mode == "step" else ""))

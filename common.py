@@ -47,6 +47,12 @@ def pick_device(device):
     return device
 
 
+def gpu_peak(device):
+    """The GPU's name and its dense bf16 peak FLOP/s from PEAK_FLOPS, for MFU ('' and 0 off CUDA; 0 for a GPU not listed)."""
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
+    return name, next((f for key, f in PEAK_FLOPS.items() if key in name), 0.0)
+
+
 def pick_dtype(dtype, device):
     """'auto' is bfloat16 on GPUs that have it, float16 on older GPUs, float32 elsewhere."""
     if dtype == "auto":

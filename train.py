@@ -24,11 +24,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from common import (
-    PEAK_FLOPS,
     StopSignals,
     autocast,
     check_bins,
     draw_windows,
+    gpu_peak,
     load_checkpoint,
     lock_out_dir,
     make_optimizers,
@@ -389,9 +389,8 @@ def checkpoint_dict():
 csv_fields = ["iter", "loss", "train_loss", "val_loss", "val_bpb", "val_loss_ema",
               "lr", "ms_per_iter", "tok_per_s", "grad_norm", "gflops", "mfu"]
 n_params = raw_model.num_params()
-gpu_name = torch.cuda.get_device_name(device) if device_type == "cuda" else ""
-peak = peak_flops or next((f for name, f in PEAK_FLOPS.items() if name in gpu_name), 0.0)  # per process
-peak *= world_size
+gpu_name, peak = gpu_peak(device)
+peak = (peak_flops or peak) * world_size  # all processes together
 sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)  # honest step times on a GPU
 writes = master and not eval_only  # rank 0 writes; --eval_only writes nothing
 if writes:
