@@ -96,6 +96,28 @@ def read_meta(data_dir):
     return meta
 
 
+def read_dataset(data_dir):
+    """read_meta() and the dataset's tokenizer; a BPE's tokenizer.json goes into meta['tokenizer_json'], so the
+    checkpoints that carry meta can decode with out_dir alone."""
+    meta = read_meta(data_dir)
+    try:
+        if meta["tokenizer"] == "bpe":
+            with open(os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.json")), encoding="utf-8") as f:
+                meta["tokenizer_json"] = f.read()
+        return meta, load_tokenizer(meta)
+    except Exception as e:  # missing, or not a tokenizer.json
+        die(f"{data_dir}'s tokenizer cannot be read ({type(e).__name__}: {e}); prepare the dataset again")
+
+
+def write_vocab(out_dir, meta):
+    """A run folder's meta.json (and tokenizer.json for a BPE): what sample.py and chat.py decode with."""
+    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump({k: v for k, v in meta.items() if k != "tokenizer_json"}, f, ensure_ascii=False, indent=1)
+    if "tokenizer_json" in meta:
+        with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(meta["tokenizer_json"])
+
+
 def save_checkpoint(obj, path):
     """torch.save to a temporary file beside `path`, flushed to the disk, then an atomic rename (and the folder
     flushed): a crash, a power loss or a full disk mid-write never leaves a broken checkpoint, and the previous
@@ -130,6 +152,32 @@ def load_checkpoint(path):
             f"tensors and plain data, which are never unpickled; use another checkpoint")
 
 
+def resumed_config(ckpt, path, config, explicit):
+    """A resumed run continues as it was: every setting not given now comes from the checkpoint (out_dir never: a run
+    writes only where it was started), and one given that would change the architecture or the data stops it."""
+    if "optimizers" not in ckpt:
+        die(f"{path} holds a model but no training state (convert.py or nanoGPT wrote it); warm-start from "
+            f"it instead: --init_from={path} --out_dir=NEW")
+    keep = explicit | {"init_from", "device", "eval_only", "overwrite", "out_dir"}
+    config = {k: ckpt["config"][k] if k in ckpt["config"] and k not in keep else v for k, v in config.items()}
+    for key in sorted(explicit & (set(MODEL_FIELDS) | {"model_type", "dataset"}) - {"dropout"}):
+        saved = ckpt["config"][key] if key in ("model_type", "dataset") else ckpt["model_config"][key]
+        if config[key] is not None and config[key] != saved:
+            die(f"--{key}={config[key]!r} differs from the checkpoint's {saved!r}; a resumed run keeps its "
+                f"architecture and data: drop the setting or start a new --out_dir")
+    return dict(config, init_from="resume")
+
+
+def start_wandb(project, name, config):
+    """wandb.init, or one line saying how to install it; returns the wandb module for wandb.log."""
+    try:
+        import wandb
+    except ImportError:
+        die("wandb_log=True needs wandb: pip install wandb (or run with --wandb_log=False)")
+    wandb.init(project=project, name=name, config=config)
+    return wandb
+
+
 def lock_out_dir(out_dir, probe=False):
     """Make out_dir and hold an exclusive lock on out_dir/.lock for the whole run (the OS drops it when the
     process ends, however it ends). Returns (the open lock file, None) or (None, the line saying why not).
@@ -159,6 +207,11 @@ def lock_out_dir(out_dir, probe=False):
     f.write(str(os.getpid()))
     f.flush()
     return f, None
+
+
+# train.py's default optimizer settings: the cfg for make_optimizers where bench.py and recommend.py time a step
+TRAIN_OPTIMIZER = dict(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, muon_lr=0.02, muon_momentum=0.95,
+                       muon_weight_decay=0.0, muon_ns_steps=5)
 
 
 def make_optimizers(model, cfg, fused=False):

@@ -16,7 +16,7 @@ import pickle
 
 import torch
 
-from common import load_checkpoint, resolve_checkpoint, save_checkpoint
+from common import load_checkpoint, resolve_checkpoint, save_checkpoint, write_vocab
 from configurator import configure, die
 from model import MODEL_FIELDS, PRESETS, GPTConfig
 
@@ -490,11 +490,7 @@ def import_run(source):
     os.makedirs(out_dir, exist_ok=True)
     save_checkpoint(record, os.path.join(out_dir, "ckpt.pt"))
     if source["meta"]:
-        with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump({k: v for k, v in source["meta"].items() if k != "tokenizer_json"}, f, ensure_ascii=False, indent=1)
-        if "tokenizer_json" in source["meta"]:
-            with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
-                f.write(source["meta"]["tokenizer_json"])
+        write_vocab(out_dir, source["meta"])
     else:
         print("note: the source has no tokenizer; it trains (init_from) but sample.py and chat.py need one")
     print(f"wrote {out_dir}/ckpt.pt: {cfg.describe()}, {describe_vocab(source['meta'])}")

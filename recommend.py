@@ -50,12 +50,12 @@ def block_weights(shape):
     return n_layer * 12 * n_embd ** 2
 
 
-def measure(shape, vocab_size, ngram, device_name, seconds=1.0):
-    """Training tokens per second of one shape on the device (forward, backward and an AdamW step on random tokens,
-    uncompiled, for about `seconds`); None when it does not fit in the device's memory."""
+def measure(shape, vocab_size, ngram, device_name, seconds=2.0):
+    """Training tokens per second of one shape on the device (forward, backward and the recipe's Muon + AdamW step on
+    random tokens, uncompiled, for about `seconds`); None when it does not fit in the device's memory."""
     import torch
 
-    from common import autocast, pick_dtype
+    from common import TRAIN_OPTIMIZER, autocast, make_optimizers, pick_dtype
     from model import GPT, config_from_preset
     n_layer, n_head, n_embd, block_size, batch_size = shape
     sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device_name.split(":")[0], lambda: None)
@@ -63,7 +63,7 @@ def measure(shape, vocab_size, ngram, device_name, seconds=1.0):
     try:
         model = GPT(config_from_preset("gpt_fast", n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                        vocab_size=vocab_size, ngram_emb=ngram, dropout=0.0)).to(device_name)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizers = make_optimizers(model, dict(TRAIN_OPTIMIZER, optimizer="muon"))[0]
         ctx = autocast(device_name, pick_dtype("auto", device_name))
         x = torch.randint(0, vocab_size, (batch_size, block_size), device=device_name)
         steps, t0 = -1, 0.0
@@ -71,8 +71,9 @@ def measure(shape, vocab_size, ngram, device_name, seconds=1.0):
             with ctx:
                 _, loss = model(x, x)
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             sync()
             steps += 1
             if steps == 0:  # the first step warms up

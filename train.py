@@ -9,7 +9,6 @@ warmup-stable-decay LR schedule, exact resume, and DDP when launched by torchrun
     torchrun --standalone --nproc_per_node=8 train.py        # the defaults: a GPT-2-small-class run
 """
 
-import json
 import math
 import os
 import signal
@@ -36,17 +35,19 @@ from common import (
     open_metrics,
     pick_device,
     pick_dtype,
-    read_meta,
+    read_dataset,
     restore_rng,
+    resumed_config,
     rng_states,
     save_checkpoint,
     split_batch,
+    start_wandb,
     write_run_meta,
+    write_vocab,
 )
 from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, check, configure, die
 from convert import describe_vocab, extends_vocab, load_source, load_weights, warm_start
 from model import GPT, MODEL_FIELDS, config_from_preset
-from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -139,20 +140,8 @@ if init_from == "auto":
 iter_num, best_val_loss, train_time, ckpt, source = 0, float("inf"), 0.0, None, None
 if init_from == "resume":
     ckpt = load_checkpoint(ckpt_path)
-    if "optimizers" not in ckpt:
-        die(f"{ckpt_path} holds a model but no training state (convert.py or nanoGPT wrote it); warm-start from "
-            f"it instead: --init_from={ckpt_path} --out_dir=NEW")
-    for key, saved in ckpt["config"].items():  # never out_dir: a run writes only where it was started
-        if key in config and key not in explicit | {"init_from", "device", "eval_only", "overwrite", "out_dir"}:
-            config[key] = saved
+    config = resumed_config(ckpt, ckpt_path, config, explicit)
     globals().update(config)
-    init_from = "resume"
-    for key in sorted(explicit & (set(MODEL_FIELDS) | {"model_type", "dataset"}) - {"dropout"}):
-        saved = ckpt["config"][key] if key in ("model_type", "dataset") else ckpt["model_config"][key]
-        if config[key] is not None and config[key] != saved:
-            die(f"--{key}={config[key]!r} differs from the checkpoint's {saved!r}; a resumed run keeps its "
-                f"architecture and data: drop the setting or start a new --out_dir")
-
 elif init_from != "scratch":  # a warm start takes the source's architecture and context, unless set here
     source = load_source(init_from)  # ours, nanoGPT's or a Hugging Face model, in our parameter names
     if "block_size" not in explicit:
@@ -193,16 +182,7 @@ if device_type == "cuda":
 # data: uint16 or uint32 token ids in memory-mapped bins, tokenizer described by meta.json
 dataset = config["dataset"] = dataset.removeprefix("data/")  # --dataset=data/x means x
 data_dir = os.path.join("data", dataset)
-meta = read_meta(data_dir)
-if meta["tokenizer"] == "bpe":  # the checkpoint carries the tokenizer itself, so out_dir alone can decode
-    try:
-        with open(os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.json")), encoding="utf-8") as f:
-            meta["tokenizer_json"] = f.read()
-        tokenizer = load_tokenizer(meta)
-    except Exception as e:  # missing, or not a tokenizer.json
-        die(f"data/{dataset}'s tokenizer cannot be read ({type(e).__name__}: {e}); prepare the dataset again")
-else:
-    tokenizer = load_tokenizer(meta)
+meta, tokenizer = read_dataset(data_dir)  # the checkpoint carries meta, tokenizer included
 token_dtype = np.dtype(meta["dtype"])
 masked = "chat_template" in meta  # conversations: the loss counts the assistant's tokens only (sft.py)
 vocab_keys = ("tokenizer", "vocab_size", "vocab", "tokenizer_json")
@@ -395,11 +375,7 @@ sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)  # ho
 writes = master and not eval_only  # rank 0 writes; --eval_only writes nothing
 if writes:
     try:
-        with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump({k: v for k, v in meta.items() if k != "tokenizer_json"}, f, ensure_ascii=False, indent=1)
-        if meta["tokenizer"] == "bpe":
-            with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
-                f.write(meta["tokenizer_json"])
+        write_vocab(out_dir, meta)
         write_run_meta(os.path.join(out_dir, "run_meta.json"), iter_num, dict(
             config=config, model_config=vars(model_config), parameters=n_params, device=device, gpu=gpu_name, dtype=dtype,
             world_size=world_size, torch=torch.__version__, argv=sys.argv, optimizer_params=dict(muon=muon_names, adamw=adam_names)))
@@ -408,12 +384,8 @@ if writes:
     except (OSError, ValueError) as e:
         die(f"could not write to {out_dir} ({getattr(e, 'strerror', None) or e}); free some space or pick another --out_dir")
     if wandb_log:
-        try:
-            import wandb
-        except ImportError:
-            die("wandb_log=True needs wandb: pip install wandb (or run with --wandb_log=False)")
-        wandb.init(project=wandb_project, name=wandb_run_name or f"{model_type} {model_config.describe()}",
-                   config=dict(config, model_config=vars(model_config)))
+        wandb = start_wandb(wandb_project, wandb_run_name or f"{model_type} {model_config.describe()}",
+                            dict(config, model_config=vars(model_config)))
     print(f"{model_type}: {model_config.describe()}")
     print(f"{n_params / 1e6:.2f}M parameters | {device} {dtype} | {world_size} process(es) x {accum_steps} micro-steps "
           f"x {batch_size} x {block_size} = {tokens_per_iter:,} tokens per step")
