@@ -48,6 +48,8 @@ steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
 new_tokens = 500  # sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16)
 device = "cpu"  # step/sample modes: cpu | cuda | mps (step variants: --dtype=bfloat16, --compile=True, --optimizer=muon)
 # -----------------------------------------------------------------------------
+TRAIN_OPTIMIZER = dict(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, muon_lr=0.02, muon_momentum=0.95,
+                       muon_weight_decay=0.0, muon_ns_steps=5)  # step mode: train.py's optimizer settings
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts it runs sit beside it; data/ is the working folder's
 
 
@@ -103,7 +105,7 @@ def bench_model():
     """Median step time (ms) or sampling speed (tokens/s) of each variant against the first."""
     import torch
 
-    from common import DTYPES, TRAIN_OPTIMIZER, autocast, gpu_peak, make_optimizers, pick_device
+    from common import DTYPES, autocast, gpu_peak, make_optimizers, pick_device
     from model import GPT, config_from_preset
     dev = pick_device(device)
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (torch.mps.synchronize if dev == "mps" else lambda: None)

@@ -209,11 +209,6 @@ def lock_out_dir(out_dir, probe=False):
     return f, None
 
 
-# train.py's default optimizer settings: the cfg for make_optimizers where bench.py and recommend.py time a step
-TRAIN_OPTIMIZER = dict(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, muon_lr=0.02, muon_momentum=0.95,
-                       muon_weight_decay=0.0, muon_ns_steps=5)
-
-
 def make_optimizers(model, cfg, fused=False):
     """train.py's optimizers from its settings (cfg): AdamW for every parameter, or with optimizer="muon"
     torch.optim.Muon for the 2-D matrices inside the blocks and AdamW for the rest (embeddings, head, norms, biases).

@@ -37,6 +37,7 @@ LADDER = [(1, 2, 96, 128, 24), (2, 4, 128, 128, 24), (4, 4, 192, 128, 32), (6, 4
 TOKENS_PER_WEIGHT = 10  # a larger shape pays off when its run sees this many tokens per block weight (time-limited)
 MIN_PASSES = 4  # ... or, when it makes this many passes over the training tokens in the budget (data-limited), ...
 MIN_TOKENS_PER_WEIGHT = 2  # ... this many: a small model would run out of data and leave time unused
+BOUND_TOKENS_PER_WEIGHT = 0.5  # a token-level run that ends at TOKEN_PASSES inside the budget: the time left buys size
 TABLE_PASSES = 5  # the recipe's n-gram tables only for runs of at most this many passes: past them they memorise
 MAX_PASSES = 10  # a character-level run without the tables stops after this many passes over the training tokens
 TOKEN_PASSES = 3  # a token-level run after this many: a BPE token's embedding memorises sooner than a character's
@@ -50,12 +51,12 @@ def block_weights(shape):
     return n_layer * 12 * n_embd ** 2
 
 
-def measure(shape, vocab_size, ngram, device_name, seconds=2.0):
-    """Training tokens per second of one shape on the device (forward, backward and the recipe's Muon + AdamW step on
-    random tokens, uncompiled, for about `seconds`); None when it does not fit in the device's memory."""
+def measure(shape, vocab_size, ngram, device_name, seconds=1.0):
+    """Training tokens per second of one shape on the device (forward, backward and an AdamW step on random tokens,
+    uncompiled, for about `seconds`); None when it does not fit in the device's memory."""
     import torch
 
-    from common import TRAIN_OPTIMIZER, autocast, make_optimizers, pick_dtype
+    from common import autocast, pick_dtype
     from model import GPT, config_from_preset
     n_layer, n_head, n_embd, block_size, batch_size = shape
     sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device_name.split(":")[0], lambda: None)
@@ -63,7 +64,7 @@ def measure(shape, vocab_size, ngram, device_name, seconds=2.0):
     try:
         model = GPT(config_from_preset("gpt_fast", n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                        vocab_size=vocab_size, ngram_emb=ngram, dropout=0.0)).to(device_name)
-        optimizers = make_optimizers(model, dict(TRAIN_OPTIMIZER, optimizer="muon"))[0]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ctx = autocast(device_name, pick_dtype("auto", device_name))
         x = torch.randint(0, vocab_size, (batch_size, block_size), device=device_name)
         steps, t0 = -1, 0.0
@@ -71,9 +72,8 @@ def measure(shape, vocab_size, ngram, device_name, seconds=2.0):
             with ctx:
                 _, loss = model(x, x)
             loss.backward()
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             sync()
             steps += 1
             if steps == 0:  # the first step warms up
@@ -92,11 +92,18 @@ def pass_limit(char_vocab):
 
 def pays(tps, shape, train_tokens, budget, char_vocab):
     """Whether a shape measured at `tps` tokens/s is worth its size: its run sees TOKENS_PER_WEIGHT tokens per block
-    weight, or MIN_TOKENS_PER_WEIGHT when the budget makes MIN_PASSES passes over the data; only the passes up to
-    the pass limit count."""
-    tokens = tps * budget if tps else 0
-    need = TOKENS_PER_WEIGHT if tokens < MIN_PASSES * train_tokens else MIN_TOKENS_PER_WEIGHT
-    return min(tokens, pass_limit(char_vocab) * train_tokens) >= need * block_weights(shape)
+    weight, or MIN_TOKENS_PER_WEIGHT when the budget makes MIN_PASSES passes over the data, or, token-level, only
+    BOUND_TOKENS_PER_WEIGHT when it finishes TOKEN_PASSES passes inside the budget; only the passes up to the pass
+    limit count."""
+    tokens, limit = (tps * budget if tps else 0), pass_limit(char_vocab) * train_tokens
+    return min(tokens, limit) >= need_per_weight(tokens, train_tokens, char_vocab) * block_weights(shape)
+
+
+def need_per_weight(tokens, train_tokens, char_vocab):
+    """The tokens per block weight a shape's run must see to pay off, for the tokens the budget buys it."""
+    if not char_vocab and tokens >= TOKEN_PASSES * train_tokens:
+        return BOUND_TOKENS_PER_WEIGHT
+    return TOKENS_PER_WEIGHT if tokens < MIN_PASSES * train_tokens else MIN_TOKENS_PER_WEIGHT
 
 
 def plan(speeds, train_tokens, budget, priority, char_vocab):
@@ -122,14 +129,17 @@ def plan(speeds, train_tokens, budget, priority, char_vocab):
         why.append(f"stopped at {cap} passes ({iters:,} iterations, ~{seconds:.0f} of the {budget:g} s): "
                    + ("the smallest shape levels off there (priority=speed)" if priority == "speed" else
                       "more passes over this data overfit; a larger corpus would use the time"))
-    reason = (f"{tokens / weights:.0f} tokens per block weight ({weights / 1e6:.2f} M weights)"
+    reason = (f"{tokens / weights:.2g} tokens per block weight ({weights / 1e6:.2f} M weights)"
               + (f", {passes:.1f} passes in the budget" if priority == "quality" else ""))
+    if priority == "quality" and rung and not char_vocab and passes >= TOKEN_PASSES:
+        reason += (f"; it makes its {TOKEN_PASSES} passes inside the budget, so the time left buys size "
+                   f"({BOUND_TOKENS_PER_WEIGHT:g} per weight pays off)")
     if priority == "quality" and rung + 1 < len(speeds) and speeds[rung + 1]:
         up, up_tokens = LADDER[rung + 1], speeds[rung + 1] * budget
         usable = min(up_tokens, pass_limit(char_vocab) * train_tokens)
-        reason += (f"; the next size up ({up[0]} × {up[2]}) would see {usable / block_weights(up):.1f} per weight in "
-                   f"{up_tokens / train_tokens:.1f} passes, which does not pay off ({TOKENS_PER_WEIGHT} per weight, or "
-                   f"{MIN_TOKENS_PER_WEIGHT} in {MIN_PASSES}+ passes)")
+        need = need_per_weight(up_tokens, train_tokens, char_vocab)
+        reason += (f"; the next size up ({up[0]} × {up[2]}) would see {usable / block_weights(up):.2g} per weight in "
+                   f"{up_tokens / train_tokens:.1f} passes, which does not pay off (it would need {need:g})")
     why.append(f"{n_layer} layer{'s' * (n_layer > 1)} × {n_embd} wide ({n_head} heads), block {block_size}, "
                f"batch {batch_size}: {reason}")
     if ngram:

@@ -53,6 +53,17 @@ def test_a_budget_past_the_useful_passes_stops_early():
     assert seconds == TOKEN_PASSES * 100_000 / 40_000 and iters * LADDER[0][3] * LADDER[0][4] >= TOKEN_PASSES * 100_000
 
 
+def test_a_token_run_that_ends_at_its_passes_spends_the_time_left_on_size():
+    speeds = [24_000, 14_000, 7_000]  # 0.12 M tokens: 3 passes take 1 x 96 15 s, 2 x 128 25 s, 4 x 192 51 s
+    rung, seconds, iters, ngram, why = plan(speeds, 118_921, 120, "quality", False)
+    assert rung == 1 and not ngram and seconds < 120 and iters * LADDER[1][3] * LADDER[1][4] >= TOKEN_PASSES * 118_921
+    assert pays(14_000, LADDER[1], 118_921, 120, False) and not pays(14_000, LADDER[1], 118_921, 20, False)
+    assert not pays(7_000, LADDER[2], 118_921, 120, False)  # 0.2 tokens per weight in its 3 passes: too few
+    assert plan(speeds, 118_921, 20, "quality", False)[0] == 0  # 2 x 128 would not finish its passes in 20 s
+    assert plan(speeds, 118_921, 40, "quality", False)[0] == 1
+    assert plan(speeds, 118_921, 40, "quality", True)[0] == 0  # characters: 10 passes, and the rule does not apply
+
+
 def test_priority_speed_stops_the_smallest_shape_where_it_levels_off():
     rung, seconds, _, ngram, why = plan(SPEEDS, 1_000_000, 1200, "speed", True)
     assert rung == 0 and ngram and seconds == SPEED_PASSES * 1_000_000 / SPEEDS[0] < 1200
