@@ -438,6 +438,24 @@ def extends_vocab(old, new):
     return False
 
 
+VOCAB_KEYS = ("tokenizer", "vocab_size", "vocab", "tokenizer_json")  # what makes two vocabularies the same
+
+
+def vocab_fits(model_meta, data_meta, where, dataset):
+    """Check that a model (a checkpoint's or a warm start's meta) reads a dataset's tokens; True when the dataset's
+    vocabulary extends the model's (the embeddings grow), False when it is the same; one line and exit otherwise."""
+    if not model_meta or all(model_meta.get(k) == data_meta.get(k) for k in VOCAB_KEYS):
+        return False
+    if where != "resume" and extends_vocab(model_meta, data_meta):
+        return True
+    if where == "resume":
+        die(f"data/{dataset} has a different vocabulary from the one the checkpoint was trained with; "
+            f"re-prepare the same data or start a new --out_dir")
+    die(f"--init_from={where} reads {describe_vocab(model_meta)} but data/{dataset} holds {describe_vocab(data_meta)}; "
+        f"prepare the data with its tokenizer"
+        + (" (python prepare_bpe.py --input=... --tokenizer=gpt2)" if model_meta["tokenizer"] == "gpt2" else ""))
+
+
 def warm_start(source, overrides):
     """(GPTConfig, state dict) to start a run from `source`: its architecture with the given fields overridden
     (dropout, and block_size lowered as nanoGPT crops it; learned positions cannot grow; a larger vocab_size adds

@@ -46,7 +46,7 @@ from common import (
     write_vocab,
 )
 from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, check, configure, die
-from convert import describe_vocab, extends_vocab, load_source, load_weights, warm_start
+from convert import load_source, load_weights, vocab_fits, warm_start
 from model import GPT, MODEL_FIELDS, config_from_preset
 
 # -----------------------------------------------------------------------------
@@ -185,15 +185,7 @@ data_dir = os.path.join("data", dataset)
 meta, tokenizer = read_dataset(data_dir)  # the checkpoint carries meta, tokenizer included
 token_dtype = np.dtype(meta["dtype"])
 masked = "chat_template" in meta  # conversations: the loss counts the assistant's tokens only (sft.py)
-vocab_keys = ("tokenizer", "vocab_size", "vocab", "tokenizer_json")
-if ckpt is not None and any(ckpt["meta"].get(k) != meta.get(k) for k in vocab_keys):
-    die(f"data/{dataset} has a different vocabulary from the one {ckpt_path} was trained with; "
-        f"re-prepare the same data or start a new --out_dir")
-grown = bool(source) and extends_vocab(source["meta"], meta)  # the source's tokens, and new ones after them
-if source and source["meta"] and any(source["meta"].get(k) != meta.get(k) for k in vocab_keys) and not grown:
-    die(f"--init_from={init_from} reads {describe_vocab(source['meta'])} but data/{dataset} holds "
-        f"{describe_vocab(meta)}; prepare the data with its tokenizer"
-        + (" (python prepare_bpe.py --input=... --tokenizer=gpt2)" if source["meta"]["tokenizer"] == "gpt2" else ""))
+grown = vocab_fits(ckpt["meta"] if ckpt else source and source["meta"], meta, init_from, dataset)  # True: new tokens
 
 # batch arithmetic
 # the tokens per optimizer step are fixed (total_batch_size, or gradient_accumulation_steps micro-batches of
@@ -316,12 +308,15 @@ def out_of_memory():
 @torch.no_grad()
 def evaluate(eval_model, splits=("train", "val")):
     """Loss on the same eval_iters batches of each split at every eval (shared out among the processes), and
-    bits per byte: the total nats over the UTF-8 bytes of the targets, / ln 2, comparable across tokenizers."""
+    bits per byte: the total nats over the UTF-8 bytes of the targets, / ln 2, comparable across tokenizers.
+    None when Ctrl-C or SIGTERM comes during it (one process): the run stops without waiting for the rest."""
     eval_model.eval()
     out = {}
     for split in splits:
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
         for i in range(rank, eval_iters, world_size):
+            if signals.received and not ddp:
+                return None
             x, y = get_batch(split, -1 - i, 0)  # negative steps: batches that no training step draws
             try:
                 with ctx:
@@ -474,7 +469,10 @@ while True:
     last_step = iter_num >= max_iters or (max_time > 0 and all_ranks_mean(train_time) >= max_time)
     if (iter_num % eval_interval == 0 and iter_num != start_iter) or last_step or iter_num == 0 or eval_only:
         losses = evaluate(eval_model)
-        losses["val_ema"] = evaluate(ema.module, ("val",))["val"] if ema else None
+        ema_losses = evaluate(ema.module, ("val",)) if ema and losses else {"val": None}
+        if losses is None or ema_losses is None:
+            break  # a signal during the evaluation: stop now, this step is saved below
+        losses["val_ema"] = ema_losses["val"]
         if master:
             tqdm.write(f"step {iter_num} ({train_time:.1f} s): train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                        f"val bpb {losses['val_bpb']:.4f}" + (f", val loss ema {losses['val_ema']:.4f}" if ema else ""))
@@ -535,10 +533,11 @@ while True:
 bar.close()
 stop_signal = agreed_signal()
 if stop_signal:  # Ctrl-C or SIGTERM: save this step (a second signal only sets the flag again), then exit 130 / 143
-    state = checkpoint_dict() if save_strategy != "none" else None  # every rank joins the RNG gather
+    state = checkpoint_dict() if save_strategy != "none" and not eval_only else None  # every rank joins the RNG gather
     if master and state is not None:
         save_checkpoint(state, ckpt_path)
-    saved = f"resume with --init_from=resume --out_dir={out_dir}" if state else "nothing saved (save_strategy=none)"
+    saved = (f"resume with --init_from=resume --out_dir={out_dir}" if state else
+             f"nothing saved ({'eval_only' if eval_only else 'save_strategy=none'})")
     if master:
         print(f"stopped at iter {iter_num} by {signal.Signals(stop_signal).name}; {saved}", file=sys.stderr)
 elif master:

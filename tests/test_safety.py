@@ -80,6 +80,7 @@ CASES = [  # (command, what the one line must name)
     (T + ["--dataset=odd_char"], "train.bin"), (T + ["--dataset=nothing_char"], "prepare_char.py"),
     (T[:-2] + ["--out_dir=afile"], "afile"), (T + ["--init_from=out-corrupt/ckpt.pt"], "not a readable checkpoint"),
     (T + ["--init_from=foreign.pt"], "foreign.pt"), (T + ["--init_from=hf:nowhere"], "nowhere"),
+    (T + ["--init_from=out-tiny", "--dataset=text_bpe"], "characters but data/text_bpe holds a"),
     *[(S + [f"--{k}={v}"], k) for k, v in [("num_samples", 0), ("max_new_tokens", -1), ("temperature", -0.5),
                                            ("top_p", 0), ("top_p", 1.5), ("top_k", -1), ("device", "tpu")]],
     (["sample.py", "--out_dir=nowhere"], "nowhere"), (["sample.py", "--out_dir=out-corrupt"], "not a readable checkpoint"),
@@ -181,6 +182,39 @@ def test_signal_with_save_strategy_none_writes_nothing(workdir):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "nothing saved" in err and not (workdir / "out-sig-none" / "ckpt.pt").exists()
+
+
+def test_a_signal_during_an_evaluation_stops_without_waiting_for_it(workdir):
+    # 10^6 evaluation batches would take many minutes; the run must stop within seconds, saving the step it is at
+    proc = start(workdir, *BASE, "--max_iters=100000", "--eval_iters=1000000", "--out_dir=out-sig-eval")
+    while not (workdir / "out-sig-eval" / "run_meta.json").exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the first evaluation
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and len(err.strip().splitlines()) == 1 and "stopped at iter 0 by SIGTERM" in err, err
+    assert torch.load(workdir / "out-sig-eval" / "ckpt.pt", weights_only=True)["iter_num"] == 0
+    run("train.py", *BASE, "--max_iters=2", "--eval_iters=2", "--init_from=resume", "--out_dir=out-sig-eval", cwd=workdir)
+    proc = start(workdir, *BASE, "--eval_only=True", "--eval_iters=1000000", "--init_from=resume", "--out_dir=out-sig-eval")
+    before = (workdir / "out-sig-eval" / "ckpt.pt").read_bytes()
+    time.sleep(6.0)  # into its evaluation on most machines; before it, the signal stops it at once, also saving nothing
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "nothing saved" in err and len(err.strip().splitlines()) == 1, err
+    assert (workdir / "out-sig-eval" / "ckpt.pt").read_bytes() == before  # eval_only writes nothing, stopped or not
+
+
+def test_resuming_on_a_dataset_prepared_again_with_another_vocabulary_is_refused(trained, tmp_path):
+    shutil.copytree(trained / "out-tiny", tmp_path / "out-tiny")
+    shutil.copytree(trained / "data" / "tiny_char", tmp_path / "data" / "tiny_char")
+    meta_path = tmp_path / "data" / "tiny_char" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "vocab": meta["vocab"][1:] + meta["vocab"][:1]}))  # same size, ids moved
+    before = digests(tmp_path)
+    proc = run("train.py", *BASE, "--init_from=resume", "--out_dir=out-tiny", "--max_iters=70", cwd=tmp_path, ok=False)
+    assert proc.stderr.startswith("error: data/tiny_char has a different vocabulary") and len(proc.stderr.splitlines()) == 1
+    assert digests(tmp_path) == before
 
 
 def test_a_second_run_on_the_same_out_dir_is_refused(workdir):
