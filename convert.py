@@ -446,11 +446,11 @@ def vocab_fits(model_meta, data_meta, where, dataset):
     vocabulary extends the model's (the embeddings grow), False when it is the same; one line and exit otherwise."""
     if not model_meta or all(model_meta.get(k) == data_meta.get(k) for k in VOCAB_KEYS):
         return False
-    if where != "resume" and extends_vocab(model_meta, data_meta):
-        return True
     if where == "resume":
         die(f"data/{dataset} has a different vocabulary from the one the checkpoint was trained with; "
             f"re-prepare the same data or start a new --out_dir")
+    if extends_vocab(model_meta, data_meta):
+        return True
     die(f"--init_from={where} reads {describe_vocab(model_meta)} but data/{dataset} holds {describe_vocab(data_meta)}; "
         f"prepare the data with its tokenizer"
         + (" (python prepare_bpe.py --input=... --tokenizer=gpt2)" if model_meta["tokenizer"] == "gpt2" else ""))
