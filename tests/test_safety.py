@@ -4,6 +4,7 @@ metrics.csv stays ordered after a kill -9; a resumed run writes only to the out_
 
 import csv
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -259,3 +260,10 @@ def test_resume_writes_only_to_the_out_dir_it_was_started_with(workdir, tmp_path
     torch.save(ckpt, workdir / "out-copy" / "ckpt.pt")
     run("train.py", "--init_from=resume", "--max_iters=8", "--out_dir=out-copy", cwd=workdir)
     assert not (tmp_path / "elsewhere").exists() and digests(workdir / "out-orig") == before
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_wandb_log_without_wandb_says_what_to_install(workdir):
+    proc = run("train.py", *BASE, "--max_iters=2", "--wandb_log=True", "--out_dir=out-wandb", cwd=workdir, ok=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: wandb_log=True needs wandb: pip install wandb (or run with --wandb_log=False)"]
