@@ -191,7 +191,7 @@ def test_a_signal_during_an_evaluation_stops_without_waiting_for_it(workdir):
     while not (workdir / "out-sig-eval" / "run_meta.json").exists():
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    time.sleep(1.0)  # into the first evaluation
+    time.sleep(2.0)  # into the first evaluation
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143 and len(err.strip().splitlines()) == 1 and "stopped at iter 0 by SIGTERM" in err, err
@@ -199,7 +199,7 @@ def test_a_signal_during_an_evaluation_stops_without_waiting_for_it(workdir):
     run("train.py", *BASE, "--max_iters=2", "--eval_iters=2", "--init_from=resume", "--out_dir=out-sig-eval", cwd=workdir)
     proc = start(workdir, *BASE, "--eval_only=True", "--eval_iters=1000000", "--init_from=resume", "--out_dir=out-sig-eval")
     before = (workdir / "out-sig-eval" / "ckpt.pt").read_bytes()
-    time.sleep(6.0)  # into its evaluation on most machines; before it, the signal stops it at once, also saving nothing
+    time.sleep(10.0)  # into its evaluation on most machines; before it, the signal stops it at once, also saving nothing
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "nothing saved" in err and len(err.strip().splitlines()) == 1, err
