@@ -166,34 +166,6 @@ def no_rope(x, cos, sin):
     return x
 
 
-class KVCache:
-    """Keys and values of every layer for generation, a fixed block_size long: each forward writes its keys at
-    `pos` (a tensor) and attends over the whole cache through a position mask, so a one-token decode step always
-    has the same shapes (torch.compile builds it once). Only n_kv_head heads are stored: grouped-query attention
-    shrinks the cache by n_head / n_kv_head."""
-
-    def __init__(self, cfg, batch_size, device):
-        self.n_layer, self.block_size = cfg.n_layer, cfg.block_size
-        self.k = self.v = None  # (n_layer, B, n_kv_head, block_size, hs), allocated by the first keys (their dtype)
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # tokens stored so far
-        self.length = 0  # the same count for the caller, as a Python int (the model never reads it)
-        self.history = torch.full((batch_size, max(cfg.ngram_emb - 1, 0)), -1, dtype=torch.long, device=device)  # for ngram_emb
-        self.positions = self.mask = None  # this forward's positions (T,) and attention mask (T, block_size)
-
-    def update(self, layer, k, v):
-        """Write this forward's k, v (B, n_kv_head, T, hs) for `layer`; return the whole cache's keys and values."""
-        if self.k is None:
-            B, nkv, _, hs = k.shape
-            self.k = k.new_zeros(self.n_layer, B, nkv, self.block_size, hs)
-            self.v = torch.zeros_like(self.k)
-        self.k[layer].index_copy_(2, self.positions, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, self.positions, v.to(self.v.dtype))
-        return self.k[layer], self.v[layer]
-
-    def nbytes(self):
-        return self.k.nbytes + self.v.nbytes
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
@@ -209,17 +181,17 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache):
+    def forward(self, x, cos, sin, cache=None, positions=None, mask=None):
+        """x (B, T, C); with a KV cache, x continues its rows at `positions` (B, T) and attends where `mask`
+        (B, 1, T, block_size) allows: its own and earlier positions."""
         B, T, C = x.size()
         hs = self.head_size
         q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
         q = self.rope(self.q_norm(q.view(B, T, self.n_head, hs).transpose(1, 2)), cos, sin)  # (B, nh, T, hs)
         k = self.rope(self.k_norm(k.view(B, T, self.n_kv_head, hs).transpose(1, 2)), cos, sin)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        mask = None  # plain causal attention over this chunk
-        if cache is not None:  # over the whole cache: the mask admits each query's earlier positions
-            k, v = cache.update(self.layer, k, v)
-            mask = cache.mask
+        if cache is not None:  # attend over the whole cache (mask None: plain causal attention over this chunk)
+            k, v = cache.update(self.layer, k, v, positions)
             q = q.to(k.dtype)
         y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -247,8 +219,8 @@ class Block(nn.Module):
         self.ln_2 = NORMS[cfg.norm](cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.attn(self.ln_1(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, positions=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache, positions, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -298,38 +270,37 @@ class GPT(nn.Module):
         return 6 * (self.num_params() - lookups) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def forward(self, idx, targets=None, cache=None, label_smoothing=0.0):
-        """idx: (B, T) token ids. With targets (B, T), returns logits (B, T, vocab) and the mean
-        cross-entropy (targets of -1 are ignored); without, the logits of the last position only
-        (B, 1, vocab) and None. With a KVCache, idx continues the sequence the cache holds."""
+        """idx: (B, T) token ids. With targets (B, T), returns logits (B, T, vocab) and the mean cross-entropy
+        (targets of -1 are ignored); without, the logits of the last position only (B, 1, vocab) and None.
+        With a KVCache (generate.py), idx continues the sequences its rows hold, each at its own position."""
         B, T = idx.size()
         if cache is None and T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
-        positions = torch.arange(T, device=idx.device)  # (T,)
-        if cache is not None:  # continue at cache.pos (a tensor: no shape or value here depends on it in Python)
-            positions = positions + cache.pos
-            cache.positions, cache.mask = positions, positions[:, None] >= self.rope_index[None, :]  # (T, block_size)
+        positions, mask, history = self.rope_index[:T], None, idx.new_full((B, max(self.config.ngram_emb - 1, 0)), -1)
+        if cache is not None:  # every row at its own position: (B, T), and the slots each query may see
+            positions, history = cache.positions(T), cache.history
+            mask = positions[:, None, :, None] >= self.rope_index  # (B, 1, T, block_size)
+
+        # embeddings: tokens, learned positions, n-gram tables
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.transformer.wpe is not None:
             x = x + self.transformer.wpe(positions)
-        if self.config.ngram_emb:
-            history = cache.history if cache is not None else idx.new_full((B, self.config.ngram_emb - 1), -1)
-            for table, ids in zip(self.transformer.nte, self.ngram_ids(idx, history), strict=True):
-                x = x + table(ids)
-            if cache is not None:
-                cache.history.copy_(torch.cat([history, idx], dim=1)[:, -(self.config.ngram_emb - 1):])
+        for table, ids in zip(self.transformer.nte, self.ngram_ids(idx, history), strict=True):
+            x = x + table(ids)
         x = self.transformer.drop(x)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hs/2); unused without RoPE
+
+        # the blocks
+        cos, sin = self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3)  # (1|B, 1, T, hs/2)
         for block in self.transformer.h:
             if self.config.grad_checkpoint and self.training:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache)
+                x = block(x, cos, sin, cache, positions, mask)
         if cache is not None:
-            cache.pos.add_(T)
-        x = self.transformer.ln_f(x)
-        if targets is None:
-            x = x[:, [-1], :]  # only the last position is needed to sample the next token
-        logits = self.lm_head(x).float()  # (B, T, vocab) in fp32 for a stable softmax
+            cache.advance(idx)
+
+        # the head: logits in fp32 for a stable softmax, only the last position's when there are no targets
+        logits = self.lm_head(self.transformer.ln_f(x if targets is not None else x[:, [-1], :])).float()
         if self.config.logit_softcap:
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)
         if targets is None:
@@ -350,83 +321,3 @@ class GPT(nn.Module):
             scale *= V + 1
             ids.append(code % self.config.ngram_rows)
         return ids
-
-    def step(self, idx, cache):
-        """Logits (B, vocab) of the last position of idx (B, T), which continues the sequence the cache holds."""
-        return self(idx, cache=cache)[0][:, -1]
-
-    def compile_decode(self):
-        """step() compiled for one-token decoding: its shapes never change, so it compiles once per run."""
-        return torch.compile(self.step, dynamic=False)
-
-    @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, eos_id=None, use_cache=True, decode=None, **sampling):
-        """Yield the next token ids, a (B,) tensor at a time, continuing idx (B, T); `sampling` goes to
-        sample_next (temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, generator).
-        Stops once every row has produced eos_id. With the KV cache, `decode` (compile_decode()'s, say) runs the
-        one-token steps; without it (use_cache=False, nanoGPT's way) the whole context goes through the model at
-        every token. Beyond block_size the context slides: the cache is refilled with the newest half block."""
-        was_training = self.training
-        self.eval()
-        cache, pending = None, idx
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        try:
-            for _ in range(max_new_tokens):
-                if not use_cache:
-                    logits = self(idx[:, -self.config.block_size:])[0][:, -1]
-                else:
-                    if cache is None or cache.length + pending.size(1) > self.config.block_size:
-                        keep = self.config.block_size if cache is None else self.config.block_size // 2
-                        cache, pending = KVCache(self.config, idx.size(0), idx.device), idx[:, -keep:]
-                    logits = (decode if decode is not None and pending.size(1) == 1 else self.step)(pending, cache)
-                    cache.length += pending.size(1)
-                next_id = sample_next(logits, seen=idx, **sampling)  # (B,)
-                idx, pending = torch.cat([idx, next_id[:, None]], dim=1), next_id[:, None]
-                yield next_id
-                if eos_id is not None:
-                    finished |= next_id == eos_id
-                    if finished.all():
-                        break
-        finally:
-            self.train(was_training)
-
-    def generate(self, idx, max_new_tokens, **kwargs):
-        """Like generate_stream, but returns idx (B, T) with the new tokens appended."""
-        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
-        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=1.0,
-                no_repeat_ngram_size=0, generator=None, seen=None):
-    """Pick the next token from logits (B, vocab), given the tokens so far (seen, (B, T)): first the repetition
-    penalty (CTRL's: a seen token's logit divided by it if positive, multiplied if negative) and the ban on tokens
-    that would repeat an n-gram of the text; then greedy at temperature 0, else sampling after the top-k, top-p
-    (nucleus: the smallest set reaching p) and min-p (tokens at least min_p times the likeliest's probability)
-    cuts. Returns (B,) token ids."""
-    if seen is not None and repetition_penalty != 1.0:
-        score = logits.gather(1, seen)
-        logits = logits.scatter(1, seen, torch.where(score > 0, score / repetition_penalty, score * repetition_penalty))
-    n = no_repeat_ngram_size
-    if seen is not None and n and seen.size(1) >= n:
-        grams = seen.unfold(1, n, 1)  # (B, W, n): every n-gram of the text
-        repeats = (grams[:, :, :-1] == seen[:, seen.size(1) - n + 1:][:, None, :]).all(-1)  # same n-1 tokens as the end
-        banned = torch.zeros_like(logits).scatter_add_(1, grams[:, :, -1], repeats.to(logits.dtype)) > 0
-        kept = logits.masked_fill(banned, float("-inf"))
-        logits = torch.where(kept.isneginf().all(-1, keepdim=True), logits, kept)  # a row with no way out: no ban
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep tokens until the mass before them reaches p
-        drop[:, 0] = False  # and always the likeliest (a p below float precision would drop it too)
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    if min_p:
-        probs = logits.softmax(dim=-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]

@@ -1,11 +1,12 @@
-"""model.py: shapes, initial loss, generation with and without the KV cache, and every variant."""
+"""model.py and generate.py: shapes, initial loss, generation with and without the KV cache, and every variant."""
 
 import math
 
 import pytest
 import torch
 
-from model import GPT, PRESETS, GPTConfig, KVCache, apply_rope, config_from_preset, manual_attention, rope_tables, sdpa_attention
+from generate import KVCache, compile_decode, generate, generate_stream, prefill, sample_next, step
+from model import GPT, PRESETS, GPTConfig, apply_rope, config_from_preset, manual_attention, rope_tables, sdpa_attention
 
 TINY = dict(vocab_size=67, block_size=24, n_layer=2, n_head=4, n_embd=32)
 VARIANTS = [dict(model_type=p) for p in PRESETS] + [
@@ -51,14 +52,14 @@ def test_one_step_changes_every_parameter(variant):
 def test_kv_cached_greedy_generation_equals_uncached(variant):
     model = build(variant)
     prompt = torch.randint(0, 67, (2, 5))
-    cached = model.generate(prompt, 19, temperature=0)
-    uncached = model.generate(prompt, 19, temperature=0, use_cache=False)
+    cached = generate(model, prompt, 19, temperature=0)
+    uncached = generate(model, prompt, 19, temperature=0, use_cache=False)
     assert cached.shape == (2, 24) and torch.equal(cached, uncached)
 
 
 def test_generation_past_block_size_slides_the_window():
     model = build(VARIANTS[0])
-    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 60, temperature=1.0, top_k=10, top_p=0.9)
+    out = generate(model, torch.zeros(1, 3, dtype=torch.long), 60, temperature=1.0, top_k=10, top_p=0.9)
     assert out.shape == (1, 63) and out.max() < 67
 
 
@@ -66,12 +67,12 @@ def test_sampling_options():
     """Seeds reproduce; top_k=1 and a tiny top_p are greedy; generation stops at EOS."""
     model = build(VARIANTS[0])
     prompt = torch.randint(0, 67, (1, 4))
-    gen = lambda s, **kw: model.generate(prompt, 15, generator=torch.Generator().manual_seed(s), **kw)
+    gen = lambda s, **kw: generate(model, prompt, 15, generator=torch.Generator().manual_seed(s), **kw)
     assert torch.equal(gen(1), gen(1)) and not torch.equal(gen(1), gen(2))
-    greedy = model.generate(prompt, 15, temperature=0)
+    greedy = generate(model, prompt, 15, temperature=0)
     assert torch.equal(gen(3, top_k=1), greedy) and torch.equal(gen(4, top_p=1e-6), greedy)
     eos = greedy[0, 6].item()
-    stopped = model.generate(prompt, 15, temperature=0, eos_id=eos)
+    stopped = generate(model, prompt, 15, temperature=0, eos_id=eos)
     assert stopped.size(1) <= 7 and stopped[0, -1].item() == eos
 
 
@@ -186,26 +187,25 @@ def test_static_cache_decode_equals_a_full_forward_at_every_step(variant):
     with torch.no_grad():
         for begin in (0, L // 2):  # the first window, then the slid one
             cache = KVCache(model.config, 2, "cpu")
-            model.step(idx[:, begin:begin + 4], cache)
+            step(model, idx[:, begin:begin + 4], cache)
             for t in range(begin + 4, begin + L):
-                step = model.step(idx[:, t:t + 1], cache)
+                logits = step(model, idx[:, t:t + 1], cache)
                 full, _ = model(idx[:, begin:t + 1], idx[:, begin:t + 1])
-                torch.testing.assert_close(step, full[:, -1], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(logits, full[:, -1], rtol=1e-4, atol=1e-4)
 
 
 def test_batched_greedy_equals_separate_runs_and_eos_stops_only_its_row():
     model = build(dict(model_type="gpt_plus", n_kv_head=2, ngram_emb=3)).eval()
     prompts = torch.randint(0, 67, (3, 4))
-    batched = model.generate(prompts, 40, temperature=0)
+    batched = generate(model, prompts, 40, temperature=0)
     for i in range(3):
-        assert torch.equal(batched[i:i + 1], model.generate(prompts[i:i + 1], 40, temperature=0))
+        assert torch.equal(batched[i:i + 1], generate(model, prompts[i:i + 1], 40, temperature=0))
     eos = int(batched[0, 6])  # row 0 says it early; the others go on to the end (or to their own eos)
-    stopped = model.generate(prompts, 40, temperature=0, eos_id=eos)
+    stopped = generate(model, prompts, 40, temperature=0, eos_id=eos)
     assert stopped.shape[1] > 7 and torch.equal(stopped, batched[:, :stopped.shape[1]])
 
 
 def test_sampling_controls_on_hand_made_logits():
-    from model import sample_next
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
     seen = torch.tensor([[0, 3]])
     penalised = sample_next(logits, temperature=0, repetition_penalty=4.0, seen=seen)
@@ -222,5 +222,46 @@ def test_sampling_controls_on_hand_made_logits():
 def test_compiled_decode_gives_the_eager_greedy_tokens():
     model = build(dict(model_type="gpt_fast")).eval()
     prompt = torch.randint(0, 67, (2, 5))
-    eager = model.generate(prompt, 20, temperature=0)
-    assert torch.equal(model.generate(prompt, 20, temperature=0, decode=model.compile_decode()), eager)
+    eager = generate(model, prompt, 20, temperature=0)
+    assert torch.equal(generate(model, prompt, 20, temperature=0, decode=compile_decode(model)), eager)
+
+
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[1], VARIANTS[-1]], ids=str)
+def test_prompts_of_different_lengths_share_a_batch_and_give_their_alone_tokens(variant):
+    """The cache keeps a position per row: prompts of lengths 1, 7 and 30 (past block_size 24, so rows slide at
+    different steps) decode in one batch, and each row's greedy tokens are those it gives alone."""
+    model = build(variant).eval()
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 67, (n,)).tolist() for n in (1, 7, 30)]
+    batched = torch.stack(list(generate_stream(model, prompts, 40, temperature=0)), dim=1)  # (3, 40)
+    for i, p in enumerate(prompts):
+        alone = generate(model, torch.tensor([p]), 40, temperature=0)[0, len(p):]
+        assert batched[i].tolist() == alone.tolist(), i
+
+
+def test_a_row_is_reset_and_refilled_while_the_others_go_on():
+    """Continuous batching's move: row 1 is emptied and refilled with a new prompt mid-way; row 0's next logits are
+    those of an uninterrupted run, row 1's those of the new prompt alone."""
+    model = build(dict(model_type="gpt_plus", n_kv_head=2, ngram_emb=3)).eval()
+    a, b, new = torch.randint(0, 67, (9,)), torch.randint(0, 67, (5,)), torch.randint(0, 67, (6,))
+    with torch.no_grad():
+        cache = KVCache(model.config, 2, "cpu")
+        prefill(model, cache, 0, a[:-1])
+        prefill(model, cache, 1, b[:-1])
+        step(model, torch.stack([a[-1:], b[-1:]]), cache)
+        prefill(model, cache, 1, new[:-1])  # row 1 starts over; row 0 keeps its 9 tokens
+        nxt = torch.tensor([[3], [new[-1].item()]])
+        logits = step(model, nxt, cache)
+        torch.testing.assert_close(logits[0], model(torch.cat([a, nxt[0]])[None])[0][0, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[1], model(new[None])[0][0, -1], rtol=1e-4, atol=1e-4)
+    assert cache.pos.tolist() == [10, 6]
+
+
+def test_padding_in_seen_changes_no_sampling_control():
+    """A shorter row's -1 padding is not a token: the repetition penalty and the n-gram ban ignore it."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    for controls in (dict(repetition_penalty=4.0), dict(no_repeat_ngram_size=2), dict(no_repeat_ngram_size=3)):
+        for seen in ([[2, 0, 2]], [[0, 3]], [[1]]):
+            plain = sample_next(logits, temperature=0, seen=torch.tensor(seen), **controls)
+            pad = sample_next(logits, temperature=0, seen=torch.tensor([[-1, -1] + seen[0]]), **controls)
+            assert plain.item() == pad.item(), (controls, seen)

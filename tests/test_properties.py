@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import prepare_bpe
 from configurator import configure
-from model import sample_next
+from generate import sample_next
 from tokenizer import BOS, EOS, BPETokenizer, CharTokenizer, StreamDecoder
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

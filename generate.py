@@ -1,0 +1,170 @@
+"""
+The generation engine beside the model (as nanochat keeps engine.py beside gpt.py): the KV cache with a position
+per row, one forward step, the sampler, and streaming generation. sample.py, chat.py and bench.py use it.
+
+    python -c "import torch, generate, model; m = model.GPT(model.GPTConfig(n_layer=2, vocab_size=65)); \
+print(generate.generate(m, torch.zeros(1, 1, dtype=torch.long), 8, temperature=0))"
+"""
+
+import copy
+from functools import partial
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer, block_size slots per row. Row b holds pos[b] tokens; a forward writes its
+    tokens at slots pos[b], pos[b]+1, ... and attends over every slot up to its own, so rows may hold sequences of
+    different lengths, and one row can be reset and refilled while the others go on. A one-token decode step
+    always has the same shapes (torch.compile builds it once). Only n_kv_head heads are stored: grouped-query
+    attention shrinks the cache by n_head / n_kv_head."""
+
+    def __init__(self, cfg, batch_size, device, dtype=torch.float32):
+        hs = cfg.n_embd // cfg.n_head
+        self.k = torch.zeros(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.block_size, hs, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) tokens stored in each row
+        self.history = torch.full((batch_size, max(cfg.ngram_emb - 1, 0)), -1, dtype=torch.long, device=device)
+
+    def positions(self, T):
+        """Positions of the next T tokens of every row: (B, T)."""
+        return self.pos[:, None] + torch.arange(T, device=self.pos.device)
+
+    def update(self, layer, k, v, positions):
+        """Write k, v (B, n_kv_head, T, hs) at `positions` (B, T); return all of `layer`'s keys and values."""
+        index = positions[:, None, :, None].expand_as(k)
+        self.k[layer].scatter_(2, index, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, index, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
+    def advance(self, idx):
+        """After a forward over idx (B, T): T more tokens in every row, and the n-gram history moves on."""
+        self.pos.add_(idx.size(1))
+        if self.history.size(1):
+            self.history.copy_(torch.cat([self.history, idx], dim=1)[:, -self.history.size(1):])
+
+    def row(self, b):
+        """Row b alone, sharing this cache's memory: a forward through it fills that row only (a prefill)."""
+        view = copy.copy(self)
+        view.k, view.v, view.pos, view.history = self.k[:, b:b + 1], self.v[:, b:b + 1], self.pos[b:b + 1], self.history[b:b + 1]
+        return view
+
+    def reset(self, b):
+        """Empty row b (its old keys stay in memory, hidden: a slot is read only after it is written again)."""
+        self.pos[b] = 0
+        self.history[b] = -1
+
+    def nbytes(self):
+        return self.k.nbytes + self.v.nbytes
+
+
+def step(model, idx, cache):
+    """Logits (B, vocab) of the last position of idx (B, T), which continues the sequences the cache holds."""
+    return model(idx, cache=cache)[0][:, -1]
+
+
+def compile_decode(model):
+    """step() compiled for one-token decoding: its shapes never change, so it compiles once per run."""
+    return torch.compile(partial(step, model), dynamic=False)
+
+
+def prefill(model, cache, b, ids):
+    """Empty row b and fill it with ids (T,) (at most block_size): a new sequence joins the batch, the others go on."""
+    cache.reset(b)
+    if len(ids):
+        step(model, ids[None], cache.row(b))
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=1.0,
+                no_repeat_ngram_size=0, generator=None, seen=None):
+    """Pick the next token from logits (B, vocab), given the tokens so far (seen, (B, T), -1 where a shorter row is
+    padded). First the repetition penalty (CTRL's: a seen token's logit divided by it if positive, multiplied if
+    negative) and the ban on tokens that would repeat an n-gram of the text; then greedy at temperature 0, else
+    sampling after the top-k, top-p (the smallest set reaching p) and min-p (at least min_p times the likeliest's
+    probability) cuts. Returns (B,) token ids."""
+    if seen is not None and repetition_penalty != 1.0:
+        was_seen = torch.zeros_like(logits).scatter_add_(1, seen.clamp(min=0), (seen >= 0).to(logits.dtype)) > 0
+        logits = torch.where(was_seen, torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty),
+                             logits)
+    n = no_repeat_ngram_size
+    if seen is not None and n and seen.size(1) >= n:
+        grams = seen.unfold(1, n, 1)  # (B, W, n): every n-gram of the text
+        tail = seen[:, seen.size(1) - n + 1:][:, None, :]  # (B, 1, n-1): the text's end
+        repeats = (grams[:, :, :-1] == tail).all(-1) & (grams >= 0).all(-1)  # same n-1 tokens as the end
+        banned = torch.zeros_like(logits).scatter_add_(1, grams[:, :, -1].clamp(min=0), repeats.to(logits.dtype)) > 0
+        kept = logits.masked_fill(banned, float("-inf"))
+        logits = torch.where(kept.isneginf().all(-1, keepdim=True), logits, kept)  # a row with no way out: no ban
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # keep tokens until the mass before them reaches p
+        drop[:, 0] = False  # and always the likeliest (a p below float precision would drop it too)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if min_p:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)[:, 0]
+
+
+def padded(rows):
+    """Token id lists of different lengths as one (B, T) tensor, left-padded with -1."""
+    width = max(len(r) for r in rows)
+    return torch.stack([torch.cat([r.new_full((width - len(r),), -1), r]) for r in rows])
+
+
+@torch.no_grad()
+def generate_stream(model, prompts, max_new_tokens, eos_id=None, use_cache=True, decode=None, **sampling):
+    """Yield the next token of every row, a (B,) tensor at a time. prompts: (B, T) token ids, or a list of B id
+    lists of any lengths (each row then gives the tokens it would give alone). `sampling` goes to sample_next.
+    Stops once every row has produced eos_id. With the KV cache each prompt but its last token is prefilled into
+    its row, then the rows decode together one token at a time (`decode`, say compile_decode()'s, runs those
+    steps); a row that fills its block_size slots is refilled with its newest half block. Without the cache
+    (use_cache=False, nanoGPT's way) the whole context goes through the model at every token."""
+    was_training = model.training
+    model.eval()
+    weights = next(model.parameters())
+    rows = [torch.as_tensor(p, dtype=torch.long, device=weights.device) for p in prompts]
+    if not all(len(r) for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    B, L = len(rows), model.config.block_size
+    same = len({len(r) for r in rows}) == 1  # one (B, T) tensor: prefilled in one forward
+    cache = KVCache(model.config, B, weights.device, weights.dtype) if use_cache else None
+    held = [0] * B  # tokens in each cache row, as Python ints: which rows need a refill, known without a sync
+    run = decode or partial(step, model)
+    finished = torch.zeros(B, dtype=torch.bool, device=weights.device)
+    try:
+        for i in range(max_new_tokens):
+            if not use_cache:
+                logits = torch.cat([model(torch.stack(rows)[:, -L:])[0][:, -1]] if same else
+                                   [model(r[-L:][None])[0][:, -1] for r in rows])
+            else:
+                if i == 0 and same and len(rows[0]) > 1:
+                    step(model, torch.stack(rows)[:, -L:-1], cache)
+                    held = [min(len(rows[0]), L) - 1] * B
+                for b in [b for b in range(B) if (i == 0 and not same) or held[b] == L]:
+                    ids = rows[b][-(L if i == 0 else L // 2):]
+                    prefill(model, cache, b, ids[:-1])
+                    held[b] = len(ids) - 1
+                logits = run(torch.stack([r[-1:] for r in rows]), cache)  # (B, vocab) after each row's newest token
+                held = [h + 1 for h in held]
+            next_id = sample_next(logits, seen=torch.stack(rows) if same else padded(rows), **sampling)  # (B,)
+            rows = [torch.cat([r, t[None]]) for r, t in zip(rows, next_id, strict=True)]
+            yield next_id
+            if eos_id is not None:
+                finished |= next_id == eos_id
+                if finished.all():
+                    break
+    finally:
+        model.train(was_training)
+
+
+def generate(model, prompts, max_new_tokens, **kwargs):
+    """Like generate_stream, but returns the prompts (B, T) with the new tokens appended."""
+    new = list(generate_stream(model, prompts, max_new_tokens, **kwargs))
+    return torch.cat([torch.as_tensor(prompts)] + [t[:, None] for t in new], dim=1)
