@@ -33,7 +33,14 @@ import sys
 import tempfile
 import time
 
+import torch
+from tokenizers import Tokenizer
+
+from common import DTYPES, autocast, gpu_peak, make_optimizers, pick_device
 from configurator import ABOVE_ZERO, POSITIVE, check, configure, die, parse_value
+from dataset import check_writable, make_out_dir
+from generate import compile_decode, generate
+from model import GPT, MODEL_FIELDS, config_from_preset
 
 # -----------------------------------------------------------------------------
 mode = "train"  # train | prepare | corpus | step | sample
@@ -50,6 +57,7 @@ device = "cpu"  # step/sample modes: cpu | cuda | mps (step variants: --dtype=bf
 # -----------------------------------------------------------------------------
 TRAIN_OPTIMIZER = dict(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, muon_lr=0.02, muon_momentum=0.95,
                        muon_weight_decay=0.0, muon_ns_steps=5)  # step mode: train.py's optimizer settings
+VARIANT_OPTIONS = ("model_type", "dtype", "compile", "optimizer", "use_cache", "batch")  # step/sample variants: not fields
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts it runs sit beside it; data/ is the working folder's
 
 
@@ -103,13 +111,13 @@ def options(text):
 
 def bench_model():
     """Median step time (ms) or sampling speed (tokens/s) of each variant against the first."""
-    import torch
-
-    from common import DTYPES, autocast, gpu_peak, make_optimizers, pick_device
-    from model import GPT, config_from_preset
     dev = pick_device(device)
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (torch.mps.synchronize if dev == "mps" else lambda: None)
     shape = dict(dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65), **options(args))
+    for text in [args, *variants]:  # every key is a model field or one of the variant options, before any run
+        if unknown := sorted(set(options(text)) - set(MODEL_FIELDS) - set(VARIANT_OPTIONS)):
+            die(f"{unknown[0]!r} in {text!r} is neither a model field (model.py GPTConfig) nor one of "
+                f"{', '.join(VARIANT_OPTIONS)}")
     results, startup, memory = {v: [] for v in variants}, {v: [] for v in variants}, {v: [] for v in variants}
     flops, floor = {}, []  # floor, sample mode: ms per token of the baseline model's matrix-vector products alone
     for _ in range(runs):
@@ -124,14 +132,14 @@ def bench_model():
                 torch.cuda.reset_peak_memory_stats()
             if mode == "sample":  # new_tokens from one token, top_k=200; the first 8 tokens warm up (and compile)
                 model = model.eval().to(DTYPES[dtype])
-                decode = model.compile_decode() if compiled else None
+                decode = compile_decode(model) if compiled else None
                 prompt = torch.zeros(batch, 1, dtype=torch.long, device=dev)
                 t0 = time.perf_counter()
-                model.generate(prompt, 8, top_k=200, use_cache=use_cache, decode=decode)
+                generate(model, prompt, 8, top_k=200, use_cache=use_cache, decode=decode)
                 sync()
                 startup[v].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                model.generate(prompt, new_tokens, top_k=200, use_cache=use_cache, decode=decode)
+                generate(model, prompt, new_tokens, top_k=200, use_cache=use_cache, decode=decode)
                 sync()
                 results[v].append(batch * new_tokens / (time.perf_counter() - t0))
                 if v == variants[0]:
@@ -183,7 +191,6 @@ def bench_model():
 def gemv_ms(model, sync, n=50):
     """Milliseconds for one token's pass through every nn.Linear weight of the model as torch.mv and nothing else:
     what batch-1 decoding costs at least, however little else it does (the weights stream from memory per token)."""
-    import torch
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = [torch.randn(w.size(1), dtype=w.dtype, device=w.device) for w in weights]
     sync()
@@ -208,7 +215,7 @@ def make_corpus(out, mb):
                 sources.append(data)
         except UnicodeDecodeError:
             continue
-    os.makedirs(out, exist_ok=True)
+    make_out_dir(out, "--args")
     n = size = 0
     while size < mb * 1e6:
         data = sources[n % len(sources)]
@@ -220,7 +227,6 @@ def make_corpus(out, mb):
 
 def bench_prepare():
     """prepare_bpe.py end to end vs the raw tokenizer's encode_batch_fast over the same documents in memory."""
-    from tokenizers import Tokenizer
     opts = {k: str(v) for k, v in options(args).items()}
     files = sorted(os.path.join(opts["input"], f) for f in os.listdir(opts["input"]) if f.endswith(".txt"))
     nbytes = sum(os.path.getsize(f) for f in files)
@@ -259,6 +265,9 @@ if __name__ == "__main__":
     if not variants or not all(isinstance(v, str) for v in variants):
         die(f"--variants={variants!r} must be a non-empty list of strings of train.py arguments, e.g. \"['', '--n_layer=2']\"")
     if mode == "corpus":
+        check_writable(args, "--args (the corpus folder)")
+        if os.path.isdir(args) and os.listdir(args):
+            die(f"--args={args} already holds files; corpus mode writes a new folder: pick an empty or new one")
         make_corpus(args, corpus_mb)
         raise SystemExit
     if mode == "prepare":

@@ -15,15 +15,17 @@ from contextlib import contextmanager
 
 import torch
 
-from common import SAMPLING_RULES, autocast, load_for_inference, pick_device, pick_dtype
+from checkpoint import load_for_inference
+from common import SAMPLING_RULES, autocast, pick_device, pick_dtype
 from configurator import check, configure, die
-from sample import controls
+from generate import controls, generate_stream
 from sft import render
 from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
 out_dir = "out-char-tiny"  # the training run to chat with
 ckpt = ""  # checkpoint file in out_dir; '' = ckpt.pt, or best.pt if that is all there is
+init_from = "resume"  # resume (out_dir's checkpoint) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:FOLDER | a run or ckpt
 system_prompt = ""  # text kept at the top of every prompt (never cut)
 user_prefix = "User: "  # how a user turn starts in the transcript
 assistant_prefix = "Assistant: "  # how a reply starts in the transcript
@@ -126,8 +128,8 @@ class Chat:
         s = self.s
         try:
             with torch.no_grad(), autocast(str(self.generator.device), s["dtype"]), keys_held(s.get("interactive")):
-                for token in self.model.generate_stream(x, s["max_new_tokens"], eos_id=self.end_id,
-                                                        generator=self.generator, **controls(s)):
+                for token in generate_stream(self.model, x, s["max_new_tokens"], eos_id=self.end_id,
+                                             generator=self.generator, **controls(s)):
                     if token.item() == self.end_id:
                         break
                     text += decoder.push(token.item())
@@ -213,7 +215,7 @@ def main():
     config["interactive"] = interactive = sys.stdin.isatty()
     if interactive:  # Ctrl-C raises KeyboardInterrupt even when started with SIGINT ignored (as from a script)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    model, tokenizer = load_for_inference(out_dir, ckpt, config["device"], ema=ema)
+    model, tokenizer = load_for_inference(out_dir if init_from == "resume" else init_from, config["device"], ckpt, ema)
     try:
         tokenizer.encode(system_prompt + user_prefix + assistant_prefix)
     except ValueError as e:  # once, here, rather than every turn

@@ -1,35 +1,27 @@
 """
-What train.py, sample.py and chat.py share: picking the device and precision, reading a prepared
-dataset's meta.json, writing and reading checkpoints, and a training run's safety (the out_dir lock, signals,
-RNG states, metrics.csv). Not run by itself.
+What the scripts share at run time: picking the device and precision, reading and writing checkpoints, and the
+pieces of a training step that tests call on their own (optimizers, batch arithmetic, get_batch, evaluate, RNG
+states). Not run by itself.
 """
 
-import csv
-import json
+import math
 import os
 import random
-import signal
-import sys
 from contextlib import nullcontext
-
-try:
-    import fcntl  # POSIX advisory locks; Windows runs without the out_dir lock
-except ImportError:
-    fcntl = None
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, die
-from model import GPT, MODEL_FIELDS, GPTConfig
-from tokenizer import load_tokenizer
+from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT, die
+from dataset import atomic_write
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # dense bf16 peak FLOP/s per GPU, matched against torch.cuda.get_device_name() for MFU
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
               "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 SAMPLING_RULES = dict(max_new_tokens=POSITIVE, temperature=NON_NEGATIVE, top_k=NON_NEGATIVE, top_p=UNIT, min_p=FRACTION,
-                      repetition_penalty=ABOVE_ZERO, no_repeat_ngram_size=NON_NEGATIVE)  # sample.py, chat.py
+                      repetition_penalty=ABOVE_ZERO, no_repeat_ngram_size=NON_NEGATIVE, seed=SEED)  # sample.py, chat.py
 
 
 def pick_device(device):
@@ -71,74 +63,11 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype])
 
 
-def read_meta(data_dir):
-    """A prepared dataset's meta.json, or one line saying how to make it."""
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        name = os.path.basename(os.path.normpath(data_dir))
-        stem, _, kind = name.rpartition("_")
-        source = "" if stem == "pydocs" else f" --input={stem or 'FILE'}"
-        command = {"char": f"python prepare_char.py{source}", "bpe": f"python prepare_bpe.py{source}",
-                   "gpt2": f"python prepare_bpe.py{source} --tokenizer=gpt2"}.get(kind)
-        hint = f"`{command}` makes it" if command else "make it with prepare_char.py or prepare_bpe.py"
-        if name == "pydocs_gpt2":  # train.py's defaults: a GPT-2-small run wants a real corpus
-            hint += " (0.5 MB of docs; for a real GPT-2-small run see the README's recipe: a large corpus with --input)"
-        die(f"{path} not found; prepare the dataset first: {hint} (--input=FILE/FOLDER for your own text)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-        assert isinstance(meta, dict) and meta.get("tokenizer") in ("char", "bpe", "gpt2")
-        assert meta["dtype"] in ("uint16", "uint32") and int(meta["vocab_size"]) >= 1
-        assert meta["tokenizer"] != "char" or len(meta["vocab"]) == meta["vocab_size"]
-    except (OSError, ValueError, AssertionError, KeyError, TypeError):
-        die(f"{path} is not a valid dataset meta.json (unreadable, not JSON, or a tokenizer, vocab_size or dtype "
-            f"(uint16/uint32) it cannot have); prepare the dataset again")
-    return meta
-
-
-def read_dataset(data_dir):
-    """read_meta() and the dataset's tokenizer; a BPE's tokenizer.json goes into meta['tokenizer_json'], so the
-    checkpoints that carry meta can decode with out_dir alone."""
-    meta = read_meta(data_dir)
-    try:
-        if meta["tokenizer"] == "bpe":
-            with open(os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.json")), encoding="utf-8") as f:
-                meta["tokenizer_json"] = f.read()
-        return meta, load_tokenizer(meta)
-    except Exception as e:  # missing, or not a tokenizer.json
-        die(f"{data_dir}'s tokenizer cannot be read ({type(e).__name__}: {e}); prepare the dataset again")
-
-
-def write_vocab(out_dir, meta):
-    """A run folder's meta.json (and tokenizer.json for a BPE): what sample.py and chat.py decode with."""
-    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump({k: v for k, v in meta.items() if k != "tokenizer_json"}, f, ensure_ascii=False, indent=1)
-    if "tokenizer_json" in meta:
-        with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
-            f.write(meta["tokenizer_json"])
-
-
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file beside `path`, flushed to the disk, then an atomic rename (and the folder
-    flushed): a crash, a power loss or a full disk mid-write never leaves a broken checkpoint, and the previous
-    one stays until the new one is whole."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if hasattr(os, "O_DIRECTORY"):  # the rename itself reaches the disk (POSIX)
-            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_DIRECTORY)
-            os.fsync(fd)
-            os.close(fd)
-    except (OSError, RuntimeError) as e:  # a full disk, a read-only or vanished folder
-        die(f"could not write {path} ({getattr(e, 'strerror', None) or e}); free some space or fix the folder, then "
-            f"resume: the previous checkpoint is kept")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save, atomically (dataset.atomic_write): the checkpoint already at path stays until the new one is
+    whole, and a failed save says so."""
+    kept = "the previous checkpoint is kept, resume from it" if os.path.isfile(path) else "nothing was saved"
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True, keep_note=kept)
 
 
 def load_checkpoint(path):
@@ -150,63 +79,6 @@ def load_checkpoint(path):
     except Exception as e:  # truncated, corrupt, or objects beyond plain data: never unpickled
         die(f"{path} is not a readable checkpoint ({type(e).__name__}): it is truncated, corrupt, or holds more than "
             f"tensors and plain data, which are never unpickled; use another checkpoint")
-
-
-def resumed_config(ckpt, path, config, explicit):
-    """A resumed run continues as it was: every setting not given now comes from the checkpoint (out_dir never: a run
-    writes only where it was started), and one given that would change the architecture or the data stops it."""
-    if "optimizers" not in ckpt:
-        die(f"{path} holds a model but no training state (convert.py or nanoGPT wrote it); warm-start from "
-            f"it instead: --init_from={path} --out_dir=NEW")
-    keep = explicit | {"init_from", "device", "eval_only", "overwrite", "out_dir"}
-    config = {k: ckpt["config"][k] if k in ckpt["config"] and k not in keep else v for k, v in config.items()}
-    for key in sorted(explicit & (set(MODEL_FIELDS) | {"model_type", "dataset"}) - {"dropout"}):
-        saved = ckpt["config"][key] if key in ("model_type", "dataset") else ckpt["model_config"][key]
-        if config[key] is not None and config[key] != saved:
-            die(f"--{key}={config[key]!r} differs from the checkpoint's {saved!r}; a resumed run keeps its "
-                f"architecture and data: drop the setting or start a new --out_dir")
-    return dict(config, init_from="resume")
-
-
-def start_wandb(project, name, config):
-    """wandb.init, or one line saying how to install it; returns the wandb module for wandb.log."""
-    try:
-        import wandb
-    except ImportError:
-        die("wandb_log=True needs wandb: pip install wandb (or run with --wandb_log=False)")
-    wandb.init(project=project, name=name, config=config)
-    return wandb
-
-
-def lock_out_dir(out_dir, probe=False):
-    """Make out_dir and hold an exclusive lock on out_dir/.lock for the whole run (the OS drops it when the
-    process ends, however it ends). Returns (the open lock file, None) or (None, the line saying why not).
-    probe=True only looks, creating nothing: (None, that line) if another run holds out_dir, else (None, None)."""
-    path = os.path.join(out_dir, ".lock")
-    if probe and not os.path.isfile(path):
-        return None, None
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        f = open(path, "a+", encoding="utf-8")
-    except OSError as e:
-        return None, f"--out_dir={out_dir} cannot be used ({e.strerror}); pick another --out_dir"
-    if fcntl is not None:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            pid = f.read().strip() or "unknown"
-            f.close()
-            return None, (f"{out_dir} is in use by another train.py (PID {pid}); wait for it to finish, stop it, "
-                          f"or pick another --out_dir")
-    if probe:
-        f.close()
-        return None, None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f, None
 
 
 def make_optimizers(model, cfg, fused=False):
@@ -240,41 +112,6 @@ def split_batch(tokens, batch_size, block_size, world_size):
     return micro, seqs // micro
 
 
-def write_run_meta(path, iter_num, info):
-    """run_meta.json: what a run was started with; a resume (iter_num > 0) keeps that and adds itself to `resumed`."""
-    if iter_num and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            first = json.load(f)
-        first.setdefault("resumed", []).append(dict(iter=iter_num, **{k: info[k] for k in ("argv", "device", "world_size")}))
-        info = first
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
-
-
-def check_bins(data_dir, meta, block_size):
-    """Stop with one line unless data_dir's bins are whole, long enough for a window, within the vocabulary and, for
-    conversations, have masks and starts that match and some reply within a window of a conversation's start."""
-    dtype = np.dtype(meta["dtype"])
-    for split in ("train", "val"):
-        path = os.path.join(data_dir, f"{split}.bin")
-        size = os.path.getsize(path) if os.path.isfile(path) else -1
-        if size < 0 or size % dtype.itemsize:
-            die(f"{path} is {'missing' if size < 0 else 'not a whole number of ' + meta['dtype'] + ' tokens'}; prepare the dataset again")
-        if size // dtype.itemsize <= block_size and "chat_template" not in meta:  # conversations are padded
-            die(f"{path} has {size // dtype.itemsize} tokens, fewer than block_size+1={block_size + 1}; lower --block_size")
-        if (top := int(np.memmap(path, dtype=dtype, mode="r")[:1 << 20].max())) >= meta["vocab_size"]:  # get_batch checks the rest
-            die(f"{path} holds token id {top}, beyond meta.json's vocab_size={meta['vocab_size']}; prepare the dataset again")
-        if "chat_template" not in meta:
-            continue
-        mask, starts = (os.path.join(data_dir, f"{split}_{part}.bin") for part in ("mask", "starts"))
-        if not (os.path.isfile(mask) and os.path.isfile(starts) and os.path.getsize(mask) == size // dtype.itemsize):
-            die(f"{mask} or {starts} is missing or does not match {split}.bin; prepare the dataset again")
-        loss_mask = np.memmap(mask, mode="r")
-        if not any(loss_mask[s + 1:s + block_size + 1].any() for s in np.fromfile(starts, np.int64, count=1000)):
-            die(f"in {path} no reply starts within block_size={block_size} tokens of its conversation's start, so there is "
-                f"nothing to learn; raise --block_size")
-
-
 def draw_windows(data, block_size, batch_size, gen, mask=None, starts=None):
     """Inputs and targets x, y (batch_size, block_size) int64 from windows of `data` at random offsets, or, for
     conversations, at random conversation `starts`; targets the `mask` leaves out (0: system and user turns) are
@@ -294,41 +131,60 @@ def draw_windows(data, block_size, batch_size, gen, mask=None, starts=None):
     return x, y
 
 
-def open_metrics(path, fields, upto):
-    """metrics.csv, open for appending: new with its header, or cut back to the rows up to iteration `upto` (the
-    resumed checkpoint's: rows a crash left after it would be written again)."""
-    rows = []
-    if upto and os.path.isfile(path):
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.DictReader(f) if (r.get("iter") or "").isdigit() and int(r["iter"]) <= upto]
-    with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(path + ".tmp", path)
-    f = open(path, "a", newline="", encoding="utf-8")
-    return f, csv.DictWriter(f, fieldnames=fields)
+def get_batch(data, step, k, batch_size, block_size, seed, device):
+    """The k-th micro-batch (x, y) of optimizer step `step` from a split (dataset.open_split): each (step, k) seeds
+    its own generator, so every rank draws distinct, reproducible batches and a resumed run continues the same
+    stream. Conversations: windows start where a conversation does, and targets outside the assistant's turns
+    are -1, which the loss ignores."""
+    tokens = np.memmap(data["path"], dtype=data["dtype"], mode="r")  # opened per batch, as nanoGPT does (memory)
+    gen = torch.Generator().manual_seed(hash((seed, data["split"] == "val", step, k)) % 2**62)  # same in every process
+    x, y = draw_windows(tokens, block_size, batch_size, gen, data["mask"], data["starts"])
+    if max(y.max(), x[:, 0].max()) >= data["vocab_size"]:
+        die(f"{data['path']} holds token id {max(x.max(), y.max())}, beyond its meta.json's vocab_size="
+            f"{data['vocab_size']}; prepare the dataset again")
+    if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
 
 
-class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM for a training run. Until `training` is set they stop the script at once (nothing
-    is lost); after it, they are only noted in `received`, so the loop can finish its step, save and exit."""
+def out_of_memory(batch_size, block_size):
+    die(f"out of memory at batch_size={batch_size} x block_size={block_size}; lower --batch_size (raising "
+        f"--gradient_accumulation_steps keeps the tokens per step) or pass --auto_microbatch=True")
 
-    def __init__(self):
-        self.training, self.received = False, 0
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
 
-    def handle(self, signum, frame):
-        if not self.training:
-            print(f"{signal.Signals(signum).name} before training started: stopped, nothing saved", file=sys.stderr)
-            raise SystemExit(128 + signum)
-        self.received = signum  # a second signal while saving changes nothing: the save finishes
+@torch.no_grad()
+def evaluate(model, batches, splits, eval_iters, ctx, token_bytes, rank=0, world_size=1, stopped=lambda: False):
+    """Mean loss on the same eval_iters batches of each split at every evaluation (batches(split, step, k) draws
+    them; the processes share them out), and bits per byte: the total nats over the UTF-8 bytes of the targets
+    (token_bytes: bytes per token id), / ln 2, comparable across tokenizers. None when stopped() turns true
+    during it (a signal): the run stops without waiting for the rest."""
+    model.eval()
+    out = {}
+    for split in splits:
+        sums = torch.zeros(3, dtype=torch.float64, device=token_bytes.device)  # nats, tokens, bytes
+        for i in range(rank, eval_iters, world_size):
+            if stopped():
+                return None
+            x, y = batches(split, -1 - i, 0)  # negative steps: batches that no training step draws
+            try:
+                with ctx:
+                    logits, _ = model(x, y)
+            except torch.OutOfMemoryError:
+                out_of_memory(*x.shape)
+            y = y.view(-1)
+            nats = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y, ignore_index=-1,
+                                                     reduction="none")
+            sums += torch.stack([nats.double().sum(), (y >= 0).double().sum(), token_bytes[y.clamp(min=0)][y >= 0].sum()])
+        if world_size > 1:
+            dist.all_reduce(sums)
+        nats, tokens, nbytes = sums.tolist()
+        out[split], out[f"{split}_bpb"] = nats / tokens, nats / max(nbytes, 1.0) / math.log(2)
+    model.train()
+    return out
 
 
 def rng_states(ddp, world_size, device_type):
     """Every process's RNG states (python, numpy, torch, cuda), gathered for the checkpoint."""
-    import torch.distributed as dist
     torch_states = [torch.get_rng_state()]
     cuda_states = [torch.cuda.get_rng_state()] if device_type == "cuda" else None
     if ddp:  # each rank has its own dropout stream
@@ -351,45 +207,3 @@ def restore_rng(rng, rank, device_type):
         torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
 
 
-def resolve_checkpoint(out_dir, name=""):
-    """out_dir/name, defaulting to ckpt.pt and then best.pt."""
-    if name:
-        return os.path.join(out_dir, name)
-    latest, best = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
-    return best if not os.path.isfile(latest) and os.path.isfile(best) else latest
-
-
-def load_for_inference(out_dir, name, device, source="", ema=False):
-    """(model in eval mode, tokenizer) from a training run's out_dir (or a nanoGPT one): all sample.py and
-    chat.py need. ema=True takes the run's moving average of the weights (train.py --ema_decay)."""
-    if source:  # OpenAI's GPT-2 (or any convert.py source) instead of a run
-        from convert import load_source
-        ckpt = load_source(source)
-    else:
-        ckpt = load_checkpoint(path := resolve_checkpoint(out_dir, name))
-    if ema:
-        if not ckpt.get("ema"):
-            die(f"{source or path} holds no EMA weights; train with --ema_decay=0.999 (say), or drop --ema")
-        ckpt["model"] = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
-    if "model_args" in ckpt:  # nanoGPT's: map its names and find its vocabulary in memory
-        from convert import from_nanogpt
-        ckpt = from_nanogpt(ckpt, path)
-    model = model_from_checkpoint(ckpt, device).eval()
-    try:
-        tokenizer = load_tokenizer(ckpt["meta"] or {})
-        tokenizer.chat_template = (ckpt["meta"] or {}).get("chat_template")  # a model fine-tuned on conversations
-    except (KeyError, ValueError) as e:
-        die(f"the checkpoint in {out_dir} carries no usable tokenizer ({e}); re-train with this version, or "
-            f"import the model with a tokenizer (convert.py --src=FOLDER with its tokenizer.json)")
-    return model, tokenizer
-
-
-def model_from_checkpoint(ckpt, device):
-    """Rebuild the model, any variant, from the config stored in the checkpoint, and load its weights."""
-    try:
-        cfg = GPTConfig(**{k: v for k, v in ckpt["model_config"].items() if k in MODEL_FIELDS})
-        model = GPT(cfg)
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        die(f"the checkpoint does not match this model code ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    return model.to(device)

@@ -46,6 +46,7 @@ NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 ABOVE_ZERO = (lambda v: v > 0, "> 0")
 FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 UNIT = (lambda v: 0 < v <= 1, "in (0, 1]")
+SEED = (lambda v: isinstance(v, int) and 0 <= v < 2**63, "an integer in [0, 2**63)")  # what every RNG here takes
 
 
 def check(settings, rules, source="--"):

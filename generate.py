@@ -112,6 +112,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, rep
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)[:, 0]
 
 
+def controls(settings):
+    """The sampling settings generate_stream takes, from a script's settings (sample.py's, chat.py's)."""
+    return dict(temperature=settings["temperature"], top_k=settings["top_k"] or None, top_p=settings["top_p"],
+                min_p=settings["min_p"], repetition_penalty=settings["repetition_penalty"],
+                no_repeat_ngram_size=settings["no_repeat_ngram_size"])
+
+
 def padded(rows):
     """Token id lists of different lengths as one (B, T) tensor, left-padded with -1."""
     width = max(len(r) for r in rows)

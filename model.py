@@ -95,6 +95,11 @@ PRESETS = {
 MODEL_FIELDS = [f.name for f in fields(GPTConfig)]
 
 
+def config_from_dict(fields):
+    """GPTConfig from a stored dict (a checkpoint's model_config); keys that are not fields are ignored."""
+    return GPTConfig(**{k: v for k, v in fields.items() if k in MODEL_FIELDS})
+
+
 def config_from_preset(model_type, **overrides):
     """GPTConfig from a preset name plus field overrides (None values are ignored)."""
     if model_type not in PRESETS:

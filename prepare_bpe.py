@@ -13,7 +13,6 @@ in pieces, encoded in batches on all cores, appended to the bins.
     python prepare_bpe.py --input=pydocs_chat                   # conversations (or chats.jsonl) for SFT, see sft.py
 """
 
-import json
 import math
 import os
 import queue
@@ -26,10 +25,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from configurator import POSITIVE, check, configure, die
-from prepare_char import check_out_dir, find_documents
+from dataset import atomic_write, check_out_dir, find_documents, make_out_dir, read_json, token_dtype, write_json
 from sft import CHAT_TOKENS, is_chat_input, make_template, read_conversations, write_chat_dataset
 from tokenizer import BOS, EOS, UNK, BPETokenizer, TiktokenTokenizer, gpt2_encoding
 
@@ -179,7 +179,6 @@ def train_tokenizer(docs, rows, size, word=False):
     """A byte-level BPE of `size` tokens trained on the corpus; with word=True, a word-level vocabulary instead:
     the `size` most frequent words (with their leading space, GPT-2's split), punctuation runs and whitespace,
     every other word one <|unk|> token."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     progress = sys.stderr.isatty()
     if word:
         tok = Tokenizer(models.WordLevel(unk_token=UNK))
@@ -202,8 +201,7 @@ def print_info(folder):
     path = os.path.join(folder, "meta.json")
     if not os.path.isfile(path):
         die(f"{path} not found; prepare it first")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = read_json(path, "dataset meta.json", "prepare it again")
     for key in ("source", "tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "train_bytes", "val_bytes",
                 "documents", "bos_id", "eos_id", "split"):
         if key in meta:
@@ -265,7 +263,6 @@ if __name__ == "__main__":
         print(f"training {what} with {size:,} tokens on {n_bytes / 1e6:.1f} MB")
         tok, kind = train_tokenizer(docs, make_rows(), size, word=tokenizer == "word"), "bpe"
     elif os.path.isfile(tokenizer) and tokenizer.endswith(".json"):
-        from tokenizers import Tokenizer
         try:
             tok, kind = BPETokenizer(Tokenizer.from_file(tokenizer)), "bpe"
         except Exception as e:  # JSON that is not a tokenizer, or not JSON
@@ -282,14 +279,14 @@ if __name__ == "__main__":
             print(f"added {', '.join(CHAT_TOKENS)} to the tokenizer (ids from {tok.vocab_size - len(CHAT_TOKENS)}); a model "
                   f"trained with the old one grows its embeddings for them when it is warm-started on this data")
         template = make_template(tok, kind)
-        os.makedirs(out_dir, exist_ok=True)
+        make_out_dir(out_dir)
         if kind == "bpe":
-            tok.tok.save(os.path.join(out_dir, "tokenizer.json"))
+            atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda f: f.write(tok.tok.to_str(pretty=True)))
         meta = dict(tokenizer=kind, tokenizer_file="tokenizer.json" if kind == "bpe" else None,
                     word_level=getattr(tok, "word_level", False), bos_id=tok.bos_id, eos_id=tok.eos_id, source=source)
         write_chat_dataset(out_dir, conversations, tok, template, meta, val_fraction, split, seed)
         raise SystemExit
-    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+    dtype = np.dtype(token_dtype(tok.vocab_size))
     bos = [] if no_bos_eos or tok.bos_id is None or tok.bos_id == tok.eos_id else [tok.bos_id]
     eos = [] if no_bos_eos or tok.eos_id is None else [tok.eos_id]
 
@@ -300,7 +297,7 @@ if __name__ == "__main__":
 
     # encode, streaming: parts appended to temporary bins as they come
     created = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    make_out_dir(out_dir)
     tmp = {s: os.path.join(out_dir, f"{s}.bin.tmp") for s in ("train", "val")}
     counts, nbytes = dict(train=0, val=0), dict(train=0, val=0)
     try:
@@ -322,12 +319,14 @@ if __name__ == "__main__":
             share = cut / max(counts["train"], 1)
             counts = dict(train=cut, val=counts["train"] - cut)
             nbytes = dict(train=round(nbytes["train"] * share), val=nbytes["train"] - round(nbytes["train"] * share))
-    except BaseException:
+    except BaseException as e:  # a bad file met while encoding, Ctrl-C, a full disk: no half dataset is left
         for p in tmp.values():
             if os.path.exists(p):
                 os.remove(p)
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
+        if isinstance(e, OSError):
+            die(f"could not write to {out_dir} ({e.strerror or e}); free some space or pick another --out_dir")
         raise
     if counts["train"] < 2 or counts["val"] < 2:
         for p in tmp.values():
@@ -338,14 +337,13 @@ if __name__ == "__main__":
     for s in ("train", "val"):
         os.replace(tmp[s], os.path.join(out_dir, f"{s}.bin"))
     if kind == "bpe":
-        tok.tok.save(os.path.join(out_dir, "tokenizer.json"))
+        atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda f: f.write(tok.tok.to_str(pretty=True)))
     meta = dict(tokenizer=kind, tokenizer_file="tokenizer.json" if kind == "bpe" else None,
-                word_level=getattr(tok, "word_level", False), vocab_size=tok.vocab_size, dtype=np.dtype(dtype).name,
+                word_level=getattr(tok, "word_level", False), vocab_size=tok.vocab_size, dtype=dtype.name,
                 bos_id=tok.bos_id, eos_id=tok.eos_id, bos_eos=not no_bos_eos,
                 train_tokens=counts["train"], val_tokens=counts["val"], train_bytes=nbytes["train"], val_bytes=nbytes["val"],
                 documents=n_docs, source=source, split=split, val_fraction=val_fraction, seed=seed)
-    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
+    write_json(os.path.join(out_dir, "meta.json"), meta)
     total_tokens, total_bytes = counts["train"] + counts["val"], nbytes["train"] + nbytes["val"]
     print(f"{source}: {n_docs:,} documents, {total_bytes / 1e6:.1f} MB -> {total_tokens:,} tokens "
           f"({total_tokens / max(total_bytes, 1):.3f} tokens per byte), vocab {tok.vocab_size:,}, {time.time() - t0:.1f} s")

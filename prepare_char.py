@@ -8,18 +8,15 @@ nanoGPT's) and meta.json (the vocabulary as a list of characters, counts, source
     python prepare_char.py --input=pydocs_chat      # conversations (or chats.jsonl) for SFT, see sft.py
 """
 
-import hashlib
-import json
 import os
 import random
 import re
 import unicodedata
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 
 from configurator import POSITIVE, check, configure, die
+from dataset import check_out_dir, find_documents, read_document, read_json, sha256, write_dataset
 from sft import CHAR_END, TEXT_MARKERS, is_chat_input, make_template, read_conversations, write_chat_dataset
 from tokenizer import CharTokenizer
 
@@ -36,69 +33,6 @@ lowercase = False  # lowercase everything (a smaller vocabulary)
 vocab_from = ""  # a prepared dataset (data/NAME) whose characters keep their ids, new ones after them (to fine-tune its models)
 # -----------------------------------------------------------------------------
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-SHAKESPEARE = (1115394, "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")  # its size and sha256
-
-
-def download(url, path):
-    """Fetch url into path once (later calls reuse the cached copy)."""
-    if os.path.isfile(path):
-        return path
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            data = r.read()
-    except OSError as e:
-        die(f"could not download {url} ({getattr(e, 'reason', e)}); offline? "
-            f"save the text yourself and use --input=FILE")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
-    return path
-
-
-def decode_text(raw, where):
-    """Bytes to str, refusing what is not a text corpus."""
-    if b"\x00" in raw:
-        die(f"{where} looks binary (it contains NUL bytes); give a UTF-8 text file")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        die(f"{where} is not UTF-8 text (bad byte at offset {e.start}); convert it, e.g. `iconv -t utf-8`")
-
-
-def find_documents(spec):
-    """Return (name, source description, documents) for an --input spec. A document is a str (built-in
-    text) or a Path to read later, so that big corpora can be streamed (see prepare_bpe.py)."""
-    if spec == "pydocs":
-        import pydoc_data.topics
-        topics = pydoc_data.topics.topics
-        return "pydocs", "pydoc_data.topics (Python reference docs)", [topics[k].strip("\n") + "\n\n" for k in sorted(topics)]
-    if spec == "shakespeare":
-        return "shakespeare", SHAKESPEARE_URL, [Path(download(SHAKESPEARE_URL, os.path.join("data", "shakespeare_char", "input.txt")))]
-    if spec.startswith(("http://", "https://")):
-        name = os.path.splitext(os.path.basename(spec.rstrip("/")))[0] or "download"
-        return name, spec, [Path(download(spec, os.path.join("data", f"{name}_char", "input.txt")))]
-    if os.path.isdir(spec):
-        files = sorted(f for f in os.listdir(spec) if f.endswith(".txt"))
-        if not files:
-            die(f"folder {spec} has no *.txt files")
-        return os.path.basename(os.path.abspath(spec)), os.path.abspath(spec), [Path(spec, f) for f in files]
-    if os.path.isfile(spec):
-        if (os.path.getsize(spec), sha256(Path(spec).read_bytes()) if os.path.getsize(spec) == SHAKESPEARE[0] else "") == SHAKESPEARE:
-            return "shakespeare", SHAKESPEARE_URL, [Path(spec)]  # a local copy of tiny Shakespeare: the configs' name
-        return os.path.splitext(os.path.basename(spec))[0], os.path.abspath(spec), [Path(spec)]
-    die(f"--input={spec!r} is not pydocs, shakespeare, a URL, an existing file or a folder")
-
-
-def read_document(doc):
-    """A document's whole text."""
-    if isinstance(doc, str):
-        return doc
-    with open(doc, "rb") as f:
-        return decode_text(f.read(), doc)
-
-
 def split_text(text, val_fraction, split, chunk_size, seed):
     """Return (train_text, val_text)."""
     if split == "tail":
@@ -109,18 +43,6 @@ def split_text(text, val_fraction, split, chunk_size, seed):
     val_ids = set(random.Random(seed).sample(range(len(chunks)), n_val)) if len(chunks) > 1 else set()
     train = "".join(c for i, c in enumerate(chunks) if i not in val_ids)
     return train, "".join(c for i, c in enumerate(chunks) if i in val_ids)
-
-
-def write_dataset(out_dir, arrays, meta):
-    """Write the arrays ({file name: numpy array}, e.g. train.bin) and meta.json via temporary files, so a failure
-    leaves no half dataset."""
-    os.makedirs(out_dir, exist_ok=True)
-    for fname, values in arrays.items():
-        values.tofile(os.path.join(out_dir, fname + ".tmp"))
-    with open(os.path.join(out_dir, "meta.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, ensure_ascii=False)
-    for fname in list(arrays) + ["meta.json"]:
-        os.replace(os.path.join(out_dir, fname + ".tmp"), os.path.join(out_dir, fname))
 
 
 # --sanitize=basic: typographic characters to their ASCII look-alikes, invisible ones dropped
@@ -146,36 +68,13 @@ def vocabulary(text):
     chars = sorted(set(text))
     if not vocab_from:
         return chars
-    path = os.path.join(vocab_from, "meta.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            base = json.load(f)["vocab"]
-        assert isinstance(base, list) and all(isinstance(c, str) and len(c) == 1 for c in base)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        die(f"--vocab_from={vocab_from}: no character dataset's meta.json there; give a folder prepare_char.py wrote")
+    fix = "give a folder prepare_char.py wrote"
+    base = read_json(os.path.join(vocab_from, "meta.json"), "character dataset's meta.json", fix)
+    base = base.get("vocab") if isinstance(base, dict) else None
+    if not (isinstance(base, list) and all(isinstance(c, str) and len(c) == 1 for c in base)):
+        die(f"--vocab_from={vocab_from}: its meta.json holds no character vocabulary; {fix}")
     known = set(base)
     return base + [c for c in chars if c not in known]
-
-
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-def check_out_dir(out_dir, source, digest=None):
-    """Refuse to replace a dataset that was prepared from a different source (the same text from another path,
-    by its sha256, is the same source)."""
-    path = os.path.join(out_dir, "meta.json")
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
-            assert isinstance(old, dict)
-        except (ValueError, AssertionError, OSError):
-            die(f"{path} is not a dataset meta.json; choose another --out_dir or delete it")
-        if old.get("source") != source and not (digest and old.get("sha256") == digest):
-            name = os.path.basename(os.path.normpath(out_dir))
-            die(f"{out_dir} already holds a dataset prepared from {old.get('source')}; delete it, or write this one "
-                f"elsewhere: --out_dir=data/NAME (then train with --dataset=NAME, not {name})")
 
 
 if __name__ == "__main__":
@@ -187,8 +86,11 @@ if __name__ == "__main__":
         die(f"--sanitize={sanitize!r} is not one of '' (off), basic")
     if is_chat_input(input):  # conversations for SFT: a text template whose turns end with ␄
         name, source, conversations = read_conversations(input)
-        for m in (m for c in conversations for m in c):
+        for n, m in ((n, m) for n, c in enumerate(conversations, 1) for m in c):
             m["content"] = clean(m["content"])
+            if CHAR_END in m["content"]:  # it would read as the end of the turn, and be learned as one
+                die(f"conversation {n} of --input={input} contains {CHAR_END!r}, which ends a turn in a character "
+                    f"model's template; remove it from the text (or use prepare_bpe.py, whose end token is special)")
         chars = vocabulary("".join(m["content"] for c in conversations for m in c) + "".join(TEXT_MARKERS.values()) + CHAR_END)
         out_dir = out_dir or os.path.join("data", f"{name}_char")
         check_out_dir(out_dir, source)

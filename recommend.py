@@ -16,7 +16,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import torch
+
+from common import autocast, pick_device, pick_dtype
 from configurator import ABOVE_ZERO, check, configure, die
+from dataset import check_bins, read_meta
+from model import GPT, config_from_preset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -54,10 +60,6 @@ def block_weights(shape):
 def measure(shape, vocab_size, ngram, device_name, seconds=1.0):
     """Training tokens per second of one shape on the device (forward, backward and an AdamW step on random tokens,
     uncompiled, for about `seconds`); None when it does not fit in the device's memory."""
-    import torch
-
-    from common import autocast, pick_dtype
-    from model import GPT, config_from_preset
     n_layer, n_head, n_embd, block_size, batch_size = shape
     sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device_name.split(":")[0], lambda: None)
     torch.manual_seed(0)
@@ -172,15 +174,13 @@ if __name__ == "__main__":
     check(globals(), dict(max_time=ABOVE_ZERO))
     if priority not in ("quality", "speed"):
         die(f"--priority={priority!r} is not one of quality, speed")
-    import numpy as np
-
-    from common import check_bins, pick_device, read_meta
     data_dir = os.path.join("data", dataset)
     meta = read_meta(data_dir)
     if "chat_template" in meta:
         die(f"data/{dataset} is a conversation dataset; fine-tune on it with config/sft_pydocs.py (see the README), "
             f"the recommender plans pre-training runs")
-    check_bins(data_dir, meta, LADDER[0][3])  # train.py's checks, for the smallest shape's block
+    check_bins(data_dir, meta, LADDER[0][3], fix=f"the smallest shape reads windows of {LADDER[0][3] + 1} tokens: "
+               f"give a larger corpus")  # train.py's checks, for the smallest shape's block
     train_tokens = os.path.getsize(os.path.join(data_dir, "train.bin")) // np.dtype(meta["dtype"]).itemsize
     device_name = pick_device(device)
     run_dir = out_dir or f"out-{dataset}-{max_time:g}s"

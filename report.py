@@ -14,7 +14,11 @@ import csv
 import os
 import sys
 
+from checkpoint import resolve_checkpoint
+from common import load_checkpoint
 from configurator import configure, die
+from dataset import atomic_write, check_writable, read_json
+from model import config_from_dict
 
 # -----------------------------------------------------------------------------
 out = ""  # the PNG to write; '' = curves.png in the first run's folder
@@ -22,10 +26,31 @@ plot = True  # False: the text report only
 # -----------------------------------------------------------------------------
 
 
-def read_json(path):
+def read_record(path):
     """A run folder's JSON file, {} when it has none (one line when it is damaged)."""
-    from convert import read_json as read
-    return read(path, os.path.basename(path)) if os.path.isfile(path) else {}
+    return read_json(path, os.path.basename(path), "it is a record only: delete it") if os.path.isfile(path) else {}
+
+
+def read_metrics(path):
+    """metrics.csv's rows, their cells as numbers (None where empty); one line for a cell that is not a number."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for n, row in enumerate(csv.DictReader(f), 2):
+            try:
+                rows.append({k: float(v) if v else None for k, v in row.items() if k})
+            except (TypeError, ValueError):
+                bad = next((k, v) for k, v in row.items() if v and not is_number(v))
+                die(f"{path} line {n}: {bad[0]}={bad[1]!r} is not a number; the file is damaged (train.py writes "
+                    f"numbers only): fix or delete that line")
+    return [r for r in rows if r.get("iter") is not None]
+
+
+def is_number(text):
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def read_run(spec):
@@ -33,26 +58,24 @@ def read_run(spec):
     folder, ckpt_file = (spec, None) if os.path.isdir(spec) else (os.path.dirname(spec) or ".", spec)
     if not os.path.isdir(folder) or (ckpt_file and not os.path.isfile(ckpt_file)):
         die(f"{spec} is neither a run folder nor a checkpoint file")
-    info, meta = read_json(os.path.join(folder, "run_meta.json")), read_json(os.path.join(folder, "meta.json"))
+    info, meta = read_record(os.path.join(folder, "run_meta.json")), read_record(os.path.join(folder, "meta.json"))
     config, model_config = info.get("config", {}), info.get("model_config", {})
     saved = {}
     if ckpt_file or not info:  # a checkpoint alone: its stored configs and counters (tensors are not built into a model)
-        from common import load_checkpoint, resolve_checkpoint
         saved = load_checkpoint(ckpt_file or resolve_checkpoint(folder))
         config, model_config, meta = saved.get("config", config), saved.get("model_config", model_config), saved.get("meta") or meta
-    rows = []
-    if os.path.isfile(os.path.join(folder, "metrics.csv")):
-        with open(os.path.join(folder, "metrics.csv"), newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.DictReader(f) if (r.get("iter") or "").isdigit()]
+    metrics = os.path.join(folder, "metrics.csv")
+    rows = read_metrics(metrics) if os.path.isfile(metrics) else []
     # seconds of training at each logged iteration: ms/iter times the iterations since the previous log line
     seconds, t, last = {}, 0.0, 0
     for r in rows:
         it = int(r["iter"])
-        if r.get("ms_per_iter"):
-            t += float(r["ms_per_iter"]) / 1000 * (it - last)
+        if r.get("ms_per_iter") is not None:
+            t += r["ms_per_iter"] / 1000 * (it - last)
             last = it
         seconds[it] = t
-    evals = [(int(r["iter"]), float(r["val_loss"]), float(r["val_bpb"] or "nan")) for r in rows if r.get("val_loss")]
+    evals = [(int(r["iter"]), r["val_loss"], r.get("val_bpb") or float("nan")) for r in rows
+             if r.get("val_loss") is not None]
     iters = max([int(r["iter"]) for r in rows] + [saved.get("iter_num", 0)])
     tokens_per_step = config.get("total_batch_size") or (config.get("gradient_accumulation_steps", 0) *
                                                          config.get("batch_size", 0) * config.get("block_size", 0))
@@ -64,9 +87,10 @@ def read_run(spec):
 
 def describe(run):
     """The text report of one run, a few lines."""
-    from model import MODEL_FIELDS, GPTConfig
-    mc = {k: v for k, v in run["model_config"].items() if k in MODEL_FIELDS}
-    arch = GPTConfig(**mc).describe() if mc else "unknown architecture"
+    try:
+        arch = config_from_dict(run["model_config"]).describe() if run["model_config"] else "unknown architecture"
+    except (TypeError, ValueError) as e:
+        arch = f"an architecture this version cannot build ({e})"
     meta = run["meta"]
     vocab = f"{meta.get('tokenizer', '?')} tokenizer, {meta.get('vocab_size', '?')} tokens"
     params = f"{run['parameters'] / 1e6:.2f}M parameters" if run["parameters"] else "parameters unknown"
@@ -97,7 +121,7 @@ def draw(runs, path):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for i, run in enumerate(runs):
         color = f"C{i}"
-        train = [(int(r["iter"]), float(r["loss"])) for r in run["rows"] if r.get("loss")]
+        train = [(int(r["iter"]), r["loss"]) for r in run["rows"] if r.get("loss") is not None]
         for ax, x_of in ((axes[0], lambda it: it), (axes[1], lambda it, run=run: run["seconds"].get(it, 0.0))):
             if train:
                 ax.plot([x_of(it) for it, _ in train], [v for _, v in train], color=color, alpha=0.35, lw=1,
@@ -112,7 +136,7 @@ def draw(runs, path):
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
     print(f"wrote {path}")
 
 
@@ -121,7 +145,12 @@ if __name__ == "__main__":
     configure(globals(), [a for a in sys.argv[1:] if a not in specs])
     if not specs:
         die("name the runs to report on: python report.py OUT_DIR [OUT_DIR ...] (or a checkpoint file)")
+    if plot:  # every check before anything is written
+        png = out or os.path.join(specs[0] if os.path.isdir(specs[0]) else os.path.dirname(specs[0]) or ".", "curves.png")
+        check_writable(os.path.dirname(png) or ".", "--out's folder")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(png))):
+            die(f"--out={png}: the folder {os.path.dirname(png)} does not exist; create it or pick another --out")
     runs = [read_run(s) for s in specs]
     print("\n".join(describe(r) for r in runs))
     if plot:
-        draw(runs, out or os.path.join(runs[0]["folder"], "curves.png"))
+        draw(runs, png)

@@ -13,14 +13,16 @@ import sys
 
 import torch
 
-from common import DTYPES, SAMPLING_RULES, load_for_inference, pick_device, pick_dtype
+from checkpoint import load_for_inference
+from common import DTYPES, SAMPLING_RULES, pick_device, pick_dtype
 from configurator import POSITIVE, check, configure, die
+from generate import compile_decode, controls, generate_stream
 from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
 out_dir = "out-char-tiny"  # the training run to sample from
 ckpt = ""  # checkpoint file in out_dir; '' = ckpt.pt, or best.pt if that is all there is
-init_from = "resume"  # resume (out_dir's checkpoint) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (OpenAI's weights)
+init_from = "resume"  # resume (out_dir's checkpoint) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:FOLDER | a run or ckpt
 prompt = ""  # text to continue, or FILE:path to read it from a file; '' = start of a document
 start = ""  # nanoGPT's name for prompt (used when prompt is empty)
 num_samples = 1  # how many samples to draw, generated together as one batch
@@ -56,13 +58,6 @@ def encode_prompt(tokenizer, text):
     return ids
 
 
-def controls(settings):
-    """The sampling settings generate_stream takes, from sample.py's or chat.py's settings."""
-    return dict(temperature=settings["temperature"], top_k=settings["top_k"] or None, top_p=settings["top_p"],
-                min_p=settings["min_p"], repetition_penalty=settings["repetition_penalty"],
-                no_repeat_ngram_size=settings["no_repeat_ngram_size"])
-
-
 if __name__ == "__main__":
     config, _ = configure(globals())
     check(config, dict(SAMPLING_RULES, num_samples=POSITIVE))
@@ -75,19 +70,18 @@ if __name__ == "__main__":
             prompt = f.read()
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    model, tokenizer = load_for_inference(out_dir, ckpt, device, source="" if init_from == "resume" else init_from,
-                                          ema=ema)
+    model, tokenizer = load_for_inference(out_dir if init_from == "resume" else init_from, device, ckpt, ema)
     model = model.to(DTYPES[dtype])  # bfloat16/float16 weights: half the bytes to read per token
     ids = encode_prompt(tokenizer, prompt)
     if len(ids) >= model.config.block_size:
         print(f"note: the prompt is {len(ids)} tokens; only the last {model.config.block_size} are used", file=sys.stderr)
     x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # all samples in one batch
     generator = torch.Generator(device=device).manual_seed(seed)
-    decode = model.compile_decode() if compile else None
+    decode = compile_decode(model) if compile else None
     rows, done = [[] for _ in range(num_samples)], [False] * num_samples
     decoder = StreamDecoder(tokenizer)
     sys.stdout.write(prompt)
-    for tokens in model.generate_stream(x, max_new_tokens, eos_id=tokenizer.eos_id, decode=decode, generator=generator,
+    for tokens in generate_stream(model, x, max_new_tokens, eos_id=tokenizer.eos_id, decode=decode, generator=generator,
                                         **controls(config)):
         for i, t in enumerate(tokens.tolist()):
             done[i] = done[i] or t == tokenizer.eos_id  # a row ends at its EOS; the others go on

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from configurator import die
+from dataset import token_dtype, write_dataset
 
 ROLES = ("system", "user", "assistant")
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # reserved in every BPE prepare_bpe.py trains
@@ -115,9 +116,8 @@ def write_chat_dataset(out_dir, conversations, tokenizer, template, meta, val_fr
             turn_ids, turn_mask = render(tokenizer, template, m["role"], m["content"])
             ids += turn_ids
             mask += turn_mask
-    from prepare_char import write_dataset  # (prepare_char imports this module)
-    dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
-    meta.update(chat_template=template, vocab_size=tokenizer.vocab_size, dtype=np.dtype(dtype).name,
+    dtype = token_dtype(tokenizer.vocab_size)
+    meta.update(chat_template=template, vocab_size=tokenizer.vocab_size, dtype=dtype,
                 conversations=len(conversations), val_conversations=n_val, split=split, val_fraction=val_fraction, seed=seed,
                 train_tokens=len(parts["train"][0]), val_tokens=len(parts["val"][0]),
                 train_masked=int(sum(parts["train"][1])), val_masked=int(sum(parts["val"][1])))

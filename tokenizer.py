@@ -6,6 +6,9 @@ trained by prepare_bpe.py (Hugging Face tokenizers), or GPT-2's encoding (tiktok
 
 import os
 
+import tiktoken
+from tokenizers import Tokenizer
+
 from configurator import die
 
 BOS, EOS = "<|bos|>", "<|eos|>"  # document boundaries in our trained BPE
@@ -88,7 +91,6 @@ class TiktokenTokenizer:
 
 def gpt2_encoding():
     """tiktoken's GPT-2 encoding; it downloads its files on first use, so offline this says how to fix it."""
-    import tiktoken
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # a network error from deep inside tiktoken: one line instead
@@ -103,7 +105,6 @@ def load_tokenizer(meta, folder=None):
     if kind == "char":
         return CharTokenizer(meta["vocab"])
     if kind == "bpe":
-        from tokenizers import Tokenizer
         specials = meta.get("bos_token", BOS), meta.get("eos_token", EOS)
         if "tokenizer_json" in meta:
             return BPETokenizer(Tokenizer.from_str(meta["tokenizer_json"]), *specials)
@@ -111,6 +112,27 @@ def load_tokenizer(meta, folder=None):
     if kind == "gpt2":
         return TiktokenTokenizer(gpt2_encoding())
     raise ValueError(f"unknown tokenizer {kind!r} in meta.json; re-run the prepare script")
+
+
+def check_tokenizer(meta):
+    """meta's tokenizer, once it has encoded and decoded a sample text; ValueError saying
+    why not (a tokenizer.json that parses but cannot tokenize is refused where it comes in, not at sampling)."""
+    try:
+        tok = load_tokenizer(meta)
+        ids = tok.encode("Hello, world!\n") if not isinstance(tok, CharTokenizer) else tok.encode(tok.chars[0])
+        assert ids and all(0 <= i < tok.vocab_size for i in ids) and isinstance(tok.decode(ids), str)
+        return tok
+    except Exception as e:  # tokenizers raises plain Exceptions for a broken model section
+        raise ValueError(f"the tokenizer cannot tokenize ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def describe_vocab(meta):
+    """A vocabulary in a few words, for messages."""
+    if not meta:
+        return "an unknown tokenizer"
+    known = {"char": f"{meta['vocab_size']} characters", "gpt2": "GPT-2's tokens"}
+    kind = "word-level vocabulary" if meta.get("word_level") else "BPE"
+    return known.get(meta["tokenizer"], f"a {meta['vocab_size']}-token {kind}")
 
 
 class StreamDecoder:

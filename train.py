@@ -15,39 +15,29 @@ import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from checkpoint import build_model, load_source, load_weights, restore_training, resumed_config, vocab_fits, warm_start
 from common import (
-    StopSignals,
     autocast,
-    check_bins,
-    draw_windows,
+    evaluate,
+    get_batch,
     gpu_peak,
-    load_checkpoint,
-    lock_out_dir,
     make_optimizers,
-    model_from_checkpoint,
-    open_metrics,
+    out_of_memory,
     pick_device,
     pick_dtype,
-    read_dataset,
-    restore_rng,
-    resumed_config,
     rng_states,
-    save_checkpoint,
     split_batch,
-    start_wandb,
-    write_run_meta,
-    write_vocab,
 )
-from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, UNIT, check, configure, die
-from convert import load_source, load_weights, vocab_fits, warm_start
+from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT, check, configure, die
+from dataset import check_bins, open_split, read_dataset
 from model import GPT, MODEL_FIELDS, config_from_preset
+from runlog import RunLog, StopSignals, lock_out_dir
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -133,23 +123,20 @@ if os.environ.get("RANK", "0") == "0" and (busy := lock_out_dir(out_dir, probe=T
     die(busy)  # another run holds out_dir: stop before reading or writing anything there
 signals = StopSignals()  # Ctrl-C and SIGTERM: at once before training starts; after the current step once it has
 
-# resuming continues the run as it was: every setting not given now comes from the checkpoint
+# where the model comes from: a resume continues the run as it was (every setting not given now comes from the
+# checkpoint); a warm start takes the source's architecture and context, unless set here
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "auto":
     init_from = "resume" if os.path.isfile(ckpt_path) else "scratch"
-iter_num, best_val_loss, train_time, ckpt, source = 0, float("inf"), 0.0, None, None
+record = None if init_from == "scratch" else load_source(ckpt_path if init_from == "resume" else init_from)
 if init_from == "resume":
-    ckpt = load_checkpoint(ckpt_path)
-    config = resumed_config(ckpt, ckpt_path, config, explicit)
+    config = resumed_config(record, config, explicit)
     globals().update(config)
-elif init_from != "scratch":  # a warm start takes the source's architecture and context, unless set here
-    source = load_source(init_from)  # ours, nanoGPT's or a Hugging Face model, in our parameter names
-    if "block_size" not in explicit:
-        block_size = config["block_size"] = source["model_config"]["block_size"]
+elif record is not None and "block_size" not in explicit:
+    block_size = config["block_size"] = record["model_config"]["block_size"]
 
 # checks that need no data or model: every rule on the settings, here in one place
-choices = dict(optimizer=("adamw", "muon"), lr_schedule=("cosine", "wsd"),
-               save_strategy=("latest", "best", "both", "none"))
+choices = dict(optimizer=("adamw", "muon"), lr_schedule=("cosine", "wsd"), save_strategy=("latest", "best", "both", "none"))
 for key, allowed in choices.items():
     if config[key] not in allowed:
         die(f"--{key}={config[key]!r} is not one of {', '.join(allowed)}")
@@ -159,7 +146,10 @@ check(config, dict.fromkeys(["batch_size", "block_size", "gradient_accumulation_
                        "muon_lr", "weight_decay", "muon_weight_decay", "grad_clip", "early_stopping_patience",
                        "peak_flops"], NON_NEGATIVE)
       | dict.fromkeys(["beta1", "beta2", "muon_momentum", "label_smoothing", "ema_decay"], FRACTION)
-      | dict(eps=ABOVE_ZERO, warmdown_frac=UNIT))
+      | dict(eps=ABOVE_ZERO, warmdown_frac=UNIT, seed=SEED))
+if init_from != "resume" and os.path.isfile(ckpt_path) and not overwrite:
+    die(f"{ckpt_path} already exists; continue it with --init_from=resume, pick another --out_dir, "
+        f"or pass --overwrite=True to replace it")
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = "RANK" in os.environ
@@ -179,109 +169,62 @@ if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-# data: uint16 or uint32 token ids in memory-mapped bins, tokenizer described by meta.json
+# data: token ids in memory-mapped bins, the tokenizer described by meta.json (checkpoints carry it)
 dataset = config["dataset"] = dataset.removeprefix("data/")  # --dataset=data/x means x
 data_dir = os.path.join("data", dataset)
-meta, tokenizer = read_dataset(data_dir)  # the checkpoint carries meta, tokenizer included
-token_dtype = np.dtype(meta["dtype"])
-masked = "chat_template" in meta  # conversations: the loss counts the assistant's tokens only (sft.py)
-grown = vocab_fits(ckpt["meta"] if ckpt else source and source["meta"], meta, init_from, dataset)  # True: new tokens
+meta, tokenizer = read_dataset(data_dir)
+grown = vocab_fits(record and record["meta"], meta, init_from, dataset)  # True: the dataset adds tokens
+splits = {split: open_split(data_dir, meta, split) for split in ("train", "val")}
 
-# batch arithmetic
-# the tokens per optimizer step are fixed (total_batch_size, or gradient_accumulation_steps micro-batches of
-# batch_size x block_size), however many processes share them: each takes its share in micro-batches of at most
-# batch_size, so a config runs unchanged on 1, 2 or 8 processes
+# batch arithmetic: the tokens per optimizer step are fixed (total_batch_size, or gradient_accumulation_steps
+# micro-batches of batch_size x block_size), however many processes share them: each takes its share in
+# micro-batches of at most batch_size, so a config runs unchanged on 1, 2 or 8 processes
 try:
     batch_size, accum_steps = split_batch(total_batch_size or gradient_accumulation_steps * batch_size * block_size,
                                           batch_size, block_size, world_size)
 except ValueError as e:
     die(str(e))
 tokens_per_iter = batch_size * block_size * world_size * accum_steps
-
 check_bins(data_dir, meta, block_size)
+writes = master and not eval_only  # rank 0 writes; --eval_only writes nothing
+log = RunLog(out_dir, master, writes, ddp)
+log.take_lock()  # one run per out_dir, until the process ends
 
-# one run per out_dir: rank 0 holds a lock on it until the process ends; every rank stops if it is taken
-lock, busy = lock_out_dir(out_dir, probe=eval_only) if master else (None, None)
-if ddp:
-    busy = [busy]
-    dist.broadcast_object_list(busy)
-    busy = busy[0]
-if busy:
-    die(busy)
-
-
-def get_batch(split, step, k):
-    """The k-th micro-batch of optimizer step `step`: each (step, k) seeds its own generator, so every
-    rank draws distinct, reproducible batches and a resumed run continues the same stream. Conversations
-    (a dataset with loss masks): windows start where a conversation starts, and the targets the mask leaves
-    out (system and user turns, the padding past the end) are -1, which the loss ignores."""
-    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=token_dtype, mode="r")
-    gen = torch.Generator().manual_seed(hash((seed, split == "val", step, k)) % 2**62)  # ints hash the same in every process
-    mask, starts = None, None
-    if masked:
-        mask = np.memmap(os.path.join(data_dir, f"{split}_mask.bin"), dtype=np.uint8, mode="r")
-        starts = np.memmap(os.path.join(data_dir, f"{split}_starts.bin"), dtype=np.int64, mode="r")
-    x, y = draw_windows(data, block_size, batch_size, gen, mask, starts)
-    if y.max() >= meta["vocab_size"] or x[:, 0].max() >= meta["vocab_size"]:
-        die(f"data/{dataset}/{split}.bin holds token id {max(x.max(), y.max())}, beyond its meta.json's vocab_size="
-            f"{meta['vocab_size']}; prepare the dataset again")
-    if device_type == "cuda":  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-# model: from scratch, from out_dir's checkpoint (resume), or warm-started from another checkpoint
-model_settings = {k: config[k] for k in MODEL_FIELDS if k in config}
-if ckpt is not None:
-    ckpt["model_config"]["dropout"] = dropout
-    model = model_from_checkpoint(ckpt, device)
-    iter_num, best_val_loss, train_time = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["train_time"]
+# the model: from scratch, resumed (weights here, optimizer state below), or warm-started from another's weights
+iter_num, best_val_loss, train_time = 0, float("inf"), 0.0
+if init_from == "resume":
+    model = build_model(record, device, dropout=dropout)
+    iter_num, best_val_loss, train_time = record["iter_num"], record["best_val_loss"], record["train_time"]
 else:
-    if os.path.isfile(ckpt_path) and not overwrite:
-        die(f"{ckpt_path} already exists; continue it with --init_from=resume, pick another --out_dir, "
-            f"or pass --overwrite=True to replace it")
     try:
-        if source is None:
-            model_config = config_from_preset(model_type, **model_settings, vocab_size=meta["vocab_size"])
+        if record is None:
+            model_config = config_from_preset(model_type, **{k: config[k] for k in MODEL_FIELDS if k in config},
+                                              vocab_size=meta["vocab_size"])
         else:  # the source's fields, but those set here (and dropout) win
             overrides = {k: config[k] for k in explicit & (set(MODEL_FIELDS) | {"model_type"})}
             grow = dict(vocab_size=meta["vocab_size"]) if grown else {}
-            model_config, weights = warm_start(source, {**overrides, "dropout": dropout, **grow})
+            model_config, weights = warm_start(record, {**overrides, "dropout": dropout, **grow})
     except ValueError as e:
         die(str(e))
     if model_config.vocab_size < meta["vocab_size"]:
         die(f"--init_from={init_from} has {model_config.vocab_size} token embeddings, fewer than data/{dataset}'s "
             f"{meta['vocab_size']} tokens; prepare the data with the tokenizer it was trained with")
     model = GPT(model_config).to(device)
-    if source is not None:  # warm start from its weights only
-        report = load_weights(model, weights, strict_init, init_from)
-        if master:
-            print(report)
+    if record is not None:
+        log.print(load_weights(model, weights, strict_init, init_from))
 raw_model = model  # the plain module: saved, evaluated and counted
 model_config = raw_model.config
 
 # optimizers: AdamW for everything, or Muon for the 2-D matrices inside the blocks and AdamW for the rest
 optimizers, muon_names, adam_names = make_optimizers(raw_model, config, fused=device_type == "cuda")
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # a no-op unless float16
-if ckpt is not None:
-    try:
-        assert len(optimizers) == len(ckpt["optimizers"])
-        for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
-            opt.load_state_dict(state)
-    except (AssertionError, ValueError, KeyError):
-        die(f"the optimizer state in {ckpt_path} does not fit optimizer={optimizer!r}; resume with the optimizer "
-            f"the run was trained with ({ckpt['config']['optimizer']!r}), or warm-start a new run: "
-            f"--init_from={ckpt_path} --out_dir=NEW")
-    scaler.load_state_dict(ckpt["scaler"])
-    restore_rng(ckpt["rng"], rank, device_type)
 ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True) if ema_decay else None
-if ema is not None and ckpt is not None and ckpt.get("ema"):  # a run that already kept one
-    ema.load_state_dict(ckpt["ema"])
-del ckpt  # free the memory
+if init_from == "resume":
+    restore_training(record, optimizers, scaler, ema, rank, device_type, optimizer)
+del record  # free the memory
 
 if compile:
-    if master:
-        print("compiling the model (the first steps are slow)...")
+    log.print("compiling the model (the first steps are slow)...")
     model = torch.compile(model)
 eval_model = model  # compiled, but not wrapped in DDP
 if ddp:
@@ -297,41 +240,17 @@ def all_ranks_mean(value):
     return t.item() / world_size
 
 
+def batches(split, step, k):
+    return get_batch(splits[split], step, k, batch_size, block_size, seed, device)
+
+
 token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=device)  # UTF-8 bytes per token id
 
 
-def out_of_memory():
-    die(f"out of memory at batch_size={batch_size} x block_size={block_size}; lower --batch_size (raising "
-        f"--gradient_accumulation_steps keeps the tokens per step) or pass --auto_microbatch=True")
-
-
-@torch.no_grad()
-def evaluate(eval_model, splits=("train", "val")):
-    """Loss on the same eval_iters batches of each split at every eval (shared out among the processes), and
-    bits per byte: the total nats over the UTF-8 bytes of the targets, / ln 2, comparable across tokenizers.
-    None when Ctrl-C or SIGTERM comes during it (one process): the run stops without waiting for the rest."""
-    eval_model.eval()
-    out = {}
-    for split in splits:
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
-        for i in range(rank, eval_iters, world_size):
-            if signals.received and not ddp:
-                return None
-            x, y = get_batch(split, -1 - i, 0)  # negative steps: batches that no training step draws
-            try:
-                with ctx:
-                    logits, _ = eval_model(x, y)
-            except torch.OutOfMemoryError:
-                out_of_memory()
-            y = y.view(-1)
-            nats = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y, ignore_index=-1, reduction="none")
-            sums += torch.stack([nats.double().sum(), (y >= 0).double().sum(), token_bytes[y.clamp(min=0)][y >= 0].sum()])
-        if ddp:
-            dist.all_reduce(sums)
-        nats, tokens, nbytes = sums.tolist()
-        out[split], out[f"{split}_bpb"] = nats / tokens, nats / max(nbytes, 1.0) / math.log(2)
-    eval_model.train()
-    return out
+def evaluation(model_, names=("train", "val")):
+    """evaluate() on this run's batches; None when a signal comes during it (one process)."""
+    return evaluate(model_, batches, names, eval_iters, ctx, token_bytes, rank, world_size,
+                    stopped=lambda: bool(signals.received) and not ddp)
 
 
 decay_iters = lr_decay_iters or max_iters
@@ -352,60 +271,41 @@ def lr_factor(it, elapsed):
     return floor + (1 - floor) * min(1.0, (1.0 - progress) / warmdown_frac)  # wsd
 
 
-def checkpoint_dict():
-    return dict(model=raw_model.state_dict(), ema=ema.state_dict() if ema else None, model_config=vars(model_config), config=config,
-                optimizers=[opt.state_dict() for opt in optimizers], scaler=scaler.state_dict(),
-                iter_num=iter_num, best_val_loss=best_val_loss, train_time=train_time, rng=rng_states(ddp, world_size, device_type),
-                sampler=dict(seed=seed, note="batches are a function of (seed, iter_num); nothing else to save"),
-                meta=meta)
+def training_state():
+    """The checkpoint: weights, optimizer, RNG and EMA states and counters; every rank joins the RNG gather."""
+    if save_strategy == "none" or eval_only:
+        return None
+    return dict(model=raw_model.state_dict(), ema=ema.state_dict() if ema else None, model_config=vars(model_config),
+                config=config, optimizers=[opt.state_dict() for opt in optimizers], scaler=scaler.state_dict(),
+                iter_num=iter_num, best_val_loss=best_val_loss, train_time=train_time,
+                rng=rng_states(ddp, world_size, device_type), meta=meta,
+                sampler=dict(seed=seed, note="batches are a function of (seed, iter_num); nothing else to save"))
 
 
-# outputs: only rank 0 writes
-csv_fields = ["iter", "loss", "train_loss", "val_loss", "val_bpb", "val_loss_ema",
-              "lr", "ms_per_iter", "tok_per_s", "grad_norm", "gflops", "mfu"]
+# outputs: meta.json, run_meta.json, metrics.csv (rows after a resumed checkpoint are dropped), wandb
 n_params = raw_model.num_params()
 gpu_name, peak = gpu_peak(device)
 peak = (peak_flops or peak) * world_size  # all processes together
 sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)  # honest step times on a GPU
-writes = master and not eval_only  # rank 0 writes; --eval_only writes nothing
-if writes:
-    try:
-        write_vocab(out_dir, meta)
-        write_run_meta(os.path.join(out_dir, "run_meta.json"), iter_num, dict(
-            config=config, model_config=vars(model_config), parameters=n_params, device=device, gpu=gpu_name, dtype=dtype,
-            world_size=world_size, torch=torch.__version__, argv=sys.argv, optimizer_params=dict(muon=muon_names, adamw=adam_names)))
-        # a resumed run drops the rows logged after its checkpoint (a crash leaves them), then appends
-        metrics_file, metrics = open_metrics(os.path.join(out_dir, "metrics.csv"), csv_fields, iter_num)
-    except (OSError, ValueError) as e:
-        die(f"could not write to {out_dir} ({getattr(e, 'strerror', None) or e}); free some space or pick another --out_dir")
-    if wandb_log:
-        wandb = start_wandb(wandb_project, wandb_run_name or f"{model_type} {model_config.describe()}",
-                            dict(config, model_config=vars(model_config)))
-    print(f"{model_type}: {model_config.describe()}")
-    print(f"{n_params / 1e6:.2f}M parameters | {device} {dtype} | {world_size} process(es) x {accum_steps} micro-steps "
+log.start(iter_num, meta, dict(config=config, model_config=vars(model_config), parameters=n_params, device=device,
+                               gpu=gpu_name, dtype=dtype, world_size=world_size, torch=torch.__version__, argv=sys.argv,
+                               optimizer_params=dict(muon=muon_names, adamw=adam_names)),
+          ["iter", "loss", "train_loss", "val_loss", "val_bpb", "val_loss_ema", "lr", "ms_per_iter", "tok_per_s",
+           "grad_norm", "gflops", "mfu"],
+          (wandb_project, wandb_run_name or f"{model_type} {model_config.describe()}",
+           dict(config, model_config=vars(model_config))) if wandb_log else None)
+log.print(f"{model_type}: {model_config.describe()}")
+log.print(f"{n_params / 1e6:.2f}M parameters | {device} {dtype} | {world_size} process(es) x {accum_steps} micro-steps "
           f"x {batch_size} x {block_size} = {tokens_per_iter:,} tokens per step")
 
 
-def record(**row):
-    """One row of metrics.csv (and of wandb when on), written by rank 0 only."""
-    if not writes:
-        return
-    try:
-        metrics.writerow({k: f"{v:.8g}" if isinstance(v, float) else v for k, v in row.items() if v is not None})
-        metrics_file.flush()
-    except OSError as e:
-        die(f"could not write {metrics_file.name} ({e.strerror}); free some space, then resume from the last checkpoint")
-    if wandb_log:
-        wandb.log({k: v for k, v in row.items() if v is not None}, step=row["iter"])
-
-
-# the training loop
+# the training step
 def forward_backward():
     """Accumulate gradients over accum_steps micro-batches (syncing across processes on the last one);
     return the mean loss over the micro-steps."""
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
-        x, y = get_batch("train", iter_num, rank * accum_steps + micro_step)
+        x, y = batches("train", iter_num, rank * accum_steps + micro_step)
         model.require_backward_grad_sync = micro_step == accum_steps - 1  # DDP: all-reduce only once
         with ctx:
             _, loss = model(x, y, label_smoothing=label_smoothing)
@@ -437,7 +337,7 @@ def gradients():
             return forward_backward()
         except torch.OutOfMemoryError:
             if not auto_microbatch or batch_size == 1:
-                out_of_memory()
+                out_of_memory(batch_size, block_size)
             zero_grads()
             batch_size, accum_steps = batch_size // 2, accum_steps * 2
             if device_type == "cuda":
@@ -457,8 +357,8 @@ if (compile or auto_microbatch) and iter_num < max_iters and not eval_only:
             first_line = (str(e).strip().splitlines() or [""])[0][:300]
             die(f"torch.compile failed ({type(e).__name__}: {first_line}); run with --compile=False")
     zero_grads()
-    if master and compile:
-        print(f"compiled the training step in {time.time() - t_compile:.1f} s (start-up, outside max_time)")
+    if compile:
+        log.print(f"compiled the training step in {time.time() - t_compile:.1f} s (start-up, outside max_time)")
 
 
 signals.training = True  # from here a signal stops the loop after its step instead of the script at once
@@ -467,34 +367,34 @@ bar = tqdm(total=max_time or max_iters, initial=train_time if max_time else iter
            dynamic_ncols=True, disable=not (master and sys.stdout.isatty()))  # seconds when the budget is time
 while True:
     last_step = iter_num >= max_iters or (max_time > 0 and all_ranks_mean(train_time) >= max_time)
+
+    # evaluate, log and save
     if (iter_num % eval_interval == 0 and iter_num != start_iter) or last_step or iter_num == 0 or eval_only:
-        losses = evaluate(eval_model)
-        ema_losses = evaluate(ema.module, ("val",)) if ema and losses else {"val": None}
+        losses = evaluation(eval_model)
+        ema_losses = evaluation(ema.module, ("val",)) if ema and losses else {"val": None}
         if losses is None or ema_losses is None:
             break  # a signal during the evaluation: stop now, this step is saved below
         losses["val_ema"] = ema_losses["val"]
-        if master:
-            tqdm.write(f"step {iter_num} ({train_time:.1f} s): train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                       f"val bpb {losses['val_bpb']:.4f}" + (f", val loss ema {losses['val_ema']:.4f}" if ema else ""))
+        log.print(f"step {iter_num} ({train_time:.1f} s): train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                  f"val bpb {losses['val_bpb']:.4f}" + (f", val loss ema {losses['val_ema']:.4f}" if ema else ""))
         if iter_num > start_iter or iter_num == 0:  # not again for the step a resume starts from
-            record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_bpb=losses["val_bpb"],
-                   val_loss_ema=losses["val_ema"])
+            log.record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_bpb=losses["val_bpb"],
+                       val_loss_ema=losses["val_ema"])
         improved = losses["val"] < best_val_loss
         best_val_loss, evals_since_best = (losses["val"], 0) if improved else (best_val_loss, evals_since_best + 1)
-        if iter_num > start_iter and not eval_only:
-            state = checkpoint_dict() if save_strategy != "none" else None  # every rank joins the RNG gather
-            if master and save_strategy in ("latest", "both"):
-                save_checkpoint(state, ckpt_path)
-            if master and improved and save_strategy in ("best", "both"):
-                save_checkpoint(state, os.path.join(out_dir, "best.pt"))
+        if iter_num > start_iter:
+            state = training_state()
+            if save_strategy in ("latest", "both"):
+                log.save(state, "ckpt.pt")
+            if improved and save_strategy in ("best", "both"):
+                log.save(state, "best.pt")
         if early_stopping_patience and evals_since_best >= early_stopping_patience:
             last_step = True
-            if master:
-                tqdm.write(f"early stop: no new best val loss in {early_stopping_patience} evals")
+            log.print(f"early stop: no new best val loss in {early_stopping_patience} evals")
     if last_step or eval_only:
         break
 
-    # one optimizer step
+    # forward, backward, update
     t_step = time.time()
     lr_mult = lr_factor(iter_num, train_time)
     for opt in optimizers:
@@ -516,37 +416,33 @@ while True:
     train_time += step_time
     bar.update(step_time if max_time else 1)
 
+    # log
     if iter_num % log_interval == 0:
         loss_value = all_ranks_mean(loss.item())  # the mean over micro-steps and ranks
         tok_per_s = tokens_per_iter / step_time
         flops = raw_model.flops_per_token() * tok_per_s * world_size  # achieved by all processes together
         speed = f"MFU {flops / peak:.1%}" if peak else f"{flops / 1e9:,.1f} GFLOP/s"
-        if master:  # above the bar on a terminal
-            tqdm.write(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_mult * learning_rate:.2e}, "
-                       f"{step_time * 1000:.1f} ms/iter, {tok_per_s:,.0f} tok/s, {speed}")
+        log.print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_mult * learning_rate:.2e}, "
+                  f"{step_time * 1000:.1f} ms/iter, {tok_per_s:,.0f} tok/s, {speed}")  # above the bar on a terminal
         bar.set_postfix_str(f"loss {loss_value:.4f}, {tok_per_s:,.0f} tok/s, {speed}")
-        record(iter=iter_num, loss=loss_value, lr=lr_mult * learning_rate, ms_per_iter=step_time * 1000,
-               tok_per_s=tok_per_s, grad_norm=grad_norm.item(), gflops=flops / 1e9, mfu=flops / peak if peak else None)
+        log.record(iter=iter_num, loss=loss_value, lr=lr_mult * learning_rate, ms_per_iter=step_time * 1000,
+                   tok_per_s=tok_per_s, grad_norm=grad_norm.item(), gflops=flops / 1e9, mfu=flops / peak if peak else None)
     if agreed_signal():  # a signal to any rank stops every rank after this same step
         break
 
 bar.close()
 stop_signal = agreed_signal()
 if stop_signal:  # Ctrl-C or SIGTERM: save this step (a second signal only sets the flag again), then exit 130 / 143
-    state = checkpoint_dict() if save_strategy != "none" and not eval_only else None  # every rank joins the RNG gather
-    if master and state is not None:
-        save_checkpoint(state, ckpt_path)
+    state = training_state()
+    log.save(state, "ckpt.pt")
     saved = (f"resume with --init_from=resume --out_dir={out_dir}" if state else
              f"nothing saved ({'eval_only' if eval_only else 'save_strategy=none'})")
-    if master:
-        print(f"stopped at iter {iter_num} by {signal.Signals(stop_signal).name}; {saved}", file=sys.stderr)
-elif master:
+    log.print(f"stopped at iter {iter_num} by {signal.Signals(stop_signal).name}; {saved}", file=sys.stderr)
+else:
     memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device_type == "cuda" else ""
-    print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, {train_time:.1f} s of training, "
-          f"{time.time() - t0:.1f} s in all{memory}")
-if writes:
-    metrics_file.close()
-    lock.close()
+    log.print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, {train_time:.1f} s of training, "
+              f"{time.time() - t0:.1f} s in all{memory}")
+log.close()
 if ddp:
     dist.destroy_process_group()
 if stop_signal:

@@ -8,8 +8,10 @@ import sys
 import termios
 import time
 
+import pytest
 import torch
 
+import chat as chat_module
 from chat import Chat, fit_context, held_back
 from conftest import ROOT, run
 from tokenizer import CharTokenizer
@@ -52,8 +54,8 @@ def test_fit_context_keeps_system_and_newest_turns():
 
 def test_long_history_is_cut_to_the_block(trained):
     """Many turns: every prompt still fits block_size minus the reply, the system prompt stays first."""
-    from common import load_for_inference
-    model, tok = load_for_inference(str(trained / "out-tiny"), "", "cpu")
+    from checkpoint import load_for_inference
+    model, tok = load_for_inference(str(trained / "out-tiny"), "cpu")
     settings = chat_settings(system_prompt="S", max_new_tokens=8, temperature=0.0)
     chat = Chat(model, tok, settings, write=lambda s: None)
     for i in range(6):
@@ -76,6 +78,14 @@ class ScriptedModel(torch.nn.Module):
     def generate_stream(self, x, max_new_tokens, **kw):
         for i in self.tok.encode(self.text)[:max_new_tokens]:
             yield torch.tensor([i])
+
+
+@pytest.fixture(autouse=True)
+def scripted_streams(monkeypatch):
+    """Chat streams through generate.generate_stream; a ScriptedModel streams its own text instead."""
+    real = chat_module.generate_stream
+    monkeypatch.setattr(chat_module, "generate_stream", lambda model, *a, **kw: (
+        model.generate_stream(*a, **kw) if isinstance(model, ScriptedModel) else real(model, *a, **kw)))
 
 
 def test_stop_strings_cut_the_reply_and_are_never_printed():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY, run
+from generate import generate
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -26,8 +27,8 @@ VARIANTS = {  # name: (train.py flags, the transformers class it must load as)
 
 
 def ours(out_dir):
-    from common import load_for_inference
-    return load_for_inference(str(out_dir), "", "cpu")
+    from checkpoint import load_for_inference
+    return load_for_inference(str(out_dir), "cpu")
 
 
 def hf_model(folder):
@@ -49,7 +50,7 @@ def test_export_loads_in_transformers_with_the_same_logits_and_greedy_text(workd
         theirs = hf(x).logits
     assert (mine - theirs).abs().max().item() <= 1e-4
     prompt = torch.tensor([tok.encode("The ")])
-    greedy = model.generate(prompt, 30, temperature=0)
+    greedy = generate(model, prompt, 30, temperature=0)
     hf_greedy = hf.generate(prompt, max_new_tokens=30, do_sample=False, pad_token_id=0)
     assert torch.equal(greedy, hf_greedy)
     text = "Return the value of x, or None.\n"  # the character tokenizer travels too
@@ -90,8 +91,9 @@ def test_import_hugging_face_folder_same_logits_then_warm_start_and_resume(workd
     hf = tiny_hf(kind, vocab_size=120)
     hf.save_pretrained(workdir / f"hf-src-{kind}")
     run("convert.py", f"--src=hf:hf-src-{kind}", f"--out_dir=out-imp-{kind}", cwd=workdir)
-    from common import load_checkpoint, model_from_checkpoint
-    model = model_from_checkpoint(load_checkpoint(str(workdir / f"out-imp-{kind}" / "ckpt.pt")), "cpu").eval()
+    from checkpoint import build_model
+    from common import load_checkpoint
+    model = build_model(load_checkpoint(str(workdir / f"out-imp-{kind}" / "ckpt.pt")), "cpu").eval()
     x = torch.randint(0, 120, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model(x, x)[0] - hf(x).logits).abs().max().item() <= 1e-4
@@ -156,7 +158,7 @@ def test_nanogpt_checkpoint_samples_converts_and_warm_starts(workdir):
     model = nanogpt_run(workdir, dict(vocab_size=len(chars), itos=dict(enumerate(chars)),
                                       stoi={c: i for i, c in enumerate(chars)}), len(chars))
     proc = run("sample.py", "--out_dir=out-nano", "--prompt=The ", "--temperature=0", "--max_new_tokens=20", cwd=workdir)
-    ids = model.generate(torch.tensor([[chars.index(c) for c in "The "]]), 20, temperature=0)[0].tolist()
+    ids = generate(model, torch.tensor([[chars.index(c) for c in "The "]]), 20, temperature=0)[0].tolist()
     assert proc.stdout.startswith("".join(chars[i] for i in ids))  # nanoGPT's weights and vocabulary, read as saved
     run("chat.py", "--out_dir=out-nano", "--max_new_tokens=5", cwd=workdir, input="hello\n")
     run("convert.py", "--src=out-nano", "--out_dir=out-nano-conv", cwd=workdir)
@@ -187,7 +189,7 @@ def test_nanogpt_meta_pkl_is_never_executed_and_a_missing_vocabulary_says_where_
 def test_bpe_and_gpt2_tokenizers_export_to_the_same_ids(tmp_path, monkeypatch):
     from test_prepare_bpe import small_tiktoken
 
-    import convert
+    import hf as hf_interop
     from tokenizer import load_tokenizer
     (tmp_path / "t.txt").write_text("A tokenizer for tests: spaces,  tabs\t and ünïcode 😀.\n" * 40, encoding="utf-8")
     run("prepare_bpe.py", "--input=t.txt", "--vocab_size=300", cwd=tmp_path)
@@ -198,10 +200,10 @@ def test_bpe_and_gpt2_tokenizers_export_to_the_same_ids(tmp_path, monkeypatch):
     for name, meta_, ours in [("bpe", meta, load_tokenizer(meta)), ("gpt2", dict(tokenizer="gpt2"), None)]:
         if name == "gpt2":  # GPT-2's BPE, derived from tiktoken's ranks (a small stand-in encoding here)
             enc = small_tiktoken()
-            monkeypatch.setattr("tokenizer.gpt2_encoding", lambda enc=enc: enc)
+            monkeypatch.setattr(hf_interop, "gpt2_encoding", lambda enc=enc: enc)
             ours = type("T", (), dict(encode=lambda self, s, enc=enc: enc.encode_ordinary(s)))()
         (tmp_path / name).mkdir()
-        convert.export_tokenizer(meta_, str(tmp_path / name), 64)
+        hf_interop.export_tokenizer(meta_, str(tmp_path / name), 64)
         hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / name))
         for s in (text, "the theme of the thing", "  two  spaces\n\nlines"):
             assert hf.encode(s) == ours.encode(s), (name, s)
@@ -211,11 +213,11 @@ def test_bpe_and_gpt2_tokenizers_export_to_the_same_ids(tmp_path, monkeypatch):
 def test_plain_unpickler_reads_data_only():
     import io
 
-    import convert
+    import checkpoint
     data = dict(vocab_size=3, itos={0: "a", 1: "b"}, stoi={"a": 0}, extra=[1.5, (2, None), b"x"])
-    assert convert.PlainUnpickler(io.BytesIO(pickle.dumps(data))).load() == data
+    assert checkpoint.PlainUnpickler(io.BytesIO(pickle.dumps(data))).load() == data
     with pytest.raises(pickle.UnpicklingError):
-        convert.PlainUnpickler(io.BytesIO(pickle.dumps(dict(x=torch.zeros(1))))).load()
+        checkpoint.PlainUnpickler(io.BytesIO(pickle.dumps(dict(x=torch.zeros(1))))).load()
 
 
 def test_warm_start_lowers_block_size_and_refuses_to_grow_learned_positions(workdir):

@@ -6,7 +6,17 @@ import json
 import recommend
 from conftest import run
 from model import config_from_preset
-from recommend import LADDER, MAX_PASSES, MIN_TOKENS_PER_WEIGHT, SPEED_PASSES, TABLE_PASSES, TOKEN_PASSES, block_weights, pays, plan
+from recommend import (
+    LADDER,
+    MAX_PASSES,
+    MIN_TOKENS_PER_WEIGHT,
+    SPEED_PASSES,
+    TABLE_PASSES,
+    TOKEN_PASSES,
+    block_weights,
+    pays,
+    plan,
+)
 
 SPEEDS = [40_000, 16_000, 5_600, 2_000, 500, 50]  # tokens/s per rung, like a 2-core CPU's
 

@@ -1,0 +1,353 @@
+"""
+Hugging Face interop: our parameter names mapped to theirs (GPT-2, Llama and Qwen3 layouts) in both directions,
+config.json and tokenizer files both ways, and the hub download of OpenAI's GPT-2. LAYOUTS' rows map our names to
+theirs, and both directions read them. checkpoint.py imports through it; convert.py --to=hf exports through it.
+Not run by itself.
+"""
+
+import json
+import os
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from common import load_checkpoint
+from configurator import die
+from dataset import atomic_write, make_out_dir, read_json, token_dtype, write_json
+from model import GPTConfig, config_from_dict
+from sft import jinja
+from tokenizer import BOS, EOS, check_tokenizer, describe_vocab, gpt2_encoding, load_tokenizer
+
+HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+GPT2_META = dict(tokenizer="gpt2", vocab_size=50257, dtype="uint16")
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}  # GPT-2's, ours
+IGNORED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # buffers (causal masks, RoPE), not weights
+PIP_HF = "pip install safetensors huggingface_hub"
+
+
+# the name/shape mapping, one row per tensor: (our name or None, their names, kind, sizes)
+#   copy: the same tensor; conv1d: theirs is ours transposed (GPT-2's Conv1D); cat: ours is their tensors
+#   stacked along dim 0 (sizes: their row counts); ones/zeros: we have no such tensor, theirs is that constant
+
+
+def layout(cfg, arch):
+    """The rows for a config in a Hugging Face architecture: gpt2, llama or qwen3."""
+    hs, L, C = cfg.n_embd // cfg.n_head, cfg.n_layer, cfg.n_embd
+
+    def param(ours, theirs, kind, present, size):  # a weight we may lack (bias=False, norm_affine=False)
+        return (ours, [theirs], kind, None) if present else (None, [theirs], "zeros" if kind == "bias" else "ones", size)
+
+    rows = []
+    if arch == "gpt2":
+        rows += [("transformer.wte.weight", ["transformer.wte.weight"], "copy", None),
+                 ("transformer.wpe.weight", ["transformer.wpe.weight"], "copy", None)]
+        norms = [f"transformer.h.{i}.{n}" for i in range(L) for n in ("ln_1", "ln_2")] + ["transformer.ln_f"]
+        for n in norms:
+            rows.append(param(n + ".weight", n + ".weight", "copy", cfg.norm_affine, (C,)))
+            rows.append(param(n + ".bias", n + ".bias", "bias", cfg.norm_affine and cfg.bias, (C,)))
+        widths = {"attn.c_attn": 3 * C, "attn.c_proj": C, "mlp.c_fc": cfg.mlp_hidden, "mlp.c_proj": C}
+        for i in range(L):
+            for lin, width in widths.items():
+                name = f"transformer.h.{i}.{lin}"
+                rows.append((name + ".weight", [name + ".weight"], "conv1d", None))
+                rows.append(param(name + ".bias", name + ".bias", "bias", cfg.bias, (width,)))
+    else:  # llama, qwen3
+        rows.append(("transformer.wte.weight", ["model.embed_tokens.weight"], "copy", None))
+        for i in range(L):
+            ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+            rows += [param(ours + "ln_1.weight", theirs + "input_layernorm.weight", "copy", cfg.norm_affine, (C,)),
+                     (ours + "attn.c_attn.weight", [theirs + f"self_attn.{p}_proj.weight" for p in "qkv"], "cat",
+                      [cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs]),
+                     (ours + "attn.c_proj.weight", [theirs + "self_attn.o_proj.weight"], "copy", None),
+                     param(ours + "ln_2.weight", theirs + "post_attention_layernorm.weight", "copy", cfg.norm_affine, (C,)),
+                     (ours + "mlp.c_fc.weight", [theirs + "mlp.gate_proj.weight", theirs + "mlp.up_proj.weight"], "cat",
+                      [cfg.mlp_hidden, cfg.mlp_hidden]),
+                     (ours + "mlp.c_proj.weight", [theirs + "mlp.down_proj.weight"], "copy", None)]
+            if arch == "qwen3":  # our QK-norm has no learned scale: theirs is all ones
+                rows += [(None, [theirs + f"self_attn.{p}_norm.weight"], "ones", (hs,)) for p in "qk"]
+        rows.append(param("transformer.ln_f.weight", "model.norm.weight", "copy", cfg.norm_affine, (C,)))
+    if not cfg.tie_weights:
+        rows.append(("lm_head.weight", ["lm_head.weight"], "copy", None))
+    return rows
+
+
+def to_hf(cfg, state, arch):
+    """Our state dict -> theirs (contiguous tensors that share no memory, as safetensors needs)."""
+    out = {}
+    for ours, theirs, kind, sizes in layout(cfg, arch):
+        if kind in ("ones", "zeros"):
+            out[theirs[0]] = getattr(torch, kind)(sizes)
+        elif kind == "cat":
+            out.update(zip(theirs, state[ours].split(sizes, dim=0), strict=True))
+        else:
+            out[theirs[0]] = state[ours].t() if kind == "conv1d" else state[ours]
+    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def from_hf(cfg, tensors, arch, where):
+    """Their state dict -> ours; stops with one line on a missing or unexpected tensor, or a learned
+    value we cannot represent (a qk-norm scale that is not 1, say)."""
+    prefix = "transformer." if arch == "gpt2" else "model."  # some checkpoints leave the base prefix out
+    theirs = {(k if k.startswith(prefix) or k == "lm_head.weight" else prefix + k): v for k, v in tensors.items()
+              if not k.endswith(IGNORED)}
+    state = {}
+    for ours, names, kind, sizes in layout(cfg, arch):
+        missing = [n for n in names if n not in theirs]
+        if missing:
+            die(f"{where} has no tensor {missing[0]}; is it a {arch} model of the shape config.json describes?")
+        tensors_ = [theirs.pop(n).float() for n in names]
+        if kind in ("ones", "zeros"):
+            if not torch.equal(tensors_[0], getattr(torch, kind)(sizes)):
+                die(f"{where}: {names[0]} is not all {kind[:-1]}s, which yoctoGPT's {arch} equivalent cannot represent")
+        else:
+            state[ours] = tensors_[0].t() if kind == "conv1d" else torch.cat(tensors_, dim=0)
+    theirs.pop("lm_head.weight", None)  # a tied head saved anyway
+    if theirs:
+        die(f"{where} has tensors yoctoGPT does not know ({', '.join(list(theirs)[:3])}); it is not a plain {arch} model")
+    if cfg.tie_weights:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+def hf_arch(cfg):
+    """The Hugging Face architecture a config exports to, or one line naming the field that has none."""
+    for field, off in (("ngram_emb", 0), ("logit_softcap", 0.0)):
+        if getattr(cfg, field) != off:
+            die(f"{field}={getattr(cfg, field)!r} has no Hugging Face equivalent; only models without it export")
+    want = dict(mlp=("gelu", "gelu_tanh"), norm="layernorm", n_kv_head=cfg.n_head, qk_norm=False) \
+        if cfg.pos_emb == "learned" else dict(mlp=("swiglu",), norm="rmsnorm", bias=False)
+    arch = "gpt2" if cfg.pos_emb == "learned" else "qwen3" if cfg.qk_norm else "llama"
+    for field, ok in want.items():
+        value = getattr(cfg, field)
+        if value not in (ok if isinstance(ok, tuple) else (ok,)):
+            die(f"{field}={value!r} has no Hugging Face equivalent with pos_emb={cfg.pos_emb!r} ({arch} needs "
+                f"{field}={ok!r}); export supports the gpt and gpt_plus presets")
+    return arch
+
+
+def hf_config(cfg, arch, meta):
+    """config.json for our config."""
+    tok = token_ids(meta)
+    common = dict(architectures=[{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]],
+                  model_type=arch, vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_weights,
+                  bos_token_id=tok["bos"], eos_token_id=tok["eos"], torch_dtype="float32", dtype="float32")
+    if arch == "gpt2":
+        return dict(common, n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                    n_head=cfg.n_head, n_inner=cfg.mlp_hidden, layer_norm_epsilon=cfg.norm_eps or 1e-5,
+                    activation_function="gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    rope = dict(rope_type="default", rope_theta=cfg.rope_theta)
+    return dict(common, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
+                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.n_embd // cfg.n_head,
+                max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps or torch.finfo(torch.float32).eps,
+                rope_theta=cfg.rope_theta, rope_parameters=rope, hidden_act="silu", attention_bias=False,
+                mlp_bias=False, attention_dropout=0.0, use_sliding_window=False, sliding_window=None)
+
+
+def config_from_hf(hf, where):
+    """Our config fields for a Hugging Face config.json; one line for what we cannot represent."""
+    arch = hf.get("model_type")
+    if arch == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in HF_ACTIVATIONS or hf.get("scale_attn_by_inverse_layer_idx") or hf.get("add_cross_attention"):
+            die(f"{where}: a GPT-2 variant yoctoGPT has no equivalent for (activation_function={act!r}, "
+                f"scale_attn_by_inverse_layer_idx, add_cross_attention)")
+        return arch, dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                          n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"], mlp=HF_ACTIVATIONS[act],
+                          bias=True, tie_weights=hf.get("tie_word_embeddings", True), pos_emb="learned", norm="layernorm",
+                          norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+    if arch in ("llama", "qwen3"):
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        heads, width = hf["num_attention_heads"], hf["hidden_size"]
+        unsupported = [k for k, bad in (("attention_bias", hf.get("attention_bias")), ("mlp_bias", hf.get("mlp_bias")),
+                                        ("hidden_act", hf.get("hidden_act", "silu") != "silu"),
+                                        ("head_dim", hf.get("head_dim", width // heads) != width // heads),
+                                        ("rope_scaling", rope.get("rope_type", rope.get("type", "default")) != "default"),
+                                        ("use_sliding_window", hf.get("use_sliding_window"))) if bad]
+        if unsupported:
+            die(f"{where}: {unsupported[0]}={hf.get(unsupported[0], rope)!r} has no yoctoGPT equivalent")
+        return arch, dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+                          n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=width,
+                          mlp_hidden=hf["intermediate_size"], mlp="swiglu", bias=False,
+                          tie_weights=hf.get("tie_word_embeddings", arch == "qwen3"), pos_emb="rope", norm="rmsnorm",
+                          norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=arch == "qwen3",
+                          rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta", 10000.0)))
+    die(f"{where}: model_type={arch!r} is not one yoctoGPT imports (gpt2, llama, qwen3)")
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+def token_ids(meta):
+    """BOS and EOS ids of a checkpoint's tokenizer (None where it has none)."""
+    kind = (meta or {}).get("tokenizer")
+    if kind == "gpt2":
+        return dict(bos=50256, eos=50256)
+    if kind == "bpe":
+        tok = load_tokenizer(meta)
+        return dict(bos=tok.bos_id, eos=tok.eos_id)
+    return dict(bos=None, eos=None)
+
+
+def char_tokenizer(chars):
+    """A tokenizers.Tokenizer with one token per character, ids as in our vocabulary."""
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+    tok.decoder = decoders.Fuse()  # and joined back without spaces
+    return tok
+
+
+def bytes_to_unicode():
+    """GPT-2's printable stand-in character for each byte (byte-level BPE vocabularies are written in them)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
+
+
+def tiktoken_tokenizer(enc):
+    """tiktoken's byte-level BPE (GPT-2's) as a tokenizers.Tokenizer: the vocabulary in GPT-2's characters and
+    each token's merge recovered by running BPE on its bytes with the lower ranks only."""
+    ranks, char = enc._mergeable_ranks, bytes_to_unicode()
+    text = lambda b: "".join(char[x] for x in b)  # noqa: E731
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:  # merge the lowest-ranked adjacent pair until two parts are left
+            i = min(range(len(parts) - 1), key=lambda j: ranks.get(parts[j] + parts[j + 1], rank))
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append((text(parts[0]), text(parts[1])))
+    tok = Tokenizer(models.BPE({text(t): r for t, r in ranks.items()}, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True) for s in sorted(enc._special_tokens, key=enc._special_tokens.get)])
+    return tok
+
+
+def export_tokenizer(meta, dest, block_size):
+    """tokenizer.json and tokenizer_config.json in dest, so AutoTokenizer encodes text to our ids."""
+    kind, specials = meta.get("tokenizer"), {}
+    if kind == "char":
+        tok = char_tokenizer(meta["vocab"])
+    elif kind == "bpe":
+        tok = Tokenizer.from_str(meta["tokenizer_json"])
+        specials = {f"{k}_token": meta.get(f"{k}_token", name) for k, name in (("bos", BOS), ("eos", EOS))}
+    else:
+        tok = tiktoken_tokenizer(gpt2_encoding())
+        specials = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    atomic_write(os.path.join(dest, "tokenizer.json"), lambda f: f.write(tok.to_str(pretty=True)))
+    specials = {k: v for k, v in specials.items() if tok.token_to_id(v) is not None}
+    if meta.get("chat_template"):  # a fine-tuned chat model: apply_chat_template renders as chat.py does
+        specials["chat_template"] = jinja(meta["chat_template"])
+    write_json(os.path.join(dest, "tokenizer_config.json"),
+               dict(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False,
+                    model_max_length=block_size, add_bos_token=False, **specials))
+
+
+def meta_from_hf(folder, arch, vocab_size):
+    """Our meta (the tokenizer) for a Hugging Face folder, or None when it has no tokenizer.json; one line when its
+    tokenizer.json cannot encode and decode text (checked here, not first at sampling time)."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return dict(GPT2_META) if arch == "gpt2" and vocab_size == 50257 else None
+    with open(path, encoding="utf-8") as f:
+        text = f.read()  # kept verbatim: warm starts compare it with a dataset's tokenizer.json
+    try:
+        spec = json.loads(text)
+        vocab = spec["model"].get("vocab") or {}
+        if spec["model"]["type"] == "WordLevel" and vocab and all(len(c) == 1 for c in vocab):  # a character each
+            meta = dict(tokenizer="char", vocab=sorted(vocab, key=vocab.get), vocab_size=len(vocab), dtype="uint16")
+        elif len(vocab) == 50257 - 1 and arch == "gpt2":  # GPT-2's own BPE: tiktoken's, as our gpt2 datasets use
+            return dict(GPT2_META)
+        else:
+            config = os.path.join(folder, "tokenizer_config.json")
+            settings = read_json(config, "tokenizer_config.json") if os.path.isfile(config) else {}
+            meta = dict(tokenizer="bpe", tokenizer_json=text, **{k: v.get("content") if isinstance(v, dict) else v
+                                                                 for k in ("bos_token", "eos_token") if (v := settings.get(k))})
+        meta["vocab_size"] = check_tokenizer(meta).vocab_size
+        meta["dtype"] = token_dtype(meta["vocab_size"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        die(f"{path} is not a usable Hugging Face tokenizer.json ({type(e).__name__}: {str(e)[:160]}); "
+            f"replace it with the model's own tokenizer.json")
+    return meta
+
+
+def hub_folder(name):
+    """The local folder of OpenAI's GPT-2 weights, downloaded once into the Hugging Face cache."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import logging
+    except ImportError:
+        die(f"loading {name} needs huggingface_hub and safetensors: {PIP_HF}")
+    logging.set_verbosity_error()  # its retry warnings; a failure is reported below in one line
+    try:
+        hf_hub_download(HUB_MODELS[name], "config.json")
+        return os.path.dirname(hf_hub_download(HUB_MODELS[name], "model.safetensors"))
+    except Exception as e:  # offline, no cache, a proxy...: one line
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        die(f"could not get {name}'s weights from the Hugging Face hub ({type(e).__name__}: {first}); go online once "
+            f"(they are cached under HF_HOME), or download the folder elsewhere and pass hf:FOLDER")
+
+
+def read_hf_weights(folder):
+    """Every tensor of a Hugging Face folder: model.safetensors (or its shards), else pytorch_model.bin."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    files = [os.path.join(folder, "model.safetensors")]
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted({os.path.join(folder, v) for v in json.load(f)["weight_map"].values()})
+    if not os.path.isfile(files[0]):
+        bin_path = os.path.join(folder, "pytorch_model.bin")
+        if os.path.isfile(bin_path):
+            return load_checkpoint(bin_path)
+        die(f"{folder} has no model.safetensors (or pytorch_model.bin)")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        die(f"reading {files[0]} needs safetensors: {PIP_HF}")
+    tensors = {}
+    for path in files:
+        try:
+            tensors.update(load_file(path))
+        except Exception as e:  # truncated or not safetensors
+            die(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:160]})")
+    return tensors
+
+
+def from_hf_folder(folder):
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        die(f"{folder} is not a Hugging Face model folder (no config.json)")
+    hf = read_json(path, "config.json")
+    try:
+        arch, fields = config_from_hf(hf, folder)
+        cfg = GPTConfig(**fields)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a field missing or of the wrong kind
+        die(f"{path} is not a usable model config.json ({type(e).__name__}: {e})")
+    state = from_hf(cfg, read_hf_weights(folder), arch, folder)
+    return dict(model_config=vars(cfg), model=state, meta=meta_from_hf(folder, arch, cfg.vocab_size))
+
+
+def export_hf(record, dest):
+    """Write dest: config.json, model.safetensors, generation_config.json, tokenizer files."""
+    cfg = config_from_dict(record["model_config"])
+    arch = hf_arch(cfg)
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        die(f"export writes model.safetensors, which needs safetensors: {PIP_HF}")
+    tensors = to_hf(cfg, record["model"], arch)
+    meta_ = record.get("meta") or {}
+    make_out_dir(dest, "--dest")
+    config = hf_config(cfg, arch, meta_)
+    write_json(os.path.join(dest, "config.json"), config)
+    write_json(os.path.join(dest, "generation_config.json"),
+               dict(bos_token_id=config["bos_token_id"], eos_token_id=config["eos_token_id"]))
+    path = os.path.join(dest, "model.safetensors")
+    atomic_write(path, lambda f: f.write(save(tensors, metadata={"format": "pt"})), binary=True)
+    if meta_:
+        export_tokenizer(meta_, dest, cfg.block_size)
+    print(f"wrote {dest}: {config['architectures'][0]} ({cfg.describe()}), {describe_vocab(meta_)}")
+
+
