@@ -84,7 +84,8 @@ def write_dataset(out_dir, arrays, meta):
     part-way leaves the dataset that was there (or none), never a mix."""
     make_out_dir(out_dir)
     for name, values in arrays.items():
-        atomic_write(os.path.join(out_dir, name), values.tofile, binary=True)
+        atomic_write(os.path.join(out_dir, name), lambda f, a=values: f.write(np.ascontiguousarray(a).data),
+                     binary=True)  # (not ndarray.tofile, whose C writes can lose a full disk's error)
     write_json(os.path.join(out_dir, "meta.json"), meta)
 
 

@@ -306,19 +306,22 @@ if __name__ == "__main__":
             outs = dict(train=train_out, val=val_out)
             split_of = lambda i: "val" if i in val_set else "train"  # noqa: E731
             for split_name, ids, nb in encode_documents(tok, documents(docs, make_rows()), split_of, bos, eos, chunk_bytes):
-                np.asarray(ids, dtype=dtype).tofile(outs[split_name])
+                outs[split_name].write(np.asarray(ids, dtype=dtype).data)  # (tofile can lose a write error)
                 counts[split_name] += len(ids)
                 nbytes[split_name] += nb
                 bar.update(nb)
         if n_docs == 1:  # one document: hold out the tail of its tokens, copied without loading the bin
             cut = int(counts["train"] * (1 - val_fraction))
             with open(tmp["train"], "rb+") as f, open(tmp["val"], "wb") as v:
-                f.seek(cut * np.dtype(dtype).itemsize)
-                shutil.copyfileobj(f, v)
-                f.truncate(cut * np.dtype(dtype).itemsize)
+                f.seek(cut * dtype.itemsize)
+                v.write(f.read((counts["train"] - cut) * dtype.itemsize))
+                f.truncate(cut * dtype.itemsize)
             share = cut / max(counts["train"], 1)
             counts = dict(train=cut, val=counts["train"] - cut)
             nbytes = dict(train=round(nbytes["train"] * share), val=nbytes["train"] - round(nbytes["train"] * share))
+        for path in tmp.values():  # on the disk before they replace the old bins
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
     except BaseException as e:  # a bad file met while encoding, Ctrl-C, a full disk: no half dataset is left
         for p in tmp.values():
             if os.path.exists(p):
