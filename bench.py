@@ -16,8 +16,9 @@ from `args`): one training step (forward, backward, AdamW) on random tokens, or 
     python bench.py --mode=corpus --corpus_mb=100 --args=corpus/
     python bench.py --mode=prepare --args="--input=corpus/ --tokenizer=data/pydocs_bpe/tokenizer.json"
     python bench.py --mode=step --variants="['', '--mlp=relu2', '--n_kv_head=1', '--model_type=gpt_fast']"
-    python bench.py --mode=step --device=cuda --batch_size=32 --args="--block_size=1024 --vocab_size=50304 --n_layer=12 \
-        --n_head=12 --n_embd=768" --variants="['--dtype=bfloat16 --compile=True', '--dtype=bfloat16 --compile=True --optimizer=muon']"
+    python bench.py --mode=step --device=cuda --batch_size=32 \
+        --args="--block_size=1024 --vocab_size=50304 --n_layer=12 --n_head=12 --n_embd=768" \
+        --variants="['--dtype=bfloat16 --compile=True', '--dtype=bfloat16 --compile=True --optimizer=muon']"
 """
 
 import ast
@@ -48,16 +49,22 @@ args = "config/char_tiny.py"  # train.py (or prepare_bpe.py) arguments shared by
 corpus_mb = 100  # corpus mode: size of the corpus to write
 variants = [""]  # extra train.py arguments per variant; the first is the baseline
 runs = 3  # runs per variant; the table shows medians
-grid = ""  # train mode: a sweep, e.g. "{'learning_rate': [1e-3, 3e-3], 'batch_size': [16, 32]}": its product are the variants
-results_csv = ""  # train mode: every run is written here, and runs it already holds are not run again ('' = sweep.csv with a grid)
+# train mode: a sweep, e.g. "{'learning_rate': [1e-3, 3e-3], 'batch_size': [16, 32]}": its product are the variants
+grid = ""
+# train mode: every run is written here, and runs it already holds are not run again ('' = sweep.csv with a grid)
+results_csv = ""
 batch_size = 12  # step/sample modes: sequences per step (sample: 1 sequence of block_size tokens)
 steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
-new_tokens = 500  # sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16)
-device = "cpu"  # step/sample modes: cpu | cuda | mps (step variants: --dtype=bfloat16, --compile=True, --optimizer=muon)
+# sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16)
+new_tokens = 500
+# step/sample modes: cpu | cuda | mps (step variants: --dtype=bfloat16, --compile=True, --optimizer=muon)
+device = "cpu"
 # -----------------------------------------------------------------------------
-TRAIN_OPTIMIZER = dict(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, muon_lr=0.02, muon_momentum=0.95,
-                       muon_weight_decay=0.0, muon_ns_steps=5)  # step mode: train.py's optimizer settings
-VARIANT_OPTIONS = ("model_type", "dtype", "compile", "optimizer", "use_cache", "batch")  # step/sample variants: not fields
+# step mode: train.py's optimizer settings
+TRAIN_OPTIMIZER = dict(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, muon_lr=0.02,
+                       muon_momentum=0.95, muon_weight_decay=0.0, muon_ns_steps=5)
+# step/sample variants: not fields
+VARIANT_OPTIONS = ("model_type", "dtype", "compile", "optimizer", "use_cache", "batch")
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts it runs sit beside it; data/ is the working folder's
 
 
@@ -68,19 +75,21 @@ def sweep_variants(spec):
         assert isinstance(axes, dict) and axes and all(isinstance(v, (list, tuple)) and v for v in axes.values())
     except (ValueError, SyntaxError, AssertionError):
         die(f"--grid={spec!r} must be a dict of setting -> non-empty list, e.g. \"{{'learning_rate': [1e-3, 3e-3]}}\"")
-    return [" ".join(f"--{k}={v}" for k, v in zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+    combinations = itertools.product(*axes.values())
+    return [" ".join(f"--{k}={v}" for k, v in zip(axes, values, strict=True)) for values in combinations]
 
 
 def one_run(extra):
     """Run train.py once in a scratch out_dir; return its figures."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, os.path.join(HERE, "train.py"), *shlex.split(args), *shlex.split(extra), f"--out_dir={out}",
-               "--overwrite=True"]
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), *shlex.split(args), *shlex.split(extra),
+               f"--out_dir={out}", "--overwrite=True"]
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.time() - t0
         if proc.returncode:
-            die(f"train.py {args} {extra} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+            last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+            die(f"train.py {args} {extra} failed: {last}")
         with open(os.path.join(out, "metrics.csv")) as f:
             rows = list(csv.DictReader(f))
     done = re.search(r"iterations, best val loss [\d.]+, ([\d.]+) s of training", proc.stdout)
@@ -106,13 +115,14 @@ def run_measured(cmd):
 
 def options(text):
     """--key=value arguments as a dict of parsed values."""
-    return {k: parse_value(v) for k, v in (a[2:].split("=", 1) for a in shlex.split(text) if a.startswith("--") and "=" in a)}
+    pairs = (a[2:].split("=", 1) for a in shlex.split(text) if a.startswith("--") and "=" in a)
+    return {k: parse_value(v) for k, v in pairs}
 
 
 def bench_model():
     """Median step time (ms) or sampling speed (tokens/s) of each variant against the first."""
     dev = pick_device(device)
-    sync = torch.cuda.synchronize if dev.startswith("cuda") else (torch.mps.synchronize if dev == "mps" else lambda: None)
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(dev.split(":")[0], lambda: None)
     shape = dict(dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65), **options(args))
     for text in [args, *variants]:  # every key is a model field or one of the variant options, before any run
         if unknown := sorted(set(options(text)) - set(MODEL_FIELDS) - set(VARIANT_OPTIONS)):
@@ -207,7 +217,8 @@ def make_corpus(out, mb):
     import sysconfig
     roots = sorted({sysconfig.get_paths()[k] for k in ("stdlib", "purelib")})
     sources = []
-    for path in sorted({os.path.join(d, f) for root in roots for d, _, fs in os.walk(root) for f in fs if f.endswith(".py")}):
+    paths = {os.path.join(d, f) for root in roots for d, _, fs in os.walk(root) for f in fs if f.endswith(".py")}
+    for path in sorted(paths):
         with open(path, "rb") as f:
             data = f.read()
         try:
@@ -234,7 +245,8 @@ def bench_prepare():
     prep, raw, rss = [], [], []
     for _ in range(runs):  # all prepare runs first: a child's peak RSS counts this process's peak at spawn time
         with tempfile.TemporaryDirectory() as out:
-            wall, peak = run_measured([sys.executable, os.path.join(HERE, "prepare_bpe.py"), *shlex.split(args), f"--out_dir={out}"])
+            wall, peak = run_measured([sys.executable, os.path.join(HERE, "prepare_bpe.py"), *shlex.split(args),
+                                       f"--out_dir={out}"])
         prep.append(nbytes / 1e6 / wall)
         rss.append(peak)
         print(f"prepare {prep[-1]:.2f} MB/s, peak RSS {peak:.0f} MB", file=sys.stderr)
@@ -254,16 +266,19 @@ def bench_prepare():
     print(f"prepare_bpe.py {args} — {nbytes / 1e6:.0f} MB, medians of {runs} runs")
     print("| corpus | prepare_bpe MB/s | raw encode_batch_fast MB/s | ratio | peak RSS MB (max) |")
     print("|---|---|---|---|---|")
-    print(f"| {nbytes / 1e6:.0f} MB | {p:.2f} | {r:.2f} | {p / r:.0%} | {statistics.median(rss):.0f} ({max(rss):.0f}) |")
+    print(f"| {nbytes / 1e6:.0f} MB | {p:.2f} | {r:.2f} | {p / r:.0%} | "
+          f"{statistics.median(rss):.0f} ({max(rss):.0f}) |")
 
 
 if __name__ == "__main__":
     configure(globals())
     if mode not in ("train", "prepare", "corpus", "step", "sample"):
         die(f"--mode={mode!r} is not one of train, prepare, corpus, step, sample")
-    check(globals(), dict(runs=POSITIVE, batch_size=POSITIVE, steps=POSITIVE, new_tokens=POSITIVE, corpus_mb=ABOVE_ZERO))
+    check(globals(), dict(runs=POSITIVE, batch_size=POSITIVE, steps=POSITIVE, new_tokens=POSITIVE,
+                          corpus_mb=ABOVE_ZERO))
     if not variants or not all(isinstance(v, str) for v in variants):
-        die(f"--variants={variants!r} must be a non-empty list of strings of train.py arguments, e.g. \"['', '--n_layer=2']\"")
+        die(f"--variants={variants!r} must be a non-empty list of strings of train.py arguments, "
+            f"e.g. \"['', '--n_layer=2']\"")
     if mode == "corpus":
         check_writable(args, "--args (the corpus folder)")
         if os.path.isdir(args) and os.listdir(args):
@@ -283,7 +298,8 @@ if __name__ == "__main__":
     done = {}  # (variant, run) -> figures already in csv_path: a killed sweep resumes where it stopped
     if csv_path and os.path.isfile(csv_path):
         with open(csv_path, newline="", encoding="utf-8") as f:
-            done = {(r["variant"], int(r["run"])): {k: float(r.get(k) or "nan") for k in keys} for r in csv.DictReader(f)}
+            done = {(r["variant"], int(r["run"])): {k: float(r.get(k) or "nan") for k in keys}
+                    for r in csv.DictReader(f)}
     results = {v: [] for v in variants}
     for i in range(runs):
         for v in variants:
@@ -291,7 +307,8 @@ if __name__ == "__main__":
                 results[v].append(done[(v, i)])
                 continue
             results[v].append(r := one_run(v))
-            print(f"run {i + 1}/{runs} [{v or 'baseline'}]: val loss {r['val_loss']:.4f}, {r['train_s']:.1f} s training, "
+            print(f"run {i + 1}/{runs} [{v or 'baseline'}]: val loss {r['val_loss']:.4f}, "
+                  f"{r['train_s']:.1f} s training, "
                   f"{r['wall_s']:.1f} s wall, {r['ms_per_iter']:.1f} ms/iter", file=sys.stderr, flush=True)
             if csv_path:
                 new = not os.path.isfile(csv_path)
@@ -305,9 +322,11 @@ if __name__ == "__main__":
         med = dict(sorted(med.items(), key=lambda kv: kv[1]["val_loss"]))
     base = med[variants[0]]
     print(f"train.py {args} — medians of {runs} runs")
-    print("| variant | val loss | val bpb | train s | wall s | ms/iter | tok/s | ms/iter vs baseline | val loss of the EMA |")
+    print("| variant | val loss | val bpb | train s | wall s | ms/iter | tok/s | ms/iter vs baseline | "
+          "val loss of the EMA |")
     print("|---|---|---|---|---|---|---|---|---|")
     for v, m in med.items():
         ema = "—" if math.isnan(m["val_loss_ema"]) else f"{m['val_loss_ema']:.4f}"
-        print(f"| {v or 'baseline'} | {m['val_loss']:.4f} | {m['val_bpb']:.4f} | {m['train_s']:.1f} | {m['wall_s']:.1f} | "
-              f"{m['ms_per_iter']:.1f} | {m['tok_per_s']:,.0f} | {m['ms_per_iter'] / base['ms_per_iter']:.2f}x | {ema} |")
+        print(f"| {v or 'baseline'} | {m['val_loss']:.4f} | {m['val_bpb']:.4f} | {m['train_s']:.1f} | "
+              f"{m['wall_s']:.1f} | {m['ms_per_iter']:.1f} | {m['tok_per_s']:,.0f} | "
+              f"{m['ms_per_iter'] / base['ms_per_iter']:.2f}x | {ema} |")

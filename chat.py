@@ -25,7 +25,8 @@ from tokenizer import StreamDecoder
 # -----------------------------------------------------------------------------
 out_dir = "out-char-tiny"  # the training run to chat with
 ckpt = ""  # checkpoint file in out_dir; '' = ckpt.pt, or best.pt if that is all there is
-init_from = "resume"  # resume (out_dir's checkpoint) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:FOLDER | a run or ckpt
+# resume (out_dir's checkpoint) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:FOLDER | a run or ckpt
+init_from = "resume"
 system_prompt = ""  # text kept at the top of every prompt (never cut)
 user_prefix = "User: "  # how a user turn starts in the transcript
 assistant_prefix = "Assistant: "  # how a reply starts in the transcript
@@ -42,7 +43,8 @@ dtype = "auto"  # float32 | bfloat16 | float16 | auto
 ema = False  # chat with the run's moving average of the weights (trained with --ema_decay)
 # -----------------------------------------------------------------------------
 
-SETTABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens", "seed")
+SETTABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens",
+            "seed")
 INTEGERS = ("top_k", "no_repeat_ngram_size", "max_new_tokens", "seed")
 HELP = """commands:
   /exit            leave (also Ctrl-D; Ctrl-C stops a reply, or clears the line at the prompt)
@@ -88,10 +90,11 @@ class Chat:
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(settings["seed"])
         self.template = getattr(tokenizer, "chat_template", None)
         self.end_id = self.template["end_id"] if self.template else tokenizer.eos_id
-        self.stops = [] if self.template else ["\n" + settings["user_prefix"].strip(), "\n" + settings["assistant_prefix"].strip()]
+        prefixes = (settings["user_prefix"], settings["assistant_prefix"])
+        self.stops = [] if self.template else ["\n" + p.strip() for p in prefixes]
 
     def transcript(self, pending=None):
-        """Token ids of the system prompt and of each turn (the last one, for `pending`, ending where the reply starts)."""
+        """Token ids of the system prompt and of each turn (the last, for `pending`, ending where the reply starts)."""
         s, tok, tpl = self.s, self.tokenizer, self.template
         if tpl:
             say = lambda role, text: render(tok, tpl, role, text)[0]  # noqa: E731
@@ -158,7 +161,8 @@ class Chat:
             self.write("(conversation cleared)\n")
         elif cmd == "/history":
             system, turns = self.transcript()
-            self.write(self.tokenizer.decode(system + [t for turn in turns for t in turn]) + ("\n" if self.template else ""))
+            text = self.tokenizer.decode(system + [t for turn in turns for t in turn])
+            self.write(text + ("\n" if self.template else ""))
         elif cmd == "/set":
             key, eq, value = arg.strip().partition("=")
             if key not in SETTABLE or not eq:

@@ -40,7 +40,7 @@ def pick_device(device):
 
 
 def gpu_peak(device):
-    """The GPU's name and its dense bf16 peak FLOP/s from PEAK_FLOPS, for MFU ('' and 0 off CUDA; 0 for a GPU not listed)."""
+    """The GPU's name and its dense bf16 peak FLOP/s from PEAK_FLOPS, for MFU ('' and 0 off CUDA; 0 if not listed)."""
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
     return name, next((f for key, f in PEAK_FLOPS.items() if key in name), 0.0)
 
@@ -87,10 +87,12 @@ def make_optimizers(model, cfg, fused=False):
     Weight decay on AdamW's matrices only; each group keeps its peak LR in base_lr for the schedule to scale.
     Returns (optimizers, Muon's parameter names, AdamW's)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    muon = [n for n, p in params.items() if cfg["optimizer"] == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
+    muon = [n for n, p in params.items()
+            if cfg["optimizer"] == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
     adam = [n for n in params if n not in muon]
     lr = cfg["learning_rate"]
-    groups = [dict(params=[params[n] for n in adam if params[n].dim() >= 2], weight_decay=cfg["weight_decay"], base_lr=lr),
+    groups = [dict(params=[params[n] for n in adam if params[n].dim() >= 2], weight_decay=cfg["weight_decay"],
+                   base_lr=lr),
               dict(params=[params[n] for n in adam if params[n].dim() < 2], weight_decay=0.0, base_lr=lr)]
     optimizers = [torch.optim.AdamW(groups, lr=lr, betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], fused=fused)]
     if muon:
@@ -105,7 +107,8 @@ def split_batch(tokens, batch_size, block_size, world_size):
     largest micro-batch up to batch_size that divides each process's share of sequences."""
     seqs, rest = divmod(tokens, block_size * world_size)  # sequences per process per step
     if rest or not seqs:
-        raise ValueError(f"{tokens:,} tokens per step do not split into whole sequences of block_size={block_size} over "
+        raise ValueError(f"{tokens:,} tokens per step do not split into whole sequences of block_size={block_size} "
+                         f"over "
                          f"{world_size} process(es); make total_batch_size (or batch_size*block_size*"
                          f"gradient_accumulation_steps) a multiple of {block_size * world_size:,}")
     micro = max(b for b in range(1, min(batch_size, seqs) + 1) if seqs % b == 0)
@@ -174,13 +177,24 @@ def evaluate(model, batches, splits, eval_iters, ctx, token_bytes, rank=0, world
             y = y.view(-1)
             nats = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y, ignore_index=-1,
                                                      reduction="none")
-            sums += torch.stack([nats.double().sum(), (y >= 0).double().sum(), token_bytes[y.clamp(min=0)][y >= 0].sum()])
+            counted = y >= 0
+            nbytes = token_bytes[y.clamp(min=0)][counted].sum()
+            sums += torch.stack([nats.double().sum(), counted.double().sum(), nbytes])
         if world_size > 1:
             dist.all_reduce(sums)
         nats, tokens, nbytes = sums.tolist()
         out[split], out[f"{split}_bpb"] = nats / tokens, nats / max(nbytes, 1.0) / math.log(2)
     model.train()
     return out
+
+
+def mean_over_ranks(value, device):
+    """The mean of a float over all processes (the value itself without torch.distributed)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
 
 
 def rng_states(ddp, world_size, device_type):

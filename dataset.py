@@ -178,7 +178,8 @@ def check_bins(data_dir, meta, block_size, fix="lower --block_size"):
 def open_split(data_dir, meta, split):
     """What common.get_batch reads of a split: its bin's path and dtype, and for conversations the memory maps of
     the loss mask and the conversation starts (None for plain text)."""
-    part = lambda name, dtype: np.memmap(os.path.join(data_dir, f"{split}_{name}.bin"), dtype=dtype, mode="r")  # noqa: E731
+    # noqa: E731
+    part = lambda name, dtype: np.memmap(os.path.join(data_dir, f"{split}_{name}.bin"), dtype=dtype, mode="r")
     chat = "chat_template" in meta
     return dict(split=split, path=os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"],
                 vocab_size=meta["vocab_size"], mask=part("mask", np.uint8) if chat else None,

@@ -46,7 +46,8 @@ class KVCache:
     def row(self, b):
         """Row b alone, sharing this cache's memory: a forward through it fills that row only (a prefill)."""
         view = copy.copy(self)
-        view.k, view.v, view.pos, view.history = self.k[:, b:b + 1], self.v[:, b:b + 1], self.pos[b:b + 1], self.history[b:b + 1]
+        view.k, view.v = self.k[:, b:b + 1], self.v[:, b:b + 1]
+        view.pos, view.history = self.pos[b:b + 1], self.history[b:b + 1]
         return view
 
     def reset(self, b):
@@ -84,8 +85,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, rep
     probability) cuts. Returns (B,) token ids."""
     if seen is not None and repetition_penalty != 1.0:
         was_seen = torch.zeros_like(logits).scatter_add_(1, seen.clamp(min=0), (seen >= 0).to(logits.dtype)) > 0
-        logits = torch.where(was_seen, torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty),
-                             logits)
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(was_seen, penalised, logits)
     n = no_repeat_ngram_size
     if seen is not None and n and seen.size(1) >= n:
         grams = seen.unfold(1, n, 1)  # (B, W, n): every n-gram of the text

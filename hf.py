@@ -35,7 +35,9 @@ def layout(cfg, arch):
     hs, L, C = cfg.n_embd // cfg.n_head, cfg.n_layer, cfg.n_embd
 
     def param(ours, theirs, kind, present, size):  # a weight we may lack (bias=False, norm_affine=False)
-        return (ours, [theirs], kind, None) if present else (None, [theirs], "zeros" if kind == "bias" else "ones", size)
+        if present:
+            return ours, [theirs], kind, None
+        return None, [theirs], "zeros" if kind == "bias" else "ones", size
 
     rows = []
     if arch == "gpt2":
@@ -59,7 +61,8 @@ def layout(cfg, arch):
                      (ours + "attn.c_attn.weight", [theirs + f"self_attn.{p}_proj.weight" for p in "qkv"], "cat",
                       [cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs]),
                      (ours + "attn.c_proj.weight", [theirs + "self_attn.o_proj.weight"], "copy", None),
-                     param(ours + "ln_2.weight", theirs + "post_attention_layernorm.weight", "copy", cfg.norm_affine, (C,)),
+                     param(ours + "ln_2.weight", theirs + "post_attention_layernorm.weight", "copy", cfg.norm_affine,
+                           (C,)),
                      (ours + "mlp.c_fc.weight", [theirs + "mlp.gate_proj.weight", theirs + "mlp.up_proj.weight"], "cat",
                       [cfg.mlp_hidden, cfg.mlp_hidden]),
                      (ours + "mlp.c_proj.weight", [theirs + "mlp.down_proj.weight"], "copy", None)]
@@ -103,7 +106,8 @@ def from_hf(cfg, tensors, arch, where):
             state[ours] = tensors_[0].t() if kind == "conv1d" else torch.cat(tensors_, dim=0)
     theirs.pop("lm_head.weight", None)  # a tied head saved anyway
     if theirs:
-        die(f"{where} has tensors yoctoGPT does not know ({', '.join(list(theirs)[:3])}); it is not a plain {arch} model")
+        die(f"{where} has tensors yoctoGPT does not know ({', '.join(list(theirs)[:3])}); it is not a plain {arch} "
+            f"model")
     if cfg.tie_weights:
         state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
@@ -128,7 +132,8 @@ def hf_arch(cfg):
 def hf_config(cfg, arch, meta):
     """config.json for our config."""
     tok = token_ids(meta)
-    common = dict(architectures=[{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]],
+    name = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
+    common = dict(architectures=[name],
                   model_type=arch, vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_weights,
                   bos_token_id=tok["bos"], eos_token_id=tok["eos"], torch_dtype="float32", dtype="float32")
     if arch == "gpt2":
@@ -152,22 +157,24 @@ def config_from_hf(hf, where):
         if act not in HF_ACTIVATIONS or hf.get("scale_attn_by_inverse_layer_idx") or hf.get("add_cross_attention"):
             die(f"{where}: a GPT-2 variant yoctoGPT has no equivalent for (activation_function={act!r}, "
                 f"scale_attn_by_inverse_layer_idx, add_cross_attention)")
-        return arch, dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-                          n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"], mlp=HF_ACTIVATIONS[act],
-                          bias=True, tie_weights=hf.get("tie_word_embeddings", True), pos_emb="learned", norm="layernorm",
-                          norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+        return arch, dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                          n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
+                          mlp=HF_ACTIVATIONS[act], bias=True, tie_weights=hf.get("tie_word_embeddings", True),
+                          pos_emb="learned", norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5))
     if arch in ("llama", "qwen3"):
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         heads, width = hf["num_attention_heads"], hf["hidden_size"]
-        unsupported = [k for k, bad in (("attention_bias", hf.get("attention_bias")), ("mlp_bias", hf.get("mlp_bias")),
-                                        ("hidden_act", hf.get("hidden_act", "silu") != "silu"),
-                                        ("head_dim", hf.get("head_dim", width // heads) != width // heads),
-                                        ("rope_scaling", rope.get("rope_type", rope.get("type", "default")) != "default"),
-                                        ("use_sliding_window", hf.get("use_sliding_window"))) if bad]
+        checks = (("attention_bias", hf.get("attention_bias")), ("mlp_bias", hf.get("mlp_bias")),
+                  ("hidden_act", hf.get("hidden_act", "silu") != "silu"),
+                  ("head_dim", hf.get("head_dim", width // heads) != width // heads),
+                  ("rope_scaling", rope.get("rope_type", rope.get("type", "default")) != "default"),
+                  ("use_sliding_window", hf.get("use_sliding_window")))
+        unsupported = [k for k, bad in checks if bad]
         if unsupported:
             die(f"{where}: {unsupported[0]}={hf.get(unsupported[0], rope)!r} has no yoctoGPT equivalent")
-        return arch, dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
-                          n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=width,
+        return arch, dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                          n_layer=hf["num_hidden_layers"], n_head=heads,
+                          n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=width,
                           mlp_hidden=hf["intermediate_size"], mlp="swiglu", bias=False,
                           tie_weights=hf.get("tie_word_embeddings", arch == "qwen3"), pos_emb="rope", norm="rmsnorm",
                           norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=arch == "qwen3",
@@ -221,7 +228,8 @@ def tiktoken_tokenizer(enc):
     tok = Tokenizer(models.BPE({text(t): r for t, r in ranks.items()}, merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True) for s in sorted(enc._special_tokens, key=enc._special_tokens.get)])
+    specials = sorted(enc._special_tokens, key=enc._special_tokens.get)
+    tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
     return tok
 
 
@@ -263,8 +271,9 @@ def meta_from_hf(folder, arch, vocab_size):
         else:
             config = os.path.join(folder, "tokenizer_config.json")
             settings = read_json(config, "tokenizer_config.json") if os.path.isfile(config) else {}
-            meta = dict(tokenizer="bpe", tokenizer_json=text, **{k: v.get("content") if isinstance(v, dict) else v
-                                                                 for k in ("bos_token", "eos_token") if (v := settings.get(k))})
+            names = {k: v.get("content") if isinstance(v, dict) else v
+                     for k in ("bos_token", "eos_token") if (v := settings.get(k))}
+            meta = dict(tokenizer="bpe", tokenizer_json=text, **names)
         meta["vocab_size"] = check_tokenizer(meta).vocab_size
         meta["dtype"] = token_dtype(meta["vocab_size"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:

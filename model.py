@@ -36,14 +36,17 @@ class GPTConfig:
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_affine: bool = True  # learnable scale (and LayerNorm bias when bias=True) in every norm
     norm_eps: float = 0.0  # epsilon of every norm; 0 = torch's default (1e-5 LayerNorm, float eps RMSNorm)
-    mlp: str = "gelu"  # "gelu" (exact, nanoGPT) | "gelu_tanh" (OpenAI GPT-2's) | "swiglu" (Llama) | "relu2" (modded-nanogpt)
+    # "gelu" (exact, nanoGPT) | "gelu_tanh" (OpenAI GPT-2's) | "swiglu" (Llama) | "relu2" (modded-nanogpt)
+    mlp: str = "gelu"
     mlp_hidden: int = 0  # MLP hidden width; 0 = 4*n_embd (gelu, relu2) or 8/3*n_embd rounded up to 64 (swiglu)
     qk_norm: bool = False  # RMS-normalise q and k per head before attention
     logit_softcap: float = 0.0  # if > 0, logits = cap * tanh(logits / cap)
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels where the device has them) | "manual" (reference)
     grad_checkpoint: bool = False  # recompute each block's activations in backward (training only)
-    ngram_emb: int = 0  # n >= 2: also embed the 2-, 3-, ..., n-grams ending at each token (hashed tables, summed into the input)
-    ngram_rows: int = 8191  # rows of each n-gram table; n-grams are hashed modulo this (bigrams are exact while vocab*(vocab+1) fits)
+    # n >= 2: also embed the 2-, 3-, ..., n-grams ending at each token (hashed tables, summed into the input)
+    ngram_emb: int = 0
+    # rows of each n-gram table; n-grams are hashed modulo this (bigrams are exact while vocab*(vocab+1) fits)
+    ngram_rows: int = 8191
     init_std: float = 0.02  # std of the normal init of weights; residual projections get std/sqrt(2*n_layer)
 
     def __post_init__(self):
@@ -78,7 +81,8 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.ngram_emb == 1 or self.ngram_emb < 0 or self.ngram_rows < 1:
-            raise ValueError(f"ngram_emb={self.ngram_emb} must be 0 (off) or >= 2, and ngram_rows={self.ngram_rows} >= 1")
+            raise ValueError(f"ngram_emb={self.ngram_emb} must be 0 (off) or >= 2, and ngram_rows={self.ngram_rows} "
+                             f">= 1")
         if self.ngram_emb and self.vocab_size * (self.vocab_size + 1) ** (self.ngram_emb - 1) >= 2**63:
             raise ValueError(f"ngram_emb={self.ngram_emb} is too long for vocab_size={self.vocab_size} (the n-gram ids "
                              f"overflow int64); use a smaller ngram_emb")
@@ -90,7 +94,8 @@ class GPTConfig:
 PRESETS = {
     "gpt": {},  # the GPT-2 block
     "gpt_plus": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False),  # accuracy
-    "gpt_fast": dict(pos_emb="rope", mlp="relu2", bias=False),  # speed: RoPE's quality, LayerNorm's fused kernel, cheap ReLU²
+    # speed: RoPE's quality, LayerNorm's fused kernel, cheap ReLU²
+    "gpt_fast": dict(pos_emb="rope", mlp="relu2", bias=False),
 }
 MODEL_FIELDS = [f.name for f in fields(GPTConfig)]
 
@@ -112,7 +117,8 @@ def config_from_preset(model_type, **overrides):
 
 
 def layer_norm(cfg, dim):
-    return nn.LayerNorm(dim, eps=cfg.norm_eps or 1e-5, elementwise_affine=cfg.norm_affine, bias=cfg.bias and cfg.norm_affine)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps or 1e-5, elementwise_affine=cfg.norm_affine,
+                        bias=cfg.bias and cfg.norm_affine)
 
 
 def rms_norm(cfg, dim, affine=None):
@@ -176,7 +182,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head = layer, cfg.n_head, cfg.n_kv_head
         self.head_size = cfg.n_embd // cfg.n_head
-        # one matmul for q (n_head heads), k and v (n_kv_head heads each); nanoGPT's name and shape when n_kv_head == n_head
+        # one matmul for q (n_head heads), k and v (n_kv_head heads each): nanoGPT's name and shape for plain MHA
         self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * self.head_size, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.q_norm = rms_norm(cfg, self.head_size, affine=False) if cfg.qk_norm else nn.Identity()

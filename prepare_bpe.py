@@ -36,7 +36,8 @@ from tokenizer import BOS, EOS, UNK, BPETokenizer, TiktokenTokenizer, gpt2_encod
 # -----------------------------------------------------------------------------
 input = "pydocs"  # pydocs | shakespeare | a .txt file | a folder of *.txt | a URL | a .parquet file or folder of them
 out_dir = ""  # where to write; '' = data/<name>_bpe (or _gpt2)
-tokenizer = "bpe"  # bpe (train one here) | word (a word-level vocabulary, trained here) | gpt2 (tiktoken) | path/to/tokenizer.json
+# bpe (train one here) | word (a word-level vocabulary, trained here) | gpt2 (tiktoken) | path/to/tokenizer.json
+tokenizer = "bpe"
 vocab_size = 0  # bpe: size of the trained vocabulary; 0 = by corpus size (~4*sqrt(bytes), 512..32768)
 no_bos_eos = False  # do not wrap each document in BOS ... EOS
 val_fraction = 0.1  # share of the documents held out for validation
@@ -217,7 +218,8 @@ if __name__ == "__main__":
         die(f"--split={split!r} is not one of tail, random")
     least = (8, "7 specials and a word") if tokenizer == "word" else (262, "256 bytes and 6 specials")
     check(globals(), dict(val_fraction=(lambda v: 0 < v < 1, "in (0, 1)"), chunk_bytes=POSITIVE,
-                          vocab_size=(lambda v: v == 0 or v >= least[0], f"0 (sized by the corpus) or >= {least[0]} ({least[1]})")))
+                          vocab_size=(lambda v: v == 0 or v >= least[0],
+                                      f"0 (sized by the corpus) or >= {least[0]} ({least[1]})")))
     t0 = time.time()
 
     # the documents: files, built-in texts, or parquet rows
@@ -276,7 +278,8 @@ if __name__ == "__main__":
         if kind == "bpe" and None in map(tok.tok.token_to_id, CHAT_TOKENS):  # an older BPE: chat tokens added after it
             tok.tok.add_special_tokens(list(CHAT_TOKENS))
             tok = BPETokenizer(tok.tok)
-            print(f"added {', '.join(CHAT_TOKENS)} to the tokenizer (ids from {tok.vocab_size - len(CHAT_TOKENS)}); a model "
+            print(f"added {', '.join(CHAT_TOKENS)} to the tokenizer (ids from {tok.vocab_size - len(CHAT_TOKENS)}); "
+                  f"a model "
                   f"trained with the old one grows its embeddings for them when it is warm-started on this data")
         template = make_template(tok, kind)
         make_out_dir(out_dir)
@@ -305,7 +308,8 @@ if __name__ == "__main__":
                 tqdm(total=n_bytes, unit="B", unit_scale=True, desc="encoding", disable=None) as bar:
             outs = dict(train=train_out, val=val_out)
             split_of = lambda i: "val" if i in val_set else "train"  # noqa: E731
-            for split_name, ids, nb in encode_documents(tok, documents(docs, make_rows()), split_of, bos, eos, chunk_bytes):
+            encoded = encode_documents(tok, documents(docs, make_rows()), split_of, bos, eos, chunk_bytes)
+            for split_name, ids, nb in encoded:
                 outs[split_name].write(np.asarray(ids, dtype=dtype).data)  # (tofile can lose a write error)
                 counts[split_name] += len(ids)
                 nbytes[split_name] += nb
@@ -344,10 +348,12 @@ if __name__ == "__main__":
     meta = dict(tokenizer=kind, tokenizer_file="tokenizer.json" if kind == "bpe" else None,
                 word_level=getattr(tok, "word_level", False), vocab_size=tok.vocab_size, dtype=dtype.name,
                 bos_id=tok.bos_id, eos_id=tok.eos_id, bos_eos=not no_bos_eos,
-                train_tokens=counts["train"], val_tokens=counts["val"], train_bytes=nbytes["train"], val_bytes=nbytes["val"],
+                train_tokens=counts["train"], val_tokens=counts["val"], train_bytes=nbytes["train"],
+                val_bytes=nbytes["val"],
                 documents=n_docs, source=source, split=split, val_fraction=val_fraction, seed=seed)
     write_json(os.path.join(out_dir, "meta.json"), meta)
     total_tokens, total_bytes = counts["train"] + counts["val"], nbytes["train"] + nbytes["val"]
     print(f"{source}: {n_docs:,} documents, {total_bytes / 1e6:.1f} MB -> {total_tokens:,} tokens "
-          f"({total_tokens / max(total_bytes, 1):.3f} tokens per byte), vocab {tok.vocab_size:,}, {time.time() - t0:.1f} s")
+          f"({total_tokens / max(total_bytes, 1):.3f} tokens per byte), vocab {tok.vocab_size:,}, "
+          f"{time.time() - t0:.1f} s")
     print(f"wrote {out_dir}/train.bin ({counts['train']:,} tokens), val.bin ({counts['val']:,} tokens), meta.json")

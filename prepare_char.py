@@ -27,10 +27,12 @@ val_fraction = 0.1  # share of the text held out for validation
 split = "tail"  # tail (the last val_fraction of the text) | random (whole chunks, seeded)
 chunk_size = 10000  # characters per chunk for split=random
 seed = 1337  # seed for split=random
-sanitize = ""  # '' (keep the text as it is) | basic (curly quotes, dashes, odd spaces to ASCII; control characters dropped)
+# '' (keep the text as it is) | basic (curly quotes, dashes, odd spaces to ASCII; control characters dropped)
+sanitize = ""
 collapse_whitespace = False  # runs of spaces/tabs to one space, 3+ newlines to 2
 lowercase = False  # lowercase everything (a smaller vocabulary)
-vocab_from = ""  # a prepared dataset (data/NAME) whose characters keep their ids, new ones after them (to fine-tune its models)
+# a prepared dataset (data/NAME) whose characters keep their ids, new ones after them (to fine-tune its models)
+vocab_from = ""
 # -----------------------------------------------------------------------------
 
 def split_text(text, val_fraction, split, chunk_size, seed):
@@ -46,9 +48,11 @@ def split_text(text, val_fraction, split, chunk_size, seed):
 
 
 # --sanitize=basic: typographic characters to their ASCII look-alikes, invisible ones dropped
-BASIC = str.maketrans({**dict.fromkeys("\u2018\u2019\u201a\u201b\u2032", "'"), **dict.fromkeys("\u201c\u201d\u201e\u201f\u2033", '"'),
+BASIC = str.maketrans({**dict.fromkeys("\u2018\u2019\u201a\u201b\u2032", "'"),
+                       **dict.fromkeys("\u201c\u201d\u201e\u201f\u2033", '"'),
                        **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212", "-"), "\u2026": "...",
-                       **dict.fromkeys("\u00a0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u202f\u205f\u3000", " "),
+                       **dict.fromkeys("\u00a0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+                                       "\u202f\u205f\u3000", " "),
                        **dict.fromkeys("\u200b\u200c\u200d\u2060\ufeff\u00ad")})
 
 
@@ -91,7 +95,8 @@ if __name__ == "__main__":
             if CHAR_END in m["content"]:  # it would read as the end of the turn, and be learned as one
                 die(f"conversation {n} of --input={input} contains {CHAR_END!r}, which ends a turn in a character "
                     f"model's template; remove it from the text (or use prepare_bpe.py, whose end token is special)")
-        chars = vocabulary("".join(m["content"] for c in conversations for m in c) + "".join(TEXT_MARKERS.values()) + CHAR_END)
+        text = "".join(m["content"] for c in conversations for m in c)
+        chars = vocabulary(text + "".join(TEXT_MARKERS.values()) + CHAR_END)
         out_dir = out_dir or os.path.join("data", f"{name}_char")
         check_out_dir(out_dir, source)
         meta = dict(tokenizer="char", vocab=chars, sanitize=sanitize, collapse_whitespace=collapse_whitespace,

@@ -30,7 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 dataset = "pydocs_char"  # a folder in data/ written by prepare_char.py or prepare_bpe.py
 max_time = 60.0  # seconds of training the run may take (compile, start-up and the two evals come on top)
 device = "auto"  # auto | cpu | cuda | cuda:N | mps: where to measure and train
-priority = "quality"  # quality: the lowest val loss the budget buys; speed: the smallest shape, stopped where it levels off
+# quality: the lowest val loss the budget buys; speed: the smallest shape, stopped where it levels off
+priority = "quality"
 out_dir = ""  # the recommended run's out_dir; '' = out-<dataset>-<max_time>s
 run = False  # True: run the recommended command after printing it
 train_args = ""  # more train.py arguments for the command, e.g. "--compile=False --eval_iters=50"

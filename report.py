@@ -61,9 +61,11 @@ def read_run(spec):
     info, meta = read_record(os.path.join(folder, "run_meta.json")), read_record(os.path.join(folder, "meta.json"))
     config, model_config = info.get("config", {}), info.get("model_config", {})
     saved = {}
-    if ckpt_file or not info:  # a checkpoint alone: its stored configs and counters (tensors are not built into a model)
+    # a checkpoint alone: its stored configs and counters (tensors are not built into a model)
+    if ckpt_file or not info:
         saved = load_checkpoint(ckpt_file or resolve_checkpoint(folder))
-        config, model_config, meta = saved.get("config", config), saved.get("model_config", model_config), saved.get("meta") or meta
+        config, model_config = saved.get("config", config), saved.get("model_config", model_config)
+        meta = saved.get("meta") or meta
     metrics = os.path.join(folder, "metrics.csv")
     rows = read_metrics(metrics) if os.path.isfile(metrics) else []
     # seconds of training at each logged iteration: ms/iter times the iterations since the previous log line
@@ -79,7 +81,8 @@ def read_run(spec):
     iters = max([int(r["iter"]) for r in rows] + [saved.get("iter_num", 0)])
     tokens_per_step = config.get("total_batch_size") or (config.get("gradient_accumulation_steps", 0) *
                                                          config.get("batch_size", 0) * config.get("block_size", 0))
-    ckpts = {n: os.path.getsize(os.path.join(folder, n)) for n in ("ckpt.pt", "best.pt") if os.path.isfile(os.path.join(folder, n))}
+    paths = {n: os.path.join(folder, n) for n in ("ckpt.pt", "best.pt")}
+    ckpts = {n: os.path.getsize(p) for n, p in paths.items() if os.path.isfile(p)}
     return dict(name=spec, folder=folder, config=config, model_config=model_config, meta=meta or {}, rows=rows,
                 seconds=seconds, evals=evals, iters=iters, tokens=iters * tokens_per_step, ckpts=ckpts,
                 parameters=info.get("parameters"), train_time=saved.get("train_time", t))
@@ -146,7 +149,8 @@ if __name__ == "__main__":
     if not specs:
         die("name the runs to report on: python report.py OUT_DIR [OUT_DIR ...] (or a checkpoint file)")
     if plot:  # every check before anything is written
-        png = out or os.path.join(specs[0] if os.path.isdir(specs[0]) else os.path.dirname(specs[0]) or ".", "curves.png")
+        first = specs[0] if os.path.isdir(specs[0]) else os.path.dirname(specs[0]) or "."
+        png = out or os.path.join(first, "curves.png")
         check_writable(os.path.dirname(png) or ".", "--out's folder")
         if not os.path.isdir(os.path.dirname(os.path.abspath(png))):
             die(f"--out={png}: the folder {os.path.dirname(png)} does not exist; create it or pick another --out")

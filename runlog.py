@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
@@ -64,7 +65,8 @@ class RunLog:
         if not self.writes:
             return
         try:
-            self.metrics.writerow({k: f"{v:.8g}" if isinstance(v, float) else v for k, v in row.items() if v is not None})
+            cells = {k: f"{v:.8g}" if isinstance(v, float) else v for k, v in row.items() if v is not None}
+            self.metrics.writerow(cells)
             self.metrics_file.flush()
         except OSError as e:
             die(f"could not write {self.metrics_file.name} ({e.strerror}); free some space, then resume from the "
@@ -96,6 +98,14 @@ class StopSignals:
             print(f"{signal.Signals(signum).name} before training started: stopped, nothing saved", file=sys.stderr)
             raise SystemExit(128 + signum)
         self.received = signum  # a second signal while saving changes nothing: the save finishes
+
+    def agreed(self, device):
+        """The signal (number) any rank has received, 0 if none: the same on every rank."""
+        if not dist.is_initialized():
+            return self.received
+        flag = torch.tensor(self.received, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
 
 
 def lock_out_dir(out_dir, probe=False):
@@ -133,7 +143,8 @@ def write_run_meta(path, iter_num, info):
     """run_meta.json: what a run was started with; a resume (iter_num > 0) keeps that and adds itself to `resumed`."""
     if iter_num and os.path.isfile(path):
         first = read_json(path, "run_meta.json", "delete it (it is a record only)")
-        first.setdefault("resumed", []).append(dict(iter=iter_num, **{k: info[k] for k in ("argv", "device", "world_size")}))
+        resumed = dict(iter=iter_num, **{k: info[k] for k in ("argv", "device", "world_size")})
+        first.setdefault("resumed", []).append(resumed)
         info = first
     write_json(path, info)
 

@@ -22,7 +22,8 @@ from tokenizer import StreamDecoder
 # -----------------------------------------------------------------------------
 out_dir = "out-char-tiny"  # the training run to sample from
 ckpt = ""  # checkpoint file in out_dir; '' = ckpt.pt, or best.pt if that is all there is
-init_from = "resume"  # resume (out_dir's checkpoint) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:FOLDER | a run or ckpt
+# resume (out_dir's checkpoint) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:FOLDER | a run or ckpt
+init_from = "resume"
 prompt = ""  # text to continue, or FILE:path to read it from a file; '' = start of a document
 start = ""  # nanoGPT's name for prompt (used when prompt is empty)
 num_samples = 1  # how many samples to draw, generated together as one batch
@@ -74,7 +75,8 @@ if __name__ == "__main__":
     model = model.to(DTYPES[dtype])  # bfloat16/float16 weights: half the bytes to read per token
     ids = encode_prompt(tokenizer, prompt)
     if len(ids) >= model.config.block_size:
-        print(f"note: the prompt is {len(ids)} tokens; only the last {model.config.block_size} are used", file=sys.stderr)
+        print(f"note: the prompt is {len(ids)} tokens; only the last {model.config.block_size} are used",
+              file=sys.stderr)
     x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)  # all samples in one batch
     generator = torch.Generator(device=device).manual_seed(seed)
     decode = compile_decode(model) if compile else None

@@ -55,7 +55,8 @@ def read_conversations(spec):
                 conversations.append(check_conversation(record, f"{path}:{n}"))
     if len(conversations) < 2:
         die(f"--input={spec} holds {len(conversations)} conversation(s); give at least two (one for validation)")
-    return Path(spec).stem if os.path.isfile(spec) else Path(spec).resolve().name, str(Path(spec).resolve()), conversations
+    name = Path(spec).stem if os.path.isfile(spec) else Path(spec).resolve().name
+    return name, str(Path(spec).resolve()), conversations
 
 
 def check_conversation(record, where):
@@ -64,7 +65,8 @@ def check_conversation(record, where):
         die(f'{where}: expected {{"messages": [{{"role": "user", "content": "..."}}, ...]}}')
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            die(f"{where}: every message needs a role (system, user or assistant) and a string content, not {str(m)[:80]}")
+            die(f"{where}: every message needs a role (system, user or assistant) and a string content, "
+                f"not {str(m)[:80]}")
     if not any(m["role"] == "assistant" for m in messages):
         die(f"{where}: no assistant message, so nothing to learn from")
     return [dict(role=m["role"], content=m["content"]) for m in messages]
@@ -118,13 +120,15 @@ def write_chat_dataset(out_dir, conversations, tokenizer, template, meta, val_fr
             mask += turn_mask
     dtype = token_dtype(tokenizer.vocab_size)
     meta.update(chat_template=template, vocab_size=tokenizer.vocab_size, dtype=dtype,
-                conversations=len(conversations), val_conversations=n_val, split=split, val_fraction=val_fraction, seed=seed,
+                conversations=len(conversations), val_conversations=n_val, split=split, val_fraction=val_fraction,
+                seed=seed,
                 train_tokens=len(parts["train"][0]), val_tokens=len(parts["val"][0]),
                 train_masked=int(sum(parts["train"][1])), val_masked=int(sum(parts["val"][1])))
     write_dataset(out_dir, {name: np.array(values, dtype=kind) for s, (ids, mask, starts) in parts.items()
                             for name, values, kind in ((f"{s}.bin", ids, dtype), (f"{s}_mask.bin", mask, np.uint8),
                                                        (f"{s}_starts.bin", starts, np.int64))}, meta)
-    print(f"{len(conversations):,} conversations ({n_val:,} for validation), {meta['train_tokens']:,} + {meta['val_tokens']:,} "
+    print(f"{len(conversations):,} conversations ({n_val:,} for validation), "
+          f"{meta['train_tokens']:,} + {meta['val_tokens']:,} "
           f"tokens, {meta['train_masked']:,} + {meta['val_masked']:,} of them the assistant's (in the loss)")
     print(f"wrote {out_dir}/train.bin, val.bin, *_mask.bin, *_starts.bin, meta.json ({template['style']} template); "
           f"train with --dataset={os.path.basename(os.path.normpath(out_dir))}")

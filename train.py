@@ -28,6 +28,7 @@ from common import (
     get_batch,
     gpu_peak,
     make_optimizers,
+    mean_over_ranks,
     out_of_memory,
     pick_device,
     pick_dtype,
@@ -58,9 +59,11 @@ dataset = "pydocs_gpt2"  # a folder under data/ made by prepare_char.py or prepa
 batch_size = 12  # sequences per micro-batch (per process)
 block_size = 1024  # context length
 gradient_accumulation_steps = 40  # micro-batches per optimizer step over all processes: 40*12*1024 = 491,520 tokens
-total_batch_size = 0  # tokens per optimizer step over all processes (0: gradient_accumulation_steps*batch_size*block_size)
+# tokens per optimizer step over all processes (0: gradient_accumulation_steps*batch_size*block_size)
+total_batch_size = 0
 # model: model_type picks a preset (model.py PRESETS); any field set here overrides it
-model_type = "gpt"  # gpt (GPT-2 block) | gpt_plus (RoPE, RMSNorm, SwiGLU) | gpt_fast (RoPE, LayerNorm, ReLU², no biases)
+# gpt (GPT-2 block) | gpt_plus (RoPE, RMSNorm, SwiGLU) | gpt_fast (RoPE, LayerNorm, ReLU², no biases)
+model_type = "gpt"
 n_layer = 12  # transformer blocks
 n_head = 12  # attention heads
 n_embd = 768  # model width
@@ -136,7 +139,8 @@ elif record is not None and "block_size" not in explicit:
     block_size = config["block_size"] = record["model_config"]["block_size"]
 
 # checks that need no data or model: every rule on the settings, here in one place
-choices = dict(optimizer=("adamw", "muon"), lr_schedule=("cosine", "wsd"), save_strategy=("latest", "best", "both", "none"))
+choices = dict(optimizer=("adamw", "muon"), lr_schedule=("cosine", "wsd"),
+               save_strategy=("latest", "best", "both", "none"))
 for key, allowed in choices.items():
     if config[key] not in allowed:
         die(f"--{key}={config[key]!r} is not one of {', '.join(allowed)}")
@@ -153,7 +157,8 @@ if init_from != "resume" and os.path.isfile(ckpt_path) and not overwrite:
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = "RANK" in os.environ
-rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
+                                                                       ("WORLD_SIZE", 1)))
 if ddp:
     if torch.cuda.is_available() and device in ("", "auto") or device.startswith("cuda"):
         device = f"cuda:{local_rank}"
@@ -231,15 +236,6 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 
-def all_ranks_mean(value):
-    """The mean of a float over all processes (the value itself without DDP)."""
-    if not ddp:
-        return value
-    t = torch.tensor(value, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / world_size
-
-
 def batches(split, step, k):
     return get_batch(splits[split], step, k, batch_size, block_size, seed, device)
 
@@ -314,15 +310,6 @@ def forward_backward():
     return loss_sum / accum_steps
 
 
-def agreed_signal():
-    """The signal (number) any rank has received, 0 if none: the same on every rank."""
-    if not ddp:
-        return signals.received
-    flag = torch.tensor(signals.received, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag)
-
-
 def zero_grads():
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -342,7 +329,8 @@ def gradients():
             batch_size, accum_steps = batch_size // 2, accum_steps * 2
             if device_type == "cuda":
                 torch.cuda.empty_cache()
-            tqdm.write(f"out of memory: auto_microbatch retries with batch_size={batch_size} x {accum_steps} micro-steps")
+            log.print(f"out of memory: auto_microbatch retries with batch_size={batch_size} x {accum_steps} "
+                      f"micro-steps")
 
 
 # compile before the clock starts, so max_time and ms/iter count training only: one forward/backward whose
@@ -366,7 +354,7 @@ start_iter, evals_since_best, t0 = iter_num, 0, time.time()
 bar = tqdm(total=max_time or max_iters, initial=train_time if max_time else iter_num, unit="s" if max_time else "it",
            dynamic_ncols=True, disable=not (master and sys.stdout.isatty()))  # seconds when the budget is time
 while True:
-    last_step = iter_num >= max_iters or (max_time > 0 and all_ranks_mean(train_time) >= max_time)
+    last_step = iter_num >= max_iters or (max_time > 0 and mean_over_ranks(train_time, device) >= max_time)
 
     # evaluate, log and save
     if (iter_num % eval_interval == 0 and iter_num != start_iter) or last_step or iter_num == 0 or eval_only:
@@ -375,7 +363,8 @@ while True:
         if losses is None or ema_losses is None:
             break  # a signal during the evaluation: stop now, this step is saved below
         losses["val_ema"] = ema_losses["val"]
-        log.print(f"step {iter_num} ({train_time:.1f} s): train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+        log.print(f"step {iter_num} ({train_time:.1f} s): train loss {losses['train']:.4f}, "
+                  f"val loss {losses['val']:.4f}, "
                   f"val bpb {losses['val_bpb']:.4f}" + (f", val loss ema {losses['val_ema']:.4f}" if ema else ""))
         if iter_num > start_iter or iter_num == 0:  # not again for the step a resume starts from
             log.record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_bpb=losses["val_bpb"],
@@ -418,7 +407,7 @@ while True:
 
     # log
     if iter_num % log_interval == 0:
-        loss_value = all_ranks_mean(loss.item())  # the mean over micro-steps and ranks
+        loss_value = mean_over_ranks(loss.item(), device)  # the mean over micro-steps and ranks
         tok_per_s = tokens_per_iter / step_time
         flops = raw_model.flops_per_token() * tok_per_s * world_size  # achieved by all processes together
         speed = f"MFU {flops / peak:.1%}" if peak else f"{flops / 1e9:,.1f} GFLOP/s"
@@ -426,12 +415,13 @@ while True:
                   f"{step_time * 1000:.1f} ms/iter, {tok_per_s:,.0f} tok/s, {speed}")  # above the bar on a terminal
         bar.set_postfix_str(f"loss {loss_value:.4f}, {tok_per_s:,.0f} tok/s, {speed}")
         log.record(iter=iter_num, loss=loss_value, lr=lr_mult * learning_rate, ms_per_iter=step_time * 1000,
-                   tok_per_s=tok_per_s, grad_norm=grad_norm.item(), gflops=flops / 1e9, mfu=flops / peak if peak else None)
-    if agreed_signal():  # a signal to any rank stops every rank after this same step
+                   tok_per_s=tok_per_s, grad_norm=grad_norm.item(), gflops=flops / 1e9,
+                   mfu=flops / peak if peak else None)
+    if signals.agreed(device):  # a signal to any rank stops every rank after this same step
         break
 
 bar.close()
-stop_signal = agreed_signal()
+stop_signal = signals.agreed(device)
 if stop_signal:  # Ctrl-C or SIGTERM: save this step (a second signal only sets the flag again), then exit 130 / 143
     state = training_state()
     log.save(state, "ckpt.pt")
@@ -439,7 +429,8 @@ if stop_signal:  # Ctrl-C or SIGTERM: save this step (a second signal only sets 
              f"nothing saved ({'eval_only' if eval_only else 'save_strategy=none'})")
     log.print(f"stopped at iter {iter_num} by {signal.Signals(stop_signal).name}; {saved}", file=sys.stderr)
 else:
-    memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device_type == "cuda" else ""
+    memory = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+              if device_type == "cuda" else "")
     log.print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, {train_time:.1f} s of training, "
               f"{time.time() - t0:.1f} s in all{memory}")
 log.close()

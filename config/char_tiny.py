@@ -10,7 +10,8 @@ log_interval = 50
 batch_size = 8
 gradient_accumulation_steps = 1
 block_size = 256
-model_type = "gpt_fast"  # RoPE, ReLU², no biases: 1.29 where the GPT-2 block (learned positions) reaches 1.58 at this context
+# RoPE, ReLU², no biases: 1.29 where the GPT-2 block (learned positions) reaches 1.58 at this context
+model_type = "gpt_fast"
 n_layer = 4
 n_head = 4
 n_embd = 128

@@ -1,6 +1,7 @@
 # Supervised fine-tuning on conversations: questions about Python answered in its reference docs' words (the loss
 # counts the assistant's tokens only). From nothing, a few minutes on a CPU:
-#   python prepare_bpe.py --input=pydocs_chat && python train.py config/sft_pydocs.py && python chat.py --out_dir=out-sft-pydocs
+#   python prepare_bpe.py --input=pydocs_chat && python train.py config/sft_pydocs.py
+#   python chat.py --out_dir=out-sft-pydocs
 # From a base model (the chat data encoded with the base's tokenizer, so the token ids are the same):
 #   python prepare_bpe.py && python train.py config/bpe_small.py
 #   python prepare_bpe.py --input=pydocs_chat --tokenizer=data/pydocs_bpe/tokenizer.json

@@ -17,8 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # a tiny model and run that trains in a few seconds on a CPU
-TINY = ["--gradient_accumulation_steps=1", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
-        "--eval_iters=4", "--log_interval=1", "--warmup_iters=5", "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu"]
+TINY = ["--gradient_accumulation_steps=1", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=4", "--eval_iters=4", "--log_interval=1", "--warmup_iters=5", "--learning_rate=3e-3",
+        "--min_lr=3e-4", "--device=cpu"]
 
 
 def run(script, *args, cwd, ok=True, input=None, env=None, fresh=False):
@@ -85,5 +86,6 @@ def workdir(tmp_path_factory):
 def trained(workdir):
     """workdir with out-tiny: a tiny char model trained for 60 iterations, shared by the sample and chat tests."""
     if not (workdir / "out-tiny" / "ckpt.pt").exists():
-        run("train.py", "--dataset=tiny_char", "--out_dir=out-tiny", "--max_iters=60", "--eval_interval=60", *TINY, cwd=workdir)
+        run("train.py", "--dataset=tiny_char", "--out_dir=out-tiny", "--max_iters=60", "--eval_interval=60", *TINY,
+            cwd=workdir)
     return workdir

@@ -25,8 +25,10 @@ def chat_settings(**changes):
 
 
 def test_piped_session_turns_commands_and_transcript(trained):
-    script = "hello\n/set temperature=0\n/set max_new_tokens=30\nwhat is a list\n/history\n/reset\n/history\nbye\n/exit\nnot read\n"
-    out = run("chat.py", "--out_dir=out-tiny", "--system_prompt=Docs chat.", "--device=cpu", input=script, cwd=trained).stdout
+    script = ("hello\n/set temperature=0\n/set max_new_tokens=30\nwhat is a list\n/history\n/reset\n/history\nbye\n"
+              "/exit\nnot read\n")
+    out = run("chat.py", "--out_dir=out-tiny", "--system_prompt=Docs chat.", "--device=cpu", input=script,
+              cwd=trained).stdout
     assert "You:" not in out  # no prompt decoration when stdin is not a terminal
     assert "(temperature = 0.0)" in out and "(max_new_tokens = 30)" in out
     history = out.split("(max_new_tokens = 30)\n")[1]
@@ -35,7 +37,8 @@ def test_piped_session_turns_commands_and_transcript(trained):
     assert "User: hello" not in after_reset
     assert "not read" not in out
     # greedy replies are reproducible
-    again = run("chat.py", "--out_dir=out-tiny", "--system_prompt=Docs chat.", "--device=cpu", input=script, cwd=trained).stdout
+    again = run("chat.py", "--out_dir=out-tiny", "--system_prompt=Docs chat.", "--device=cpu", input=script,
+                cwd=trained).stdout
     assert again.split("(max_new_tokens = 30)\n")[1] == history
 
 
@@ -102,9 +105,10 @@ def test_interactive_terminal_session(trained):
     """A person at a terminal: the prompt shows, a reply streams, Ctrl-C at the prompt clears the line and keeps
     the conversation, /exit leaves cleanly."""
     master, slave = os.openpty()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "chat.py"), "--out_dir=out-tiny", "--max_new_tokens=20"],
-                            cwd=trained, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
-                            preexec_fn=lambda: (os.setsid(), fcntl.ioctl(0, termios.TIOCSCTTY, 0)))  # the pty is its terminal
+    command = [sys.executable, os.path.join(ROOT, "chat.py"), "--out_dir=out-tiny", "--max_new_tokens=20"]
+    proc = subprocess.Popen(command, cwd=trained, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                            # the pty is its terminal
+                            preexec_fn=lambda: (os.setsid(), fcntl.ioctl(0, termios.TIOCSCTTY, 0)))
     os.close(slave)
     seen = b""
 

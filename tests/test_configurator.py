@@ -91,4 +91,5 @@ def test_help_shows_the_values_in_effect_and_nanogpt_names_get_ours(capsys, tmp_
     assert "--n_layer=3" in out and "--learning_rate=0.1" in out and "--n_layer=12" not in out
     assert "should be an integer" in fails(capsys, ["--n_layer=abc"])
     assert "use --prompt" in fails(capsys, ["--start=hello"])
-    assert "save_strategy" in fails(capsys, ["--always_save_checkpoint=False"], dict(settings(), save_strategy="latest"))
+    assert "save_strategy" in fails(capsys, ["--always_save_checkpoint=False"],
+                                    dict(settings(), save_strategy="latest"))

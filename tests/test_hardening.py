@@ -132,14 +132,16 @@ def test_bench_refuses_an_unknown_variant_field_and_a_corpus_folder_that_holds_f
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "0000000.txt").write_text("mine")
     one_line(run("bench.py", "--mode=corpus", "--corpus_mb=1", "--args=corpus", cwd=tmp_path, ok=False), "holds")
-    assert os.listdir(tmp_path / "corpus") == ["0000000.txt"] and (tmp_path / "corpus" / "0000000.txt").read_text() == "mine"
+    assert os.listdir(tmp_path / "corpus") == ["0000000.txt"]
+    assert (tmp_path / "corpus" / "0000000.txt").read_text() == "mine"
 
 
 def test_a_seed_beyond_64_bits(trained):
     one_line(run("sample.py", "--out_dir=out-tiny", f"--seed={2**64}", cwd=trained, ok=False), "seed")
     one_line(run("train.py", "--dataset=tiny_char", "--out_dir=out-seed", f"--seed={2**70}", *TINY, cwd=trained,
                  ok=False), "seed")
-    out = run("chat.py", "--out_dir=out-tiny", input=f"/set seed={2**64}\n/set seed=-1\n/set seed=7\n", cwd=trained).stdout
+    out = run("chat.py", "--out_dir=out-tiny", input=f"/set seed={2**64}\n/set seed=-1\n/set seed=7\n",
+              cwd=trained).stdout
     assert out.count("(/set seed=") == 2 and "(seed = 7)" in out
 
 

@@ -55,7 +55,8 @@ def test_export_loads_in_transformers_with_the_same_logits_and_greedy_text(workd
     assert torch.equal(greedy, hf_greedy)
     text = "Return the value of x, or None.\n"  # the character tokenizer travels too
     assert transformers.AutoTokenizer.from_pretrained(str(dest)).encode(text) == tok.encode(text)
-    assert "not empty" in run("convert.py", f"--out_dir={out}", "--to=hf", f"--dest={dest}", cwd=workdir, ok=False).stderr
+    assert "not empty" in run("convert.py", f"--out_dir={out}", "--to=hf", f"--dest={dest}", cwd=workdir,
+                              ok=False).stderr
 
 
 def save_run(folder, cfg, meta=None):
@@ -70,7 +71,8 @@ def save_run(folder, cfg, meta=None):
                                          (dict(logit_softcap=15.0), "logit_softcap"), (dict(n_kv_head=1), "n_kv_head")])
 def test_export_refuses_what_hugging_face_cannot_hold(tmp_path, fields, word):
     from model import config_from_preset
-    cfg = config_from_preset(fields.pop("model_type", "gpt"), vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16, **fields)
+    cfg = config_from_preset(fields.pop("model_type", "gpt"), vocab_size=20, block_size=16, n_layer=1, n_head=2,
+                             n_embd=16, **fields)
     save_run(tmp_path / "run", cfg)
     proc = run("convert.py", "--out_dir=run", "--to=hf", "--dest=hf", cwd=tmp_path, ok=False)
     assert word in proc.stderr and len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()
@@ -105,7 +107,8 @@ def test_import_hugging_face_folder_same_logits_then_warm_start_and_resume(workd
     assert "missing keys []" in proc.stdout
     saved = torch.load(workdir / out / "ckpt.pt", weights_only=True)
     assert saved["model_config"]["n_embd"] == 32 and saved["model_config"]["block_size"] == 64
-    run("train.py", *base, "--dataset=tiny_char", "--init_from=resume", "--max_iters=8", f"--out_dir={out}", cwd=workdir)
+    run("train.py", *base, "--dataset=tiny_char", "--init_from=resume", "--max_iters=8", f"--out_dir={out}",
+        cwd=workdir)
     assert torch.load(workdir / out / "ckpt.pt", weights_only=True)["iter_num"] == 8
     proc = run("train.py", "--init_from=resume", f"--out_dir=out-imp-{kind}", cwd=workdir, ok=False)
     assert "no training state" in proc.stderr  # an imported folder is warm-started from, not resumed
@@ -121,11 +124,13 @@ def fake_hub_cache(home):
 
 def test_init_from_gpt2_uses_the_hub_cache_and_says_what_is_wrong_offline(workdir, tmp_path):
     offline = {"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
-    proc = run("train.py", "--init_from=gpt2", "--dataset=tiny_char", "--out_dir=out-g", cwd=workdir, ok=False, env=offline)
+    proc = run("train.py", "--init_from=gpt2", "--dataset=tiny_char", "--out_dir=out-g", cwd=workdir, ok=False,
+               env=offline)
     assert "go online once" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     fake_hub_cache(tmp_path / "home")
     cached = {"HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
-    proc = run("train.py", "--init_from=gpt2", "--dataset=tiny_char", "--out_dir=out-g", cwd=workdir, ok=False, env=cached)
+    proc = run("train.py", "--init_from=gpt2", "--dataset=tiny_char", "--out_dir=out-g", cwd=workdir, ok=False,
+               env=cached)
     assert "GPT-2's tokens" in proc.stderr and "--tokenizer=gpt2" in proc.stderr  # char data for GPT-2 weights
     run("convert.py", "--src=gpt2", "--out_dir=out-gpt2", cwd=tmp_path, env=cached)
     saved = torch.load(tmp_path / "out-gpt2" / "ckpt.pt", weights_only=True)
@@ -157,12 +162,14 @@ def test_nanogpt_checkpoint_samples_converts_and_warm_starts(workdir):
     chars = meta["vocab"]
     model = nanogpt_run(workdir, dict(vocab_size=len(chars), itos=dict(enumerate(chars)),
                                       stoi={c: i for i, c in enumerate(chars)}), len(chars))
-    proc = run("sample.py", "--out_dir=out-nano", "--prompt=The ", "--temperature=0", "--max_new_tokens=20", cwd=workdir)
+    proc = run("sample.py", "--out_dir=out-nano", "--prompt=The ", "--temperature=0", "--max_new_tokens=20",
+               cwd=workdir)
     ids = generate(model, torch.tensor([[chars.index(c) for c in "The "]]), 20, temperature=0)[0].tolist()
     assert proc.stdout.startswith("".join(chars[i] for i in ids))  # nanoGPT's weights and vocabulary, read as saved
     run("chat.py", "--out_dir=out-nano", "--max_new_tokens=5", cwd=workdir, input="hello\n")
     run("convert.py", "--src=out-nano", "--out_dir=out-nano-conv", cwd=workdir)
-    proc = run("sample.py", "--out_dir=out-nano-conv", "--prompt=The ", "--temperature=0", "--max_new_tokens=20", cwd=workdir)
+    proc = run("sample.py", "--out_dir=out-nano-conv", "--prompt=The ", "--temperature=0", "--max_new_tokens=20",
+               cwd=workdir)
     assert proc.stdout.startswith("".join(chars[i] for i in ids))
     base = [a for a in TINY if a.split("=")[0] not in ("--n_layer", "--n_head", "--n_embd", "--block_size")]
     proc = run("train.py", *base, "--dataset=tiny_char", "--init_from=out-nano/ckpt.pt", "--max_iters=3",
@@ -225,7 +232,8 @@ def test_warm_start_lowers_block_size_and_refuses_to_grow_learned_positions(work
     run("train.py", *base, "--dataset=tiny_char", "--block_size=32", "--max_iters=2", "--out_dir=out-b32", cwd=workdir)
     run("train.py", *base, "--dataset=tiny_char", "--block_size=16", "--max_iters=2", "--init_from=out-b32",
         "--out_dir=out-b16", cwd=workdir)
-    assert torch.load(workdir / "out-b16" / "ckpt.pt", weights_only=True)["model"]["transformer.wpe.weight"].shape[0] == 16
+    saved = torch.load(workdir / "out-b16" / "ckpt.pt", weights_only=True)
+    assert saved["model"]["transformer.wpe.weight"].shape[0] == 16
     proc = run("train.py", *base, "--dataset=tiny_char", "--block_size=64", "--max_iters=2", "--init_from=out-b32",
                "--out_dir=out-b64", cwd=workdir, ok=False)
     assert "--block_size=32 or less" in proc.stderr

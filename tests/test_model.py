@@ -83,11 +83,13 @@ def test_sdpa_equals_manual_attention(n_kv_head):
     k, v = torch.randn(2, n_kv_head, 10, 8), torch.randn(2, n_kv_head, 10, 8)
     assert torch.allclose(sdpa_attention(q, k, v, None, 0.0), manual_attention(q, k, v, None, 0.0), atol=1e-5)
     mask = torch.ones(3, 10, dtype=torch.bool).tril(diagonal=7)  # 3 new queries after 7 cached keys
-    assert torch.allclose(sdpa_attention(q[:, :, 7:], k, v, mask, 0.0), manual_attention(q[:, :, 7:], k, v, mask, 0.0), atol=1e-5)
+    assert torch.allclose(sdpa_attention(q[:, :, 7:], k, v, mask, 0.0), manual_attention(q[:, :, 7:], k, v, mask, 0.0),
+                          atol=1e-5)
 
 
 def test_whole_model_sdpa_equals_manual():
-    sdpa, manual = build(dict(model_type="gpt_plus", n_kv_head=2)), build(dict(model_type="gpt_plus", n_kv_head=2, attn_impl="manual"))
+    sdpa = build(dict(model_type="gpt_plus", n_kv_head=2))
+    manual = build(dict(model_type="gpt_plus", n_kv_head=2, attn_impl="manual"))
     manual.load_state_dict(sdpa.state_dict())
     x = torch.randint(0, 67, (2, 24))
     assert torch.allclose(sdpa(x, x)[0], manual(x, x)[0], atol=1e-5)
@@ -124,7 +126,8 @@ def test_rope_is_relative():
     """Shifting the positions of q and k together leaves their dot products unchanged."""
     cos, sin = rope_tables(8, 40, 10000.0)
     q, k = torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
-    scores = lambda s: apply_rope(q, cos[s:s + 5], sin[s:s + 5]) @ apply_rope(k, cos[s:s + 5], sin[s:s + 5]).transpose(-1, -2)
+    rotate = lambda x, s: apply_rope(x, cos[s:s + 5], sin[s:s + 5])  # noqa: E731
+    scores = lambda s: rotate(q, s) @ rotate(k, s).transpose(-1, -2)  # noqa: E731
     assert torch.allclose(scores(0), scores(17), atol=1e-5)
     assert not torch.allclose(apply_rope(q, cos[:5], sin[:5]), apply_rope(q, cos[17:22], sin[17:22]))
 
@@ -161,15 +164,19 @@ def test_ngram_history_carries_across_cached_chunks():
 
 def test_nanogpt_parameter_names():
     names = set(build(VARIANTS[0]).state_dict())
-    for n in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.1.ln_1.weight", "transformer.h.0.attn.c_attn.weight",
+    for n in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.1.ln_1.weight",
+              "transformer.h.0.attn.c_attn.weight",
               "transformer.h.0.attn.c_attn.bias", "transformer.h.0.attn.c_proj.weight", "transformer.h.0.ln_2.bias",
-              "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight", "transformer.ln_f.weight", "lm_head.weight"]:
+              "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight", "transformer.ln_f.weight",
+              "lm_head.weight"]:
         assert n in names, n
 
 
-@pytest.mark.parametrize("bad,word", [(dict(n_head=5), "n_head"), (dict(n_kv_head=3), "n_kv_head"), (dict(norm="batchnorm"), "norm"),
-                                      (dict(mlp="tanh"), "mlp"), (dict(pos_emb="alibi"), "pos_emb"), (dict(dropout=1.5), "dropout"),
-                                      (dict(ngram_emb=1), "ngram_emb"), (dict(ngram_emb=6, vocab_size=50304), "ngram_emb")])
+@pytest.mark.parametrize("bad,word", [(dict(n_head=5), "n_head"), (dict(n_kv_head=3), "n_kv_head"),
+                                      (dict(norm="batchnorm"), "norm"), (dict(mlp="tanh"), "mlp"),
+                                      (dict(pos_emb="alibi"), "pos_emb"), (dict(dropout=1.5), "dropout"),
+                                      (dict(ngram_emb=1), "ngram_emb"),
+                                      (dict(ngram_emb=6, vocab_size=50304), "ngram_emb")])
 def test_bad_config_names_the_field(bad, word):
     with pytest.raises(ValueError, match=word):
         GPTConfig(**{**TINY, **bad})

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ROOT, TINY, corpus_text, run
 
-DOCS = {"a.txt": "First document.\nIt has two lines.\n", "b.txt": "Zweites Dokument: ünïcødé, emoji 😀, e\u0301 combining.\n",
+DOCS = {"a.txt": "First document.\nIt has two lines.\n",
+        "b.txt": "Zweites Dokument: ünïcødé, emoji 😀, e\u0301 combining.\n",
         "c.txt": corpus_text()[:6000], "d.txt": corpus_text()[6000:9000]}
 
 
@@ -47,19 +48,22 @@ def split_docs(ids, bos, eos):
 def test_bins_decode_back_to_the_documents(bpe_data):
     d = bpe_data / "data" / "docs_bpe"
     meta, tok = load(d)
-    assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == 400 and meta["dtype"] == "uint16" and meta["documents"] == 4
+    assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == 400 and meta["dtype"] == "uint16"
+    assert meta["documents"] == 4
     train = split_docs(np.fromfile(d / "train.bin", dtype=np.uint16), tok.bos_id, tok.eos_id)
     val = split_docs(np.fromfile(d / "val.bin", dtype=np.uint16), tok.bos_id, tok.eos_id)
     assert [tok.decode(x) for x in train] == [DOCS["a.txt"], DOCS["b.txt"], DOCS["c.txt"]]
     assert [tok.decode(x) for x in val] == [DOCS["d.txt"]]  # split=tail holds out the last documents
-    assert meta["train_tokens"] + meta["val_tokens"] == (d / "train.bin").stat().st_size // 2 + (d / "val.bin").stat().st_size // 2
+    tokens = (d / "train.bin").stat().st_size // 2 + (d / "val.bin").stat().st_size // 2
+    assert meta["train_tokens"] + meta["val_tokens"] == tokens
 
 
 def test_round_trip_arbitrary_unicode(bpe_data):
     from tokenizers import Tokenizer
     _, tok = load(bpe_data / "data" / "docs_bpe")
     assert Tokenizer.from_file(str(bpe_data / "data" / "docs_bpe" / "tokenizer.json")).get_vocab_size() == 400
-    for text in ["😀🎉 emoji", "e\u0301 a\u0308 combining", "中文 日本語 한국어", "tab\tand\r\nCRLF", "\x00\x01 control", "    indent"]:
+    for text in ["😀🎉 emoji", "e\u0301 a\u0308 combining", "中文 日本語 한국어", "tab\tand\r\nCRLF",
+                 "\x00\x01 control", "    indent"]:
         assert tok.decode(tok.encode(text)) == text
     assert sum(tok.token_bytes()) > 0 and tok.token_bytes()[tok.bos_id] == 0
 
@@ -67,11 +71,14 @@ def test_round_trip_arbitrary_unicode(bpe_data):
 def test_streaming_equals_in_memory(bpe_data):
     """Tiny read chunks (streaming) and one big chunk give byte-identical bins."""
     tj = bpe_data / "data" / "docs_bpe" / "tokenizer.json"
-    run("prepare_bpe.py", "--input=docs", f"--tokenizer={tj}", "--chunk_bytes=64", "--out_dir=data/small_chunks", cwd=bpe_data)
-    run("prepare_bpe.py", "--input=docs", f"--tokenizer={tj}", "--chunk_bytes=100000000", "--out_dir=data/one_chunk", cwd=bpe_data)
+    run("prepare_bpe.py", "--input=docs", f"--tokenizer={tj}", "--chunk_bytes=64", "--out_dir=data/small_chunks",
+        cwd=bpe_data)
+    run("prepare_bpe.py", "--input=docs", f"--tokenizer={tj}", "--chunk_bytes=100000000", "--out_dir=data/one_chunk",
+        cwd=bpe_data)
     for split in ("train.bin", "val.bin"):
         a = (bpe_data / "data" / "small_chunks" / split).read_bytes()
-        assert a == (bpe_data / "data" / "one_chunk" / split).read_bytes() == (bpe_data / "data" / "docs_bpe" / split).read_bytes()
+        data = bpe_data / "data"
+        assert a == (data / "one_chunk" / split).read_bytes() == (data / "docs_bpe" / split).read_bytes()
 
 
 def test_pieces_stay_bounded_and_exact(tmp_path, bpe_data):
@@ -143,7 +150,8 @@ def test_gpt2_offline_error(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
-@pytest.mark.parametrize("content,why", [(b"", "empty"), (b"abc\x00\x01" * 100, "binary"), (b"caf\xe9 " * 100, "UTF-8")])
+@pytest.mark.parametrize("content,why",
+                         [(b"", "empty"), (b"abc\x00\x01" * 100, "binary"), (b"caf\xe9 " * 100, "UTF-8")])
 def test_bad_input_fails_and_writes_nothing(tmp_path, content, why):
     (tmp_path / "bad.txt").write_bytes(content)
     proc = run("prepare_bpe.py", "--input=bad.txt", cwd=tmp_path, ok=False)
@@ -171,11 +179,13 @@ def test_parquet_text_and_tokens_columns(tmp_path, bpe_data):
     tj = bpe_data / "data" / "docs_bpe" / "tokenizer.json"
     run("prepare_bpe.py", "--input=docs.parquet", f"--tokenizer={tj}", "--val_fraction=0.25", cwd=tmp_path)
     for split in ("train.bin", "val.bin"):  # same documents, same bins as the folder of files
-        assert (tmp_path / "data" / "docs_bpe" / split).read_bytes() == (bpe_data / "data" / "docs_bpe" / split).read_bytes()
+        expected = (bpe_data / "data" / "docs_bpe" / split).read_bytes()
+        assert (tmp_path / "data" / "docs_bpe" / split).read_bytes() == expected
     _, tok = load(bpe_data / "data" / "docs_bpe")
     pq.write_table(pa.table({"tokens": [tok.encode(t) for t in texts]}), tmp_path / "tok.parquet")
     run("prepare_bpe.py", "--input=tok.parquet", f"--tokenizer={tj}", "--val_fraction=0.25", cwd=tmp_path)
-    assert (tmp_path / "data" / "tok_bpe" / "train.bin").read_bytes() == (bpe_data / "data" / "docs_bpe" / "train.bin").read_bytes()
+    expected = (bpe_data / "data" / "docs_bpe" / "train.bin").read_bytes()
+    assert (tmp_path / "data" / "tok_bpe" / "train.bin").read_bytes() == expected
 
 
 def test_info(bpe_data):
@@ -191,7 +201,8 @@ def test_token_level_train_sample_and_chat(bpe_data):
     try:
         out = run("sample.py", "--out_dir=out-bpe", "--prompt=First 😀", "--max_new_tokens=20", cwd=bpe_data).stdout
         assert out.startswith("First 😀") and "<|" not in out
-        reply = run("chat.py", "--out_dir=out-bpe", "--max_new_tokens=10", input="héllo 中文\n/history\n", cwd=bpe_data).stdout
+        reply = run("chat.py", "--out_dir=out-bpe", "--max_new_tokens=10", input="héllo 中文\n/history\n",
+                    cwd=bpe_data).stdout
         assert "User: héllo 中文\nAssistant:" in reply
     finally:
         (bpe_data / "moved.json").rename(bpe_data / "data" / "docs_bpe" / "tokenizer.json")
@@ -216,7 +227,8 @@ def test_word_level_tokens_round_trip_train_and_sample(tmp_path):
     vocabulary lacks becomes <|unk|>; bits per byte count the words' bytes; train and sample as with a BPE."""
     text = "the cat sat on the mat.\n\nThe dog  ate\tthe cat!\n" * 40 + "a rare zebra.\n"
     (tmp_path / "words.txt").write_text(text, encoding="utf-8")
-    run("prepare_bpe.py", "--input=words.txt", "--tokenizer=word", "--vocab_size=21", "--val_fraction=0.2", cwd=tmp_path)
+    run("prepare_bpe.py", "--input=words.txt", "--tokenizer=word", "--vocab_size=21", "--val_fraction=0.2",
+        cwd=tmp_path)
     folder = tmp_path / "data" / "words_word"
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["word_level"] and meta["vocab_size"] == 21 and meta["tokenizer"] == "bpe"
@@ -229,6 +241,7 @@ def test_word_level_tokens_round_trip_train_and_sample(tmp_path):
     assert tok.decode(tok.encode(" the cat  sat.\n")) == " the cat  sat.\n"
     sizes = dict(zip(map(tok.tok.id_to_token, range(21)), tok.token_bytes(), strict=True))
     assert sizes[" cat"] == 4 and sizes["<|unk|>"] == 0 and sizes["<|bos|>"] == 0
-    run("train.py", "--dataset=words_word", "--out_dir=out-word", "--max_iters=4", "--eval_interval=4", *TINY, cwd=tmp_path)
+    run("train.py", "--dataset=words_word", "--out_dir=out-word", "--max_iters=4", "--eval_interval=4", *TINY,
+        cwd=tmp_path)
     out = run("sample.py", "--out_dir=out-word", "--prompt=the cat", "--max_new_tokens=10", cwd=tmp_path).stdout
     assert out.startswith("the cat") and len(out) > len("the cat")

@@ -89,7 +89,8 @@ def test_sanitize_collapse_and_lowercase(tmp_path):
     options collapse whitespace and lowercase; meta.json records them; the bins decode to the cleaned text."""
     raw = "\u201cHello\u201d \u2014 it\u2019s\u00a0fine\u2026\x07\r\nA \t  B\n\n\n\nEnd \u200bX\n"
     (tmp_path / "t.txt").write_text(raw * 20, encoding="utf-8", newline="")
-    run("prepare_char.py", "--input=t.txt", "--sanitize=basic", "--collapse_whitespace=True", "--lowercase=True", cwd=tmp_path)
+    run("prepare_char.py", "--input=t.txt", "--sanitize=basic", "--collapse_whitespace=True", "--lowercase=True",
+        cwd=tmp_path)
     d = tmp_path / "data" / "t_char"
     meta = json.loads((d / "meta.json").read_text())
     text = "".join(meta["vocab"][i] for s in ("train", "val") for i in np.fromfile(d / f"{s}.bin", dtype=np.uint16))

@@ -97,7 +97,8 @@ def test_sampling_filters_always_leave_a_token_to_pick(values, data):
     seen = torch.tensor([data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=30))])
     controls = dict(temperature=data.draw(st.floats(0.05, 5)), top_k=data.draw(st.integers(0, vocab + 2)),
                     top_p=data.draw(st.floats(0.0, 1.0)), min_p=data.draw(st.floats(0.0, 1.0)),
-                    repetition_penalty=data.draw(st.floats(1.0, 3.0)), no_repeat_ngram_size=data.draw(st.integers(0, 3)))
+                    repetition_penalty=data.draw(st.floats(1.0, 3.0)),
+                    no_repeat_ngram_size=data.draw(st.integers(0, 3)))
     token = sample_next(logits, seen=seen, generator=torch.Generator().manual_seed(0), **controls).item()
     assert 0 <= token < vocab and math.isfinite(values[token])  # never a token the model ruled out
     greedy = sample_next(logits, **{**controls, "temperature": 0.0}).item()

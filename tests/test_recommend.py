@@ -101,4 +101,5 @@ def test_the_command_drops_the_ngram_tables_for_token_vocabularies():
     char = recommend.command(1, 42.0, None, True, "cpu", "out-x")
     tokens = recommend.command(1, 42.0, None, False, "cpu", "out-x")
     assert "--ngram_emb=0" in tokens and not any(a.startswith("--ngram_emb") for a in char)
-    assert char[:2] == ["train.py", "config/shakespeare_char_cpu.py"] and "--max_time=42" in char and "--n_embd=128" in char
+    assert char[:2] == ["train.py",
+                        "config/shakespeare_char_cpu.py"] and "--max_time=42" in char and "--n_embd=128" in char

@@ -32,7 +32,8 @@ def safe(trained, tmp_path_factory):
     for name, change in [("noval", lambda p: os.remove(p / "val.bin")),
                          ("badjson", lambda p: (p / "meta.json").write_text('{"tokenizer": "char", "vo')),
                          ("objdtype", lambda p: (p / "meta.json").write_text(json.dumps({**meta, "dtype": "object"}))),
-                         ("bigid", lambda p: (p / "meta.json").write_text(json.dumps({**meta, "vocab": meta["vocab"][:5],
+                         ("bigid",
+                          lambda p: (p / "meta.json").write_text(json.dumps({**meta, "vocab": meta["vocab"][:5],
                                                                                         "vocab_size": 5}))),
                          ("odd", lambda p: open(p / "train.bin", "ab").write(b"\x01"))]:
         shutil.copytree(good, d / "data" / f"{name}_char")
@@ -84,16 +85,19 @@ CASES = [  # (command, what the one line must name)
     (T + ["--init_from=out-tiny", "--dataset=text_bpe"], "characters but data/text_bpe holds a"),
     *[(S + [f"--{k}={v}"], k) for k, v in [("num_samples", 0), ("max_new_tokens", -1), ("temperature", -0.5),
                                            ("top_p", 0), ("top_p", 1.5), ("top_k", -1), ("device", "tpu")]],
-    (["sample.py", "--out_dir=nowhere"], "nowhere"), (["sample.py", "--out_dir=out-corrupt"], "not a readable checkpoint"),
+    (["sample.py", "--out_dir=nowhere"], "nowhere"),
+    (["sample.py", "--out_dir=out-corrupt"], "not a readable checkpoint"),
     (S + ["--prompt=FILE:missing.txt"], "missing.txt"), (S + ["--ckpt=best.pt"], "best.pt"),
     *[(C + [f"--{k}={v}"], k) for k, v in [("top_p", 2), ("temperature", -1), ("max_new_tokens", 0), ("top_k", -3)]],
     (["chat.py", "--out_dir=nowhere"], "nowhere"),
     (PC + ["--input=missing.txt"], "missing.txt"), (PC + ["--input=empty.txt"], "empty"),
     (PC + ["--input=binary.bin"], "binary.bin"), (PC + ["--input=latin1.txt"], "latin1.txt"),
-    (PC + ["--input=text.txt", "--val_fraction=0"], "val_fraction"), (PC + ["--input=text.txt", "--val_fraction=1.5"], "val_fraction"),
+    (PC + ["--input=text.txt", "--val_fraction=0"], "val_fraction"),
+    (PC + ["--input=text.txt", "--val_fraction=1.5"], "val_fraction"),
     (PC + ["--input=text.txt", "--chunk_size=0"], "chunk_size"), (PC + ["--input=text.txt", "--split=middle"], "split"),
     (PC + ["--input=text.txt", "--out_dir=data/badjson_char"], "meta.json"),
-    (PB + ["--input=text.txt", "--vocab_size=100"], "vocab_size"), (PB + ["--input=text.txt", "--vocab_size=-5"], "vocab_size"),
+    (PB + ["--input=text.txt", "--vocab_size=100"], "vocab_size"),
+    (PB + ["--input=text.txt", "--vocab_size=-5"], "vocab_size"),
     (PB + ["--input=text.txt", "--chunk_bytes=0"], "chunk_bytes"), (PB + ["--input=fake.parquet"], "fake.parquet"),
     (PB + ["--input=text.txt", "--tokenizer=nottok.json"], "nottok.json"), (PB + ["--input=empty.txt"], "empty"),
     (PB + ["--input=text.txt", "--val_fraction=0"], "val_fraction"),
@@ -104,7 +108,8 @@ CASES = [  # (command, what the one line must name)
     (["convert.py", "--out_dir=out-tiny", "--to=onnx", "--dest=y"], "to"),
     (["convert.py", "--src=hf:hf-broken", "--out_dir=x"], "config.json"),
     (["convert.py", "--src=hf:hf-wrongkind", "--out_dir=x"], "bert"),
-    (T + ["--init_from=hf:hf-broken"], "config.json"), (["report.py", "nowhere"], "nowhere"), (["report.py"], "OUT_DIR"),
+    (T + ["--init_from=hf:hf-broken"], "config.json"), (["report.py", "nowhere"], "nowhere"),
+    (["report.py"], "OUT_DIR"),
     (R + ["--dataset=nothing_char"], "prepare_char.py"), (R + ["--dataset=badjson_char"], "meta.json"),
     (R + ["--priority=fast"], "priority"), (R + ["--max_time=0"], "max_time"), (R + ["--device=tpu"], "device"),
 ]
@@ -174,11 +179,13 @@ def test_signal_saves_says_one_line_and_resumes_exactly(workdir, sig, code):
     run("train.py", *args, f"--max_iters={end}", f"--out_dir={name}-straight", cwd=workdir)
     a, b = (torch.load(workdir / d / "ckpt.pt", weights_only=True) for d in (name, f"{name}-straight"))
     assert a["iter_num"] == b["iter_num"] == end and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert [(r["iter"], r["loss"]) for r in rows(workdir / name)] == [(r["iter"], r["loss"]) for r in rows(workdir / f"{name}-straight")]
+    losses = lambda folder: [(r["iter"], r["loss"]) for r in rows(folder)]  # noqa: E731
+    assert losses(workdir / name) == losses(workdir / f"{name}-straight")
 
 
 def test_signal_with_save_strategy_none_writes_nothing(workdir):
-    proc = start(workdir, *BASE, "--max_iters=100000", "--eval_interval=1000", "--save_strategy=none", "--out_dir=out-sig-none")
+    proc = start(workdir, *BASE, "--max_iters=100000", "--eval_interval=1000", "--save_strategy=none",
+                 "--out_dir=out-sig-none")
     wait_for_iter(workdir / "out-sig-none", 5, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -196,10 +203,13 @@ def test_a_signal_during_an_evaluation_stops_without_waiting_for_it(workdir):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143 and len(err.strip().splitlines()) == 1 and "stopped at iter 0 by SIGTERM" in err, err
     assert torch.load(workdir / "out-sig-eval" / "ckpt.pt", weights_only=True)["iter_num"] == 0
-    run("train.py", *BASE, "--max_iters=2", "--eval_iters=2", "--init_from=resume", "--out_dir=out-sig-eval", cwd=workdir)
-    proc = start(workdir, *BASE, "--eval_only=True", "--eval_iters=1000000", "--init_from=resume", "--out_dir=out-sig-eval")
+    run("train.py", *BASE, "--max_iters=2", "--eval_iters=2", "--init_from=resume", "--out_dir=out-sig-eval",
+        cwd=workdir)
+    proc = start(workdir, *BASE, "--eval_only=True", "--eval_iters=1000000", "--init_from=resume",
+                 "--out_dir=out-sig-eval")
     before = (workdir / "out-sig-eval" / "ckpt.pt").read_bytes()
-    time.sleep(10.0)  # into its evaluation on most machines; before it, the signal stops it at once, also saving nothing
+    # into its evaluation on most machines; before it, the signal stops it at once, also saving nothing
+    time.sleep(10.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "nothing saved" in err and len(err.strip().splitlines()) == 1, err
@@ -214,7 +224,8 @@ def test_resuming_on_a_dataset_prepared_again_with_another_vocabulary_is_refused
     meta_path.write_text(json.dumps({**meta, "vocab": meta["vocab"][1:] + meta["vocab"][:1]}))  # same size, ids moved
     before = digests(tmp_path)
     proc = run("train.py", *BASE, "--init_from=resume", "--out_dir=out-tiny", "--max_iters=70", cwd=tmp_path, ok=False)
-    assert proc.stderr.startswith("error: data/tiny_char has a different vocabulary") and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("error: data/tiny_char has a different vocabulary")
+    assert len(proc.stderr.splitlines()) == 1
     assert digests(tmp_path) == before
 
 
@@ -231,16 +242,19 @@ def test_a_second_run_on_the_same_out_dir_is_refused(workdir):
     assert all(None not in r and len(r) == 12 for r in table)  # as many fields as the header, no line cut or merged
     assert [int(r["iter"]) for r in table] == sorted(int(r["iter"]) for r in table)
     stopped = torch.load(workdir / "out-locked" / "ckpt.pt", weights_only=True)["iter_num"]
-    run("train.py", *BASE, f"--max_iters={stopped + 2}", "--init_from=resume", "--out_dir=out-locked", cwd=workdir)  # free again
+    # free again
+    run("train.py", *BASE, f"--max_iters={stopped + 2}", "--init_from=resume", "--out_dir=out-locked", cwd=workdir)
 
 
 def test_metrics_stay_ordered_after_kill_9_and_resume(workdir):
-    proc = start(workdir, *BASE, "--max_iters=100000", "--eval_interval=10", "--lr_decay_iters=200", "--out_dir=out-killed")
+    proc = start(workdir, *BASE, "--max_iters=100000", "--eval_interval=10", "--lr_decay_iters=200",
+                 "--out_dir=out-killed")
     wait_for_iter(workdir / "out-killed", 25, proc)
     proc.kill()
     proc.communicate()
     saved = torch.load(workdir / "out-killed" / "ckpt.pt", weights_only=True)["iter_num"]
-    run("train.py", *BASE, f"--max_iters={saved + 15}", "--eval_interval=10", "--lr_decay_iters=200", "--init_from=resume",
+    run("train.py", *BASE, f"--max_iters={saved + 15}", "--eval_interval=10", "--lr_decay_iters=200",
+        "--init_from=resume",
         "--out_dir=out-killed", cwd=workdir)
     table = rows(workdir / "out-killed")
     logged = [int(r["iter"]) for r in table if r["loss"]]
@@ -252,7 +266,8 @@ def test_resume_writes_only_to_the_out_dir_it_was_started_with(workdir, tmp_path
     run("train.py", *BASE, "--max_iters=4", "--eval_interval=4", "--out_dir=out-orig", cwd=workdir)
     before = digests(workdir / "out-orig")
     shutil.copytree(workdir / "out-orig", workdir / "out-copy")
-    run("train.py", "--init_from=resume", "--max_iters=6", "--out_dir=out-copy", cwd=workdir)  # a copied run, resumed in place
+    # a copied run, resumed in place
+    run("train.py", "--init_from=resume", "--max_iters=6", "--out_dir=out-copy", cwd=workdir)
     assert digests(workdir / "out-orig") == before
     assert torch.load(workdir / "out-copy" / "ckpt.pt", weights_only=True)["iter_num"] == 6
     ckpt = torch.load(workdir / "out-copy" / "ckpt.pt", weights_only=True)

@@ -72,14 +72,16 @@ def test_windows_start_at_conversations_and_the_loss_counts_only_the_replies(cha
     block = 64  # a conversation is ~45 characters: windows hold a reply and the next conversation's start
     x, y = draw_windows(data, block, 16, torch.Generator().manual_seed(0), mask, starts)
     for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
-        s = next(s for s in starts if data[s:s + block].tolist() == row_x[:len(data[s:s + block])])  # a conversation's start
+        # a conversation's start
+        s = next(s for s in starts if data[s:s + block].tolist() == row_x[:len(data[s:s + block])])
         for j, target in enumerate(row_y):
             inside = s + j + 1 < len(data)
             assert target == (data[s + j + 1] if inside and mask[s + j + 1] else -1)  # -1: user, system, padding
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=block, vocab_size=meta["vocab_size"]))
     logits, loss = model(x, y)
-    nats = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none", ignore_index=-1)
+    nats = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none",
+                                             ignore_index=-1)
     assert torch.allclose(loss, nats[y.view(-1) >= 0].mean())
     other = x.clone()
     other[y == -1] = (other[y == -1] + 1) % meta["vocab_size"]  # different tokens where only masked targets were
@@ -94,7 +96,8 @@ def test_a_tiny_model_learns_the_replies_and_chat_answers_them(chat_data):
     ckpt = torch.load(chat_data / "out-sft" / "ckpt.pt", weights_only=True)
     assert ckpt["meta"]["chat_template"]["end"] == "\u2404"  # the template travels with the checkpoint
     asked = list(PAIRS)
-    out = run("chat.py", "--out_dir=out-sft", "--temperature=0", "--system_prompt=Sounds.", "--max_new_tokens=8", cwd=chat_data,
+    out = run("chat.py", "--out_dir=out-sft", "--temperature=0", "--system_prompt=Sounds.", "--max_new_tokens=8",
+              cwd=chat_data,
               input="\n".join(asked) + "\n/history\n").stdout
     replies = out.split("System: ")[0].splitlines()
     assert replies == [PAIRS[a] for a in asked], out  # each answered, each reply ended at the end token
@@ -103,7 +106,8 @@ def test_a_tiny_model_learns_the_replies_and_chat_answers_them(chat_data):
     args[args.index("--eval_interval=300")] = "--eval_interval=3"
     run("train.py", "--out_dir=out-r1", "--max_iters=6", "--lr_decay_iters=6", *args, cwd=chat_data)
     run("train.py", "--out_dir=out-r2", "--max_iters=3", "--lr_decay_iters=6", *args, cwd=chat_data)
-    run("train.py", "--out_dir=out-r2", "--max_iters=6", "--lr_decay_iters=6", "--init_from=resume", *args, cwd=chat_data)
+    run("train.py", "--out_dir=out-r2", "--max_iters=6", "--lr_decay_iters=6", "--init_from=resume", *args,
+        cwd=chat_data)
     a, b = (torch.load(chat_data / d / "ckpt.pt", weights_only=True)["model"] for d in ("out-r1", "out-r2"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -135,7 +139,8 @@ def test_a_base_model_with_an_older_vocabulary_is_fine_tuned_with_grown_embeddin
         old = Tokenizer(models.BPE())
         old.pre_tokenizer, old.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
         old.train_from_iterator(["the cat says meow"] * 5, trainers.BpeTrainer(
-            vocab_size=270, special_tokens=["<|bos|>", "<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+            vocab_size=270, special_tokens=["<|bos|>", "<|eos|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
         old.save(str(tmp_path / "old.json"))  # an older BPE: no <|user|> etc.
         run("prepare_bpe.py", "--input=base.txt", "--tokenizer=old.json", cwd=tmp_path)
         out = run("prepare_bpe.py", "--input=c.jsonl", "--tokenizer=old.json", cwd=tmp_path).stdout
@@ -146,9 +151,11 @@ def test_a_base_model_with_an_older_vocabulary_is_fine_tuned_with_grown_embeddin
     base, chat = (json.loads((tmp_path / "data" / f"{n}_{kind}" / "meta.json").read_text()) for n in ("base", "c"))
     assert chat["chat_template"]["end_id"] >= base["vocab_size"]  # new tokens come after the base's
     args = ["--block_size=64", *[a for a in TINY if not a.startswith(("--block_size", "--learning_rate", "--min_lr"))]]
-    run("train.py", f"--dataset=base_{kind}", "--out_dir=out-base", "--max_iters=2", "--eval_interval=2", *args, cwd=tmp_path)
+    run("train.py", f"--dataset=base_{kind}", "--out_dir=out-base", "--max_iters=2", "--eval_interval=2", *args,
+        cwd=tmp_path)
     frozen = ["--learning_rate=0", "--min_lr=0", "--weight_decay=0"]  # one step that changes nothing: compare the rows
-    run("train.py", f"--dataset=c_{kind}", "--init_from=out-base", "--out_dir=out-sft", "--max_iters=1", "--eval_interval=1",
+    run("train.py", f"--dataset=c_{kind}", "--init_from=out-base", "--out_dir=out-sft", "--max_iters=1",
+        "--eval_interval=1",
         *args, *frozen, cwd=tmp_path)
     old_rows, new_rows = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"]["transformer.wte.weight"]
                           for d in ("out-base", "out-sft"))

@@ -12,11 +12,13 @@ from conftest import TINY, run
 def losses(out_dir):
     with open(out_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    return [(r["iter"], r["loss"]) for r in rows if r["loss"]], [(r["iter"], r["val_loss"]) for r in rows if r["val_loss"]]
+    return [(r["iter"], r["loss"]) for r in rows if r["loss"]], [(r["iter"],
+                                                                  r["val_loss"]) for r in rows if r["val_loss"]]
 
 
 def test_tiny_run_lowers_the_loss_and_checkpoint_loads_weights_only(workdir):
-    run("train.py", "--dataset=tiny_char", "--out_dir=out-learn", "--max_iters=60", "--eval_interval=30", *TINY, cwd=workdir)
+    run("train.py", "--dataset=tiny_char", "--out_dir=out-learn", "--max_iters=60", "--eval_interval=30", *TINY,
+        cwd=workdir)
     _, vals = losses(workdir / "out-learn")
     assert [it for it, _ in vals] == ["0", "30", "60"]
     assert float(vals[-1][1]) < float(vals[0][1]) - 0.8
@@ -32,7 +34,8 @@ def test_tiny_run_lowers_the_loss_and_checkpoint_loads_weights_only(workdir):
 def test_resume_is_exact(workdir):
     """40 iterations straight == 20 iterations, then resume to 40: identical weights, moving average of the weights
     and logged losses; sample.py --ema=True samples from that average."""
-    args = ["--dataset=tiny_char", "--eval_interval=20", "--dropout=0.1", "--lr_decay_iters=40", "--ema_decay=0.9", *TINY]
+    args = ["--dataset=tiny_char", "--eval_interval=20", "--dropout=0.1", "--lr_decay_iters=40", "--ema_decay=0.9",
+            *TINY]
     run("train.py", "--out_dir=out-a", "--max_iters=40", *args, cwd=workdir)
     run("train.py", "--out_dir=out-b", "--max_iters=20", *args, cwd=workdir)
     run("train.py", "--out_dir=out-b", "--max_iters=40", "--init_from=resume", *args, cwd=workdir)
@@ -42,7 +45,8 @@ def test_resume_is_exact(workdir):
         assert torch.equal(a["model"][name], b["model"][name]), name
     for name in a["ema"]:
         assert torch.equal(a["ema"][name], b["ema"][name]), name
-    assert a["ema"]["n_averaged"] == 40 and not torch.equal(a["ema"]["module.lm_head.weight"], a["model"]["lm_head.weight"])
+    assert a["ema"]["n_averaged"] == 40 and not torch.equal(a["ema"]["module.lm_head.weight"],
+                                                            a["model"]["lm_head.weight"])
     assert losses(workdir / "out-a") == losses(workdir / "out-b")
     assert len(losses(workdir / "out-a")[0]) == 40
     ema_losses = [r["val_loss_ema"] for r in csv.DictReader(open(workdir / "out-b" / "metrics.csv")) if r["val_loss"]]
@@ -52,7 +56,8 @@ def test_resume_is_exact(workdir):
 
 
 def test_scratch_refuses_to_overwrite_and_resume_checks_what_it_continues(workdir):
-    run("train.py", "--dataset=tiny_char", "--out_dir=out-keep", "--max_iters=4", "--eval_interval=2", *TINY, cwd=workdir)
+    run("train.py", "--dataset=tiny_char", "--out_dir=out-keep", "--max_iters=4", "--eval_interval=2", *TINY,
+        cwd=workdir)
     before = (workdir / "out-keep" / "ckpt.pt").read_bytes()
     base = ["--out_dir=out-keep", "--max_iters=8", *TINY]
     proc = run("train.py", "--dataset=tiny_char", *base, cwd=workdir, ok=False)
@@ -63,7 +68,8 @@ def test_scratch_refuses_to_overwrite_and_resume_checks_what_it_continues(workdi
     assert "dataset" in proc.stderr
     proc = run("train.py", "--init_from=resume", "--optimizer=muon", *base, cwd=workdir, ok=False)
     assert "optimizer state" in proc.stderr and "'adamw'" in proc.stderr
-    proc = run("train.py", "--dataset=tiny_char", f"--init_from={workdir / 'out-keep' / 'ckpt.pt'}", *base, cwd=workdir, ok=False)
+    proc = run("train.py", "--dataset=tiny_char", f"--init_from={workdir / 'out-keep' / 'ckpt.pt'}", *base,
+               cwd=workdir, ok=False)
     assert "already exists" in proc.stderr  # a warm start does not overwrite out_dir either
     assert (workdir / "out-keep" / "ckpt.pt").read_bytes() == before
     # no architecture flags at all: everything comes from the checkpoint
@@ -121,7 +127,8 @@ def test_sample_streams_text_from_a_trained_checkpoint(trained):
 
 
 @pytest.mark.parametrize("variant", [["--model_type=gpt_plus"], ["--model_type=gpt_fast"],
-                                     ["--model_type=gpt", "--n_kv_head=1", "--qk_norm=True", "--logit_softcap=10"]], ids=str)
+                                     ["--model_type=gpt", "--n_kv_head=1", "--qk_norm=True", "--logit_softcap=10"]],
+                                     ids=str)
 def test_every_preset_resumes_and_samples_with_no_architecture_flags(workdir, variant):
     """The checkpoint remembers the resolved fields: resume and sample need only out_dir."""
     out = f"--out_dir=out-{'-'.join(v.split('=')[1] for v in variant)}"
@@ -134,7 +141,8 @@ def test_every_preset_resumes_and_samples_with_no_architecture_flags(workdir, va
 
 
 def test_eval_only_and_resuming_a_finished_run_write_nothing_new(workdir):
-    run("train.py", "--dataset=tiny_char", "--out_dir=out-evo", "--max_iters=4", "--eval_interval=2", *TINY, cwd=workdir)
+    run("train.py", "--dataset=tiny_char", "--out_dir=out-evo", "--max_iters=4", "--eval_interval=2", *TINY,
+        cwd=workdir)
     before = {f: (workdir / "out-evo" / f).read_bytes() for f in ("metrics.csv", "run_meta.json", "ckpt.pt")}
     proc = run("train.py", "--out_dir=out-evo", "--init_from=resume", "--eval_only=True", cwd=workdir)
     assert "val loss" in proc.stdout
@@ -148,13 +156,14 @@ def test_eval_only_and_resuming_a_finished_run_write_nothing_new(workdir):
 
 
 def test_batched_samples_start_and_prompt(trained):
-    """--num_samples=3 draws one batch (three texts, each after the prompt); --start is --prompt under nanoGPT's name."""
+    """--num_samples=3 draws one batch (three texts, each after the prompt); --start is nanoGPT's name for --prompt."""
     common = ["--out_dir=out-tiny", "--max_new_tokens=12", "--temperature=0", "--device=cpu"]
     a = run("sample.py", *common, "--start=The ", cwd=trained).stdout
     b = run("sample.py", *common, "--prompt=The ", cwd=trained).stdout
     assert a == b and a.startswith("The ")
     three = run("sample.py", *common, "--prompt=The ", "--num_samples=3", cwd=trained).stdout
-    assert three.rstrip("\n").split("\n" + "-" * 40 + "\n") == [a.rstrip("\n")] * 3  # greedy: the same text in every row
+    # greedy: the same text in every row
+    assert three.rstrip("\n").split("\n" + "-" * 40 + "\n") == [a.rstrip("\n")] * 3
     varied = run("sample.py", "--out_dir=out-tiny", "--max_new_tokens=30", "--num_samples=3", "--temperature=1.5",
                  "--repetition_penalty=1.3", "--min_p=0.01", "--no_repeat_ngram_size=3", cwd=trained).stdout
     assert len(set(varied.split("\n" + "-" * 40 + "\n"))) == 3

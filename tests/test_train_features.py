@@ -28,7 +28,8 @@ def test_ddp_two_processes_equal_one(workdir):
     run("train.py", *args, "--out_dir=out-1p", cwd=workdir)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            os.path.join(ROOT, "train.py"), *args, "--out_dir=out-2p"],
-                          cwd=workdir, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=workdir, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es) x 2 micro-steps" in proc.stdout and proc.stdout.count("iter 6:") == 1
     one, two = rows(workdir / "out-1p", "loss"), rows(workdir / "out-2p", "loss")
@@ -43,7 +44,8 @@ def test_ddp_two_processes_equal_one(workdir):
 def test_muon_gets_exactly_the_block_matrices(workdir):
     run("train.py", *BASE, "--optimizer=muon", "--max_iters=2", "--out_dir=out-muon-split", cwd=workdir)
     groups = json.loads((workdir / "out-muon-split" / "run_meta.json").read_text())["optimizer_params"]
-    matrices = {f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    matrices = {f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                            "mlp.c_proj")}
     assert set(groups["muon"]) == matrices
     assert "transformer.wte.weight" in groups["adamw"] and "transformer.wpe.weight" in groups["adamw"]
     assert "transformer.h.0.ln_1.weight" in groups["adamw"] and "transformer.h.0.attn.c_attn.bias" in groups["adamw"]
@@ -57,7 +59,8 @@ def test_muon_gets_exactly_the_block_matrices(workdir):
 def test_lr_schedules(workdir, schedule, expected):
     """LR (as a fraction of learning_rate=1e-2, min_lr=1e-3) after warmup_iters=5, decaying over 20 steps."""
     run("train.py", *BASE, f"--lr_schedule={schedule}", "--warmdown_frac=0.5", "--max_iters=26", "--warmup_iters=5",
-        "--lr_decay_iters=25", "--learning_rate=1e-2", "--min_lr=1e-3", "--eval_interval=100", f"--out_dir=out-{schedule}", cwd=workdir)
+        "--lr_decay_iters=25", "--learning_rate=1e-2", "--min_lr=1e-3", "--eval_interval=100",
+        f"--out_dir=out-{schedule}", cwd=workdir)
     lr = rows(workdir / f"out-{schedule}", "lr")  # the row for iter k holds the LR of step k-1
     for it, frac in expected.items():
         assert lr[it] == pytest.approx(1e-2 * frac, rel=1e-5), (it, lr[it])
@@ -92,7 +95,8 @@ def test_every_shipped_config_splits_its_batch_over_1_2_and_8_processes(config):
     scope = dict(batch_size=12, block_size=1024, gradient_accumulation_steps=40, total_batch_size=0)
     exec(open(os.path.join(ROOT, "config", config)).read(), {}, values := {})
     scope.update({k: v for k, v in values.items() if k in scope})
-    tokens = scope["total_batch_size"] or scope["gradient_accumulation_steps"] * scope["batch_size"] * scope["block_size"]
+    tokens = (scope["total_batch_size"]
+              or scope["gradient_accumulation_steps"] * scope["batch_size"] * scope["block_size"])
     for world in (1, 2, 8):
         micro, steps = split_batch(tokens, scope["batch_size"], scope["block_size"], world)
         assert micro * steps * world * scope["block_size"] == tokens and micro <= scope["batch_size"]
@@ -111,7 +115,8 @@ def test_auto_microbatch_backs_off_on_out_of_memory(workdir, monkeypatch, capsys
         return real_forward(self, idx, *a, **kw)
     monkeypatch.setattr(model.GPT, "forward", forward)
     monkeypatch.chdir(workdir)
-    monkeypatch.setattr(sys, "argv", ["train.py", *BASE, "--auto_microbatch=True", "--max_iters=3", "--out_dir=out-oom"])
+    monkeypatch.setattr(sys, "argv",
+                        ["train.py", *BASE, "--auto_microbatch=True", "--max_iters=3", "--out_dir=out-oom"])
     runpy.run_path(f"{ROOT}/train.py", run_name="__main__")
     out = capsys.readouterr().out
     assert "batch_size=2 x 2 micro-steps" in out and "done: 3 iterations" in out
@@ -119,14 +124,17 @@ def test_auto_microbatch_backs_off_on_out_of_memory(workdir, monkeypatch, capsys
     monkeypatch.setattr(sys, "argv", ["train.py", *BASE, "--max_iters=3", "--out_dir=out-oom2"])
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(f"{ROOT}/train.py", run_name="__main__")
-    assert str(stop.value.code).startswith("error: out of memory at batch_size=4") and "--auto_microbatch=True" in str(stop.value.code)
+    message = str(stop.value.code)
+    assert message.startswith("error: out of memory at batch_size=4") and "--auto_microbatch=True" in message
 
 
 def test_bench_step_and_sample_modes(workdir):
     """bench.py times a training step (AdamW, Muon) and sampling on the default device, a table row per variant."""
-    step = run("bench.py", "--mode=step", "--runs=1", "--steps=2", "--variants=['', '--optimizer=muon']", cwd=workdir).stdout
+    step = run("bench.py", "--mode=step", "--runs=1", "--steps=2", "--variants=['', '--optimizer=muon']",
+               cwd=workdir).stdout
     assert "| baseline |" in step and "| --optimizer=muon |" in step and "MFU" in step
-    sample = run("bench.py", "--mode=sample", "--runs=1", "--new_tokens=5", "--variants=['', '--batch=2']", cwd=workdir).stdout
+    sample = run("bench.py", "--mode=sample", "--runs=1", "--new_tokens=5", "--variants=['', '--batch=2']",
+                 cwd=workdir).stdout
     assert "| --batch=2 |" in sample and "Bound at batch 1" in sample
 
 
@@ -146,9 +154,11 @@ def test_save_strategies_and_early_stopping(workdir):
     run("sample.py", "--out_dir=out-best", "--max_new_tokens=5", cwd=workdir)  # falls back to best.pt
     run("train.py", *args, "--save_strategy=none", "--out_dir=out-none", cwd=workdir)
     assert not list((workdir / "out-none").glob("*.pt"))
-    proc = run("train.py", *args, "--learning_rate=0.0", "--warmup_iters=0", "--min_lr=0.0", "--early_stopping_patience=2",
+    proc = run("train.py", *args, "--learning_rate=0.0", "--warmup_iters=0", "--min_lr=0.0",
+               "--early_stopping_patience=2",
                "--out_dir=out-early", cwd=workdir)
-    assert "early stop" in proc.stdout and torch.load(workdir / "out-early" / "ckpt.pt", weights_only=True)["iter_num"] == 10
+    assert "early stop" in proc.stdout and torch.load(workdir / "out-early" / "ckpt.pt",
+                                                      weights_only=True)["iter_num"] == 10
 
 
 def test_warm_start_from_another_checkpoint(workdir):
@@ -173,10 +183,12 @@ def test_compile_trains_like_eager_outside_the_clock(workdir, tmp_path):
     eager, compiled = rows(workdir / "out-eager", "loss"), rows(workdir / "out-compiled", "loss")
     assert eager.keys() == compiled.keys() and all(abs(eager[k] - compiled[k]) < 1e-3 for k in eager)
     assert rows(workdir / "out-compiled", "ms_per_iter")[1] < compile_s * 1000 / 2
-    assert not any(k.startswith("_orig_mod") for k in torch.load(workdir / "out-compiled" / "ckpt.pt", weights_only=True)["model"])
+    assert not any(k.startswith("_orig_mod") for k in torch.load(workdir / "out-compiled" / "ckpt.pt",
+                                                                 weights_only=True)["model"])
     proc = run("train.py", *args, "--compile=True", "--out_dir=out-nocc", cwd=workdir, ok=False,
                env={"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")})
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: torch.compile failed") and "--compile=False" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: torch.compile failed")
+    assert "--compile=False" in proc.stderr
 
 
 def test_bench_grid_sweeps_the_product_and_resumes(workdir):
@@ -185,7 +197,8 @@ def test_bench_grid_sweeps_the_product_and_resumes(workdir):
     grid = "{'learning_rate': [1e-3, 3e-3], 'n_layer': [1]}"
     first = run("bench.py", f"--args={args}", f"--grid={grid}", "--runs=1", "--results_csv=sweep-test.csv", cwd=workdir)
     lines = [l for l in first.stdout.splitlines() if l.startswith("| --")]
-    assert sorted(l.split(" |")[0] for l in lines) == ["| --learning_rate=0.001 --n_layer=1", "| --learning_rate=0.003 --n_layer=1"]
+    assert sorted(l.split(" |")[0] for l in lines) == ["| --learning_rate=0.001 --n_layer=1",
+                                                       "| --learning_rate=0.003 --n_layer=1"]
     losses = [float(l.split("|")[2]) for l in lines]
     assert losses == sorted(losses)  # best first
     table = (workdir / "sweep-test.csv").read_text()
