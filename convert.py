@@ -6,7 +6,7 @@ vLLM, llama.cpp's converter) load as it is. The loaders live in checkpoint.py, t
     python convert.py --src=gpt2 --out_dir=out-gpt2                         # OpenAI's GPT-2 (downloaded once)
     python convert.py --src=../nanoGPT/out-shakespeare-char --out_dir=out-nano  # a nanoGPT out_dir or ckpt.pt
     python convert.py --src=hf:path/to/folder --out_dir=out-llama             # a local Hugging Face folder
-    python convert.py --out_dir=out-char-tiny --to=hf --dest=hf-char-tiny     # export for transformers
+    python convert.py --out_dir=out-bpe-small --to=hf --dest=hf-bpe-small       # export for transformers
 """
 
 import os
