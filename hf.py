@@ -304,8 +304,8 @@ def read_hf_weights(folder):
     index = os.path.join(folder, "model.safetensors.index.json")
     files = [os.path.join(folder, "model.safetensors")]
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted({os.path.join(folder, v) for v in json.load(f)["weight_map"].values()})
+        weight_map = read_json(index, "safetensors index", "download the model folder again").get("weight_map", {})
+        files = sorted({os.path.join(folder, v) for v in weight_map.values()})
     if not os.path.isfile(files[0]):
         bin_path = os.path.join(folder, "pytorch_model.bin")
         if os.path.isfile(bin_path):
