@@ -19,7 +19,7 @@ from checkpoint import load_for_inference
 from common import SAMPLING_RULES, autocast, pick_device, pick_dtype
 from configurator import check, configure, die
 from generate import controls, generate_stream
-from sft import render
+from sft import template_for
 from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
@@ -55,25 +55,6 @@ HELP = """commands:
   /help            this text"""
 
 
-def fit_context(system_ids, turn_ids, budget):
-    """Token ids of the prompt: the system prompt, then as many of the newest turns as fit in budget.
-    turn_ids is a list of per-turn id lists, the last being the new user turn (with the reply prefix).
-    Returns (ids, turns dropped, tokens cut from the start of the last turn)."""
-    room = budget - len(system_ids)
-    kept = []
-    for ids in reversed(turn_ids):
-        if len(ids) > room:
-            break
-        kept.insert(0, ids)
-        room -= len(ids)
-    cut = 0
-    if not kept:  # the newest turn alone is too long: keep its end
-        last = turn_ids[-1]
-        cut = len(last) - max(room, 1)
-        kept = [last[cut:]]
-    return system_ids + [t for ids in kept for t in ids], len(turn_ids) - len(kept), cut
-
-
 def held_back(text, stops):
     """How many trailing characters of text could be the start of a stop string (so are not printed yet)."""
     return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
@@ -88,42 +69,42 @@ class Chat:
         self.model, self.tokenizer, self.s, self.write = model, tokenizer, settings, write
         self.turns = []  # (user message, reply) pairs
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(settings["seed"])
-        self.template = getattr(tokenizer, "chat_template", None)
-        self.end_id = self.template["end_id"] if self.template else tokenizer.eos_id
-        prefixes = (settings["user_prefix"], settings["assistant_prefix"])
-        self.stops = [] if self.template else ["\n" + p.strip() for p in prefixes]
+        self.template = template_for(getattr(tokenizer, "meta", None), tokenizer, settings["user_prefix"],
+                                     settings["assistant_prefix"])
 
-    def transcript(self, pending=None):
-        """Token ids of the system prompt and of each turn (the last, for `pending`, ending where the reply starts)."""
-        s, tok, tpl = self.s, self.tokenizer, self.template
-        if tpl:
-            say = lambda role, text: render(tok, tpl, role, text)[0]  # noqa: E731
-            system = tpl["bos"] + (say("system", s["system_prompt"]) if s["system_prompt"] else [])
-            turns = [say("user", u) + say("assistant", a) for u, a in self.turns]
-            return system, turns + ([say("user", pending) + tpl["markers"]["assistant"]] if pending is not None else [])
-        turns = [f"{s['user_prefix']}{u}\n{s['assistant_prefix']}{a}\n" for u, a in self.turns]
-        if pending is not None:
-            turns.append(f"{s['user_prefix']}{pending}\n{s['assistant_prefix']}".rstrip(" "))
-        bos = [tok.bos_id] if tok.bos_id is not None else []
-        return bos + tok.encode(s["system_prompt"] + "\n" if s["system_prompt"] else ""), [tok.encode(t) for t in turns]
+    def messages(self, pending=None):
+        """The conversation as (system messages, turn messages), `pending` (a new user message) last."""
+        system = [dict(role="system", content=self.s["system_prompt"])] if self.s["system_prompt"] else []
+        turns = [dict(role=r, content=c) for u, a in self.turns for r, c in (("user", u), ("assistant", a))]
+        return system, turns + ([dict(role="user", content=pending)] if pending is not None else [])
+
+    def transcript(self):
+        """Token ids of the conversation so far, as the model sees it."""
+        system, turns = self.messages()
+        return self.template.encode(system + turns)
 
     def prompt_ids(self, message):
-        """Encode the transcript plus the new message, cut to fit block_size with room for the reply."""
-        system_ids, turn_ids = self.transcript(message)
+        """The conversation and the new message, rendered for a reply and cut to fit block_size with room for the
+        reply: the oldest turns go first; a message too long on its own loses its start (the system prompt stays)."""
+        system, turns = self.messages(message)
         block = self.model.config.block_size
         budget = max(block - self.s["max_new_tokens"], block // 2)
-        ids, dropped, cut = fit_context(system_ids, turn_ids, budget)
-        if cut:  # on a line of its own, before the reply starts
-            self.write(f"(note: your message is longer than the {budget} tokens of context left for it; its first "
-                       f"{cut} tokens were left out)\n")
-        return ids
+        for first in range(0, len(turns), 2):  # drop whole (user, assistant) pairs, oldest first
+            ids = self.template.encode(system + turns[first:], add_generation_prompt=True)
+            if len(ids) <= budget:
+                return ids
+        head = len(self.template.encode(system)) if system else 0
+        cut = len(ids) - budget
+        self.write(f"(note: your message is longer than the {budget} tokens of context left for it; its first "
+                   f"{cut} tokens were left out)\n")  # on a line of its own, before the reply starts
+        return ids[:head] + ids[head + cut:]
 
     def reply(self, message):
         """Stream the model's reply to message; return the reply text (cut at a stop string)."""
         try:
             ids = self.prompt_ids(message)
-        except ValueError as e:  # characters a char-level vocabulary lacks
-            print(f"(skipped: your message has {e})", file=sys.stderr)
+        except ValueError as e:  # characters a char-level vocabulary lacks, a template that refuses the turn
+            print(f"(skipped: {e})", file=sys.stderr)
             return None
         x = torch.tensor([ids], dtype=torch.long, device=self.generator.device)
         self.write(self.s["assistant_prefix"] if self.s.get("interactive") else "")
@@ -131,16 +112,17 @@ class Chat:
         s = self.s
         try:
             with torch.no_grad(), autocast(str(self.generator.device), s["dtype"]), keys_held(s.get("interactive")):
-                for token in generate_stream(self.model, x, s["max_new_tokens"], eos_id=self.end_id,
+                stops = self.template.stop_strings
+                for token in generate_stream(self.model, x, s["max_new_tokens"], eos_id=self.template.stop_ids,
                                              generator=self.generator, **controls(s)):
-                    if token.item() == self.end_id:
+                    if token.item() in self.template.stop_ids:
                         break
                     text += decoder.push(token.item())
-                    hits = [text.find(stop) for stop in self.stops if stop in text]
+                    hits = [text.find(stop) for stop in stops if stop in text]
                     if hits:
                         text = text[:min(hits)]
                         break
-                    safe = len(text) - held_back(text, self.stops)
+                    safe = len(text) - held_back(text, stops)
                     self.write(text[printed:safe])
                     printed = safe
         except KeyboardInterrupt:  # Ctrl-C stops this reply only
@@ -160,9 +142,8 @@ class Chat:
             self.turns = []
             self.write("(conversation cleared)\n")
         elif cmd == "/history":
-            system, turns = self.transcript()
-            text = self.tokenizer.decode(system + [t for turn in turns for t in turn])
-            self.write(text + ("\n" if self.template else ""))
+            text = self.tokenizer.decode(self.transcript())
+            self.write(text if text.endswith("\n") else text + "\n")
         elif cmd == "/set":
             key, eq, value = arg.strip().partition("=")
             if key not in SETTABLE or not eq:

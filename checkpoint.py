@@ -17,7 +17,7 @@ from hf import GPT2_META, HUB_MODELS, IGNORED, from_hf_folder, hub_folder
 from model import GPT, MODEL_FIELDS, PRESETS, GPTConfig, config_from_dict
 from tokenizer import check_tokenizer, describe_vocab
 
-SOURCES = "a run folder, a checkpoint file, gpt2 | gpt2-medium | gpt2-large | gpt2-xl, or hf:FOLDER"
+SOURCES = "a run folder, a checkpoint file, gpt2 | gpt2-medium | gpt2-large | gpt2-xl, hf:ORG/NAME or hf:FOLDER"
 
 
 def resolve_checkpoint(out_dir, name=""):
@@ -38,10 +38,10 @@ def load_source(spec, meta_path="", name=""):
     (its checkpoint `name`, see resolve_checkpoint) or a checkpoint file, ours or nanoGPT's. A record holds
     model_config, model (a state dict in our names) and meta (the tokenizer, or None), and for a training run's
     checkpoint its training state too (optimizers, iter_num, rng, ema, config)."""
-    if spec in HUB_MODELS:
+    if spec in HUB_MODELS:  # OpenAI's GPT-2: tiktoken's tokens, as our gpt2 datasets
         return dict(from_hf_folder(hub_folder(spec)), meta=dict(GPT2_META))
     if spec.startswith("hf:") or os.path.isfile(os.path.join(spec, "config.json")):
-        return from_hf_folder(spec.removeprefix("hf:"))
+        return from_hf_folder(hub_folder(spec))
     if not os.path.exists(spec):
         die(f"{spec} not found; give {SOURCES} (train one first: python train.py ...)")
     path = resolve_checkpoint(spec, name) if os.path.isdir(spec) else spec
@@ -76,15 +76,15 @@ def load_model(spec, device, name="", ema=False):
 
 
 def load_for_inference(spec, device, name="", ema=False):
-    """(model in eval mode, tokenizer): all sample.py and chat.py need; the tokenizer carries the chat template of
-    a model fine-tuned on conversations."""
+    """(model in eval mode, tokenizer): all sample.py and chat.py need; the tokenizer carries the checkpoint's meta
+    (a chat template, for a model fine-tuned on conversations or imported with its own)."""
     model, meta, _ = load_model(spec, device, name, ema)
     try:
         tokenizer = check_tokenizer(meta or {})
     except ValueError as e:
         die(f"{spec} carries no usable tokenizer ({e}); re-train with this version, or import the model with its "
             f"tokenizer (convert.py --src=FOLDER with its tokenizer.json)")
-    tokenizer.chat_template = meta.get("chat_template")
+    tokenizer.meta = meta  # its chat template and stop ids, for chat.py
     return model, tokenizer
 
 

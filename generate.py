@@ -20,7 +20,7 @@ class KVCache:
     attention shrinks the cache by n_head / n_kv_head."""
 
     def __init__(self, cfg, batch_size, device, dtype=torch.float32):
-        hs = cfg.n_embd // cfg.n_head
+        hs = cfg.head_dim
         self.k = torch.zeros(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.block_size, hs, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) tokens stored in each row
@@ -130,10 +130,11 @@ def padded(rows):
 def generate_stream(model, prompts, max_new_tokens, eos_id=None, use_cache=True, decode=None, **sampling):
     """Yield the next token of every row, a (B,) tensor at a time. prompts: (B, T) token ids, or a list of B id
     lists of any lengths (each row then gives the tokens it would give alone). `sampling` goes to sample_next.
-    Stops once every row has produced eos_id. With the KV cache each prompt but its last token is prefilled into
-    its row, then the rows decode together one token at a time (`decode`, say compile_decode()'s, runs those
-    steps); a row that fills its block_size slots is refilled with its newest half block. Without the cache
-    (use_cache=False, nanoGPT's way) the whole context goes through the model at every token."""
+    Stops once every row has produced eos_id (one id, or a list: a chat template's end-of-turn ids). With the KV
+    cache each prompt but its last token is prefilled into its row, then the rows decode together one token at a
+    time (`decode`, say compile_decode()'s, runs those steps); a row that fills its block_size slots is refilled
+    with its newest half block. Without the cache (use_cache=False, nanoGPT's way) the whole context goes through
+    the model at every token."""
     was_training = model.training
     model.eval()
     weights = next(model.parameters())
@@ -146,6 +147,8 @@ def generate_stream(model, prompts, max_new_tokens, eos_id=None, use_cache=True,
     held = [0] * B  # tokens in each cache row, as Python ints: which rows need a refill, known without a sync
     run = decode or partial(step, model)
     finished = torch.zeros(B, dtype=torch.bool, device=weights.device)
+    stops = torch.tensor([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id),
+                         dtype=torch.long, device=weights.device)
     try:
         for i in range(max_new_tokens):
             if not use_cache:
@@ -164,8 +167,8 @@ def generate_stream(model, prompts, max_new_tokens, eos_id=None, use_cache=True,
             next_id = sample_next(logits, seen=torch.stack(rows) if same else padded(rows), **sampling)  # (B,)
             rows = [torch.cat([r, t[None]]) for r, t in zip(rows, next_id, strict=True)]
             yield next_id
-            if eos_id is not None:
-                finished |= next_id == eos_id
+            if len(stops):
+                finished |= torch.isin(next_id, stops)
                 if finished.all():
                     break
     finally:

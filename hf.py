@@ -7,6 +7,7 @@ Not run by itself.
 
 import json
 import os
+import re
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -23,6 +24,7 @@ GPT2_META = dict(tokenizer="gpt2", vocab_size=50257, dtype="uint16")
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}  # GPT-2's, ours
 IGNORED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # buffers (causal masks, RoPE), not weights
 PIP_HF = "pip install safetensors huggingface_hub"
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja"]  # what a download fetches: config, weights, tokenizer, template
 
 
 # the name/shape mapping, one row per tensor: (our name or None, their names, kind, sizes)
@@ -32,7 +34,7 @@ PIP_HF = "pip install safetensors huggingface_hub"
 
 def layout(cfg, arch):
     """The rows for a config in a Hugging Face architecture: gpt2, llama or qwen3."""
-    hs, L, C = cfg.n_embd // cfg.n_head, cfg.n_layer, cfg.n_embd
+    hs, L, C = cfg.head_dim, cfg.n_layer, cfg.n_embd
 
     def param(ours, theirs, kind, present, size):  # a weight we may lack (bias=False, norm_affine=False)
         if present:
@@ -66,8 +68,9 @@ def layout(cfg, arch):
                      (ours + "mlp.c_fc.weight", [theirs + "mlp.gate_proj.weight", theirs + "mlp.up_proj.weight"], "cat",
                       [cfg.mlp_hidden, cfg.mlp_hidden]),
                      (ours + "mlp.c_proj.weight", [theirs + "mlp.down_proj.weight"], "copy", None)]
-            if arch == "qwen3":  # our QK-norm has no learned scale: theirs is all ones
-                rows += [(None, [theirs + f"self_attn.{p}_norm.weight"], "ones", (hs,)) for p in "qk"]
+            if arch == "qwen3":  # without qk_norm_scale ours has no learned scale: theirs is all ones
+                rows += [param(ours + f"attn.{p}_norm.weight", theirs + f"self_attn.{p}_norm.weight", "copy",
+                               cfg.qk_norm_scale, (hs,)) for p in "qk"]
         rows.append(param("transformer.ln_f.weight", "model.norm.weight", "copy", cfg.norm_affine, (C,)))
     if not cfg.tie_weights:
         rows.append(("lm_head.weight", ["lm_head.weight"], "copy", None))
@@ -143,7 +146,7 @@ def hf_config(cfg, arch, meta):
                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     rope = dict(rope_type="default", rope_theta=cfg.rope_theta)
     return dict(common, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
-                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.n_embd // cfg.n_head,
+                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
                 max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps or torch.finfo(torch.float32).eps,
                 rope_theta=cfg.rope_theta, rope_parameters=rope, hidden_act="silu", attention_bias=False,
                 mlp_bias=False, attention_dropout=0.0, use_sliding_window=False, sliding_window=None)
@@ -166,7 +169,6 @@ def config_from_hf(hf, where):
         heads, width = hf["num_attention_heads"], hf["hidden_size"]
         checks = (("attention_bias", hf.get("attention_bias")), ("mlp_bias", hf.get("mlp_bias")),
                   ("hidden_act", hf.get("hidden_act", "silu") != "silu"),
-                  ("head_dim", hf.get("head_dim", width // heads) != width // heads),
                   ("rope_scaling", rope.get("rope_type", rope.get("type", "default")) != "default"),
                   ("use_sliding_window", hf.get("use_sliding_window")))
         unsupported = [k for k, bad in checks if bad]
@@ -178,6 +180,7 @@ def config_from_hf(hf, where):
                           mlp_hidden=hf["intermediate_size"], mlp="swiglu", bias=False,
                           tie_weights=hf.get("tie_word_embeddings", arch == "qwen3"), pos_emb="rope", norm="rmsnorm",
                           norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=arch == "qwen3",
+                          qk_norm_scale=arch == "qwen3", head_dim=hf.get("head_dim") or width // heads,
                           rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta", 10000.0)))
     die(f"{where}: model_type={arch!r} is not one yoctoGPT imports (gpt2, llama, qwen3)")
 
@@ -246,8 +249,10 @@ def export_tokenizer(meta, dest, block_size):
         specials = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     atomic_write(os.path.join(dest, "tokenizer.json"), lambda f: f.write(tok.to_str(pretty=True)))
     specials = {k: v for k, v in specials.items() if tok.token_to_id(v) is not None}
-    if meta.get("chat_template"):  # a fine-tuned chat model: apply_chat_template renders as chat.py does
-        specials["chat_template"] = jinja(meta["chat_template"])
+    specials.update(meta.get("special_tokens", {}))  # an imported model's own names, as its template uses them
+    if meta.get("chat_template"):  # a chat model: apply_chat_template renders as chat.py does
+        template = meta["chat_template"]
+        specials["chat_template"] = jinja(template) if isinstance(template, dict) else template
     write_json(os.path.join(dest, "tokenizer_config.json"),
                dict(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False,
                     model_max_length=block_size, add_bos_token=False, **specials))
@@ -274,29 +279,70 @@ def meta_from_hf(folder, arch, vocab_size):
             names = {k: v.get("content") if isinstance(v, dict) else v
                      for k in ("bos_token", "eos_token") if (v := settings.get(k))}
             meta = dict(tokenizer="bpe", tokenizer_json=text, **names)
-        meta["vocab_size"] = check_tokenizer(meta).vocab_size
-        meta["dtype"] = token_dtype(meta["vocab_size"])
+        tok = check_tokenizer(meta)
+        meta.update(vocab_size=tok.vocab_size, dtype=token_dtype(tok.vocab_size), **chat_template_meta(folder, tok))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         die(f"{path} is not a usable Hugging Face tokenizer.json ({type(e).__name__}: {str(e)[:160]}); "
             f"replace it with the model's own tokenizer.json")
     return meta
 
 
-def hub_folder(name):
-    """The local folder of OpenAI's GPT-2 weights, downloaded once into the Hugging Face cache."""
+def chat_template_meta(folder, tok):
+    """A Hugging Face folder's chat template (tokenizer_config.json's chat_template, chat_template.jinja or
+    chat_template.json), the special tokens it may name and the ids that end a turn (its eos_token and
+    generation_config.json's eos_token_id); {} when it has none."""
+    config = os.path.join(folder, "tokenizer_config.json")
+    settings = read_json(config, "tokenizer_config.json") if os.path.isfile(config) else {}
+    template = settings.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if not template and os.path.isfile(os.path.join(folder, "chat_template.jinja")):
+        with open(os.path.join(folder, "chat_template.jinja"), encoding="utf-8") as f:
+            template = f.read()
+    if not template and os.path.isfile(os.path.join(folder, "chat_template.json")):
+        template = read_json(os.path.join(folder, "chat_template.json"), "chat_template.json").get("chat_template")
+    if not template:
+        return {}
+    specials = {k: v.get("content") if isinstance(v, dict) else v
+                for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+                if isinstance(v := settings.get(k), (str, dict))}
+    generation = os.path.join(folder, "generation_config.json")
+    eos = read_json(generation, "generation_config.json").get("eos_token_id") if os.path.isfile(generation) else None
+    to_id = tok.tok.token_to_id if hasattr(tok, "tok") else tok.stoi.get
+    stops = ([eos] if isinstance(eos, int) else list(eos or [])) + [to_id(specials.get("eos_token") or "")]
+    return dict(chat_template=template, special_tokens=specials, stop_ids=sorted({i for i in stops if i is not None}))
+
+
+def hub_folder(spec):
+    """The local folder of a hf: source: hf:FOLDER as it is, or hf:ORG/NAME[@REVISION] (and gpt2*, OpenAI's GPT-2)
+    downloaded once from the Hugging Face hub into its cache (HF_HOME; HF_HUB_OFFLINE=1 reads the cache only):
+    config, safetensors, tokenizer and chat template files only."""
+    name = spec.removeprefix("hf:")
+    if os.path.isdir(name):
+        return name
+    repo, _, revision = HUB_MODELS.get(name, name).partition("@")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        die(f"{spec} is neither a folder here nor a Hugging Face hub id (hf:ORG/NAME or hf:ORG/NAME@REVISION)")
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
         from huggingface_hub.utils import logging
     except ImportError:
-        die(f"loading {name} needs huggingface_hub and safetensors: {PIP_HF}")
+        die(f"loading {name} from the Hugging Face hub needs huggingface_hub and safetensors: {PIP_HF}")
     logging.set_verbosity_error()  # its retry warnings; a failure is reported below in one line
     try:
-        hf_hub_download(HUB_MODELS[name], "config.json")
-        return os.path.dirname(hf_hub_download(HUB_MODELS[name], "model.safetensors"))
-    except Exception as e:  # offline, no cache, a proxy...: one line
+        return snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES)
+    except GatedRepoError:
+        die(f"{repo} is gated: accept its terms on huggingface.co/{repo} and log in (hf auth login, or HF_TOKEN)")
+    except RevisionNotFoundError:
+        die(f"{repo} has no revision {revision!r}; give a branch, tag or commit that exists (or drop @...)")
+    except RepositoryNotFoundError:
+        die(f"{repo} is not a model on the Hugging Face hub (or it is private: log in); check the name, or give "
+            f"hf:FOLDER for a folder here")
+    except Exception as e:  # offline with nothing cached, a proxy...: one line
         first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
-        die(f"could not get {name}'s weights from the Hugging Face hub ({type(e).__name__}: {first}); go online once "
-            f"(they are cached under HF_HOME), or download the folder elsewhere and pass hf:FOLDER")
+        die(f"could not get {name} from the Hugging Face hub ({type(e).__name__}: {first}); go online once "
+            f"(it is cached under HF_HOME), or download the folder elsewhere and pass hf:FOLDER")
 
 
 def read_hf_weights(folder):
@@ -351,8 +397,12 @@ def export_hf(record, dest):
     make_out_dir(dest, "--dest")
     config = hf_config(cfg, arch, meta_)
     write_json(os.path.join(dest, "config.json"), config)
-    write_json(os.path.join(dest, "generation_config.json"),
-               dict(bos_token_id=config["bos_token_id"], eos_token_id=config["eos_token_id"]))
+    template = meta_.get("chat_template")
+    stops = [template["end_id"]] if isinstance(template, dict) else meta_.get("stop_ids", [])
+    stops = [i for i in dict.fromkeys(stops + [config["eos_token_id"]]) if i is not None] or [None]
+    stops = stops[0] if len(stops) == 1 else stops
+    write_json(os.path.join(dest, "generation_config.json"),  # generate() stops at the end of a turn, too
+               dict(bos_token_id=config["bos_token_id"], eos_token_id=stops))
     path = os.path.join(dest, "model.safetensors")
     atomic_write(path, lambda f: f.write(save(tensors, metadata={"format": "pt"})), binary=True)
     if meta_:

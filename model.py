@@ -28,6 +28,7 @@ class GPTConfig:
     n_head: int = 12  # query heads per attention layer
     n_kv_head: int = 0  # key/value heads (grouped-query attention); 0 = n_head, 1 = multi-query
     n_embd: int = 768  # width of the residual stream
+    head_dim: int = 0  # width of each attention head; 0 = n_embd // n_head (Qwen3 sets it apart)
     dropout: float = 0.0  # dropout on attention weights and residual branches (0.0 for pretraining)
     bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2: True)
     tie_weights: bool = True  # share the token embedding with the lm_head
@@ -40,6 +41,7 @@ class GPTConfig:
     mlp: str = "gelu"
     mlp_hidden: int = 0  # MLP hidden width; 0 = 4*n_embd (gelu, relu2) or 8/3*n_embd rounded up to 64 (swiglu)
     qk_norm: bool = False  # RMS-normalise q and k per head before attention
+    qk_norm_scale: bool = False  # with qk_norm: a learned scale per head dimension (Qwen3's q_norm / k_norm)
     logit_softcap: float = 0.0  # if > 0, logits = cap * tanh(logits / cap)
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels where the device has them) | "manual" (reference)
     grad_checkpoint: bool = False  # recompute each block's activations in backward (training only)
@@ -51,6 +53,9 @@ class GPTConfig:
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
+        if not self.head_dim and self.n_head >= 1 and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set head_dim)")
+        self.head_dim = self.head_dim or self.n_embd // max(self.n_head, 1)
         if not self.mlp_hidden:
             self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
         self.validate()
@@ -59,7 +64,8 @@ class GPTConfig:
         """The resolved architecture in one line, for logs and run names."""
         return (f"{self.n_layer}L {self.n_embd}d {self.n_head}h/{self.n_kv_head}kv {self.pos_emb} {self.norm}"
                 f"{'' if self.norm_affine else '(no scale)'} {self.mlp}({self.mlp_hidden}) bias={self.bias} "
-                f"tie={self.tie_weights}{' qk_norm' if self.qk_norm else ''}"
+                f"tie={self.tie_weights}{' qk_norm' if self.qk_norm else ''}{'(scaled)' if self.qk_norm_scale else ''}"
+                f"{f' head_dim={self.head_dim}' if self.head_dim * self.n_head != self.n_embd else ''}"
                 f"{f' softcap={self.logit_softcap:g}' if self.logit_softcap else ''}"
                 f"{f' ngram={self.ngram_emb}x{self.ngram_rows}' if self.ngram_emb else ''} {self.attn_impl}")
 
@@ -72,12 +78,10 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rope needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head size, got head_dim={self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.ngram_emb == 1 or self.ngram_emb < 0 or self.ngram_rows < 1:
@@ -181,12 +185,12 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head = layer, cfg.n_head, cfg.n_kv_head
-        self.head_size = cfg.n_embd // cfg.n_head
+        self.head_size = cfg.head_dim
         # one matmul for q (n_head heads), k and v (n_kv_head heads each): nanoGPT's name and shape for plain MHA
         self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * self.head_size, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.q_norm = rms_norm(cfg, self.head_size, affine=False) if cfg.qk_norm else nn.Identity()
-        self.k_norm = rms_norm(cfg, self.head_size, affine=False) if cfg.qk_norm else nn.Identity()
+        self.c_proj = nn.Linear(cfg.n_head * self.head_size, cfg.n_embd, bias=cfg.bias)
+        self.q_norm = rms_norm(cfg, self.head_size, affine=cfg.qk_norm_scale) if cfg.qk_norm else nn.Identity()
+        self.k_norm = rms_norm(cfg, self.head_size, affine=cfg.qk_norm_scale) if cfg.qk_norm else nn.Identity()
         self.rope = apply_rope if cfg.pos_emb == "rope" else no_rope
         self.attend = ATTENTIONS[cfg.attn_impl]
         self.dropout = cfg.dropout
@@ -205,7 +209,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer, k, v, positions)
             q = q.to(k.dtype)
         y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -252,7 +256,7 @@ class GPT(nn.Module):
         if cfg.tie_weights:
             self.transformer.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
         # rotary tables are derived, not learned: kept out of the state dict
-        cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rope_index", torch.arange(cfg.block_size), persistent=False)  # positions, for masks

@@ -12,6 +12,7 @@ chat.py renders a conversation with the same `render`, so in chat the model sees
 import json
 import os
 import random
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -78,11 +79,14 @@ def make_template(tokenizer, kind):
     fixed vocabulary: text markers and <|endoftext|>; characters: text markers and ␄."""
     if kind == "bpe":  # (prepare_bpe.py adds the tokens to an older tokenizer first)
         ids = [tokenizer.tok.token_to_id(t) for t in CHAT_TOKENS]
-        return dict(style="special tokens", markers={r: [i] for r, i in zip(ROLES, ids, strict=False)},
-                    end=CHAT_TOKENS[-1], end_id=ids[-1], bos=[tokenizer.bos_id] if tokenizer.bos_id is not None else [])
+        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        markers = {r: [i] for r, i in zip(ROLES, ids, strict=False)}
+        return TurnTemplate(tokenizer, dict(style="special tokens", markers=markers, end=CHAT_TOKENS[-1],
+                                            end_id=ids[-1], bos=bos))
     end = "<|endoftext|>" if kind == "gpt2" else CHAR_END
-    return dict(style="text", markers={r: tokenizer.encode(t) for r, t in TEXT_MARKERS.items()}, end=end, bos=[],
-                end_id=tokenizer.eos_id if kind == "gpt2" else tokenizer.encode(CHAR_END)[0])
+    markers = {r: tokenizer.encode(t) for r, t in TEXT_MARKERS.items()}
+    end_id = tokenizer.eos_id if kind == "gpt2" else tokenizer.encode(CHAR_END)[0]
+    return TurnTemplate(tokenizer, dict(style="text", markers=markers, end=end, bos=[], end_id=end_id))
 
 
 def jinja(template):
@@ -94,17 +98,145 @@ def jinja(template):
         "{% if add_generation_prompt %}{{ marks['assistant'] }}{% endif %}")
 
 
-def render(tokenizer, template, role, content):
-    """One message as (token ids, loss mask): its role's marker, its content, the end token; the mask is 1 on
-    an assistant's content and end (what the model learns to produce), 0 elsewhere."""
-    marker, body = template["markers"][role], tokenizer.encode(content) + [template["end_id"]]
-    return marker + body, [0] * len(marker) + [int(role == "assistant")] * len(body)
+class Template:
+    """How a conversation (a list of {role, content}) becomes the model's tokens, as in training: render() gives the
+    text, encode() its ids with special tokens parsed (as transformers' apply_chat_template does); a reply ends at
+    one of stop_ids, or in a plain transcript at one of stop_strings."""
+    stop_strings = ()
+
+    def __init__(self, tokenizer, stop_ids):
+        self.tokenizer, self.stop_ids = tokenizer, sorted({i for i in stop_ids if i is not None})
+
+    def encode(self, messages, add_generation_prompt=False):
+        return self.tokenizer.encode_chat(self.render(messages, add_generation_prompt))
+
+    def encode_masked(self, messages):
+        """(ids, loss mask) of a whole conversation: 1 on each assistant reply and what ends it, as rendered. The
+        text between replies is encoded apart from them, so a reply starts with the token generation would start
+        with after the rendered prompt."""
+        text, pieces, pos = self.render(messages), [], 0
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                before, upto = self.render(messages[:i], True), self.render(messages[:i + 1])
+                if not (upto.startswith(before) and text.startswith(upto) and len(before) >= pos):
+                    raise ValueError("the chat template does not render a conversation as its turns one after "
+                                     "another, so the replies cannot be told apart for the loss mask")
+                pieces += [(text[pos:len(before)], 0), (upto[len(before):], 1)]
+                pos = len(upto)
+        pieces.append((text[pos:], 0))
+        ids, mask = [], []
+        for piece, keep in pieces:
+            piece_ids = self.tokenizer.encode_chat(piece) if piece else []
+            ids += piece_ids
+            mask += [keep] * len(piece_ids)
+        return ids, mask
+
+
+class JinjaTemplate(Template):
+    """A model's own chat template (Jinja, from its tokenizer_config.json or chat_template.jinja), rendered as
+    transformers renders it: a sandboxed environment with trim_blocks and lstrip_blocks, the tokenizer's special
+    tokens as variables, raise_exception and tojson."""
+
+    def __init__(self, source, tokenizer, stop_ids, specials):
+        super().__init__(tokenizer, stop_ids)
+        try:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            die("this model's chat template is Jinja, which needs jinja2: pip install jinja2")
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
+        env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+        try:
+            self.template = env.from_string(source)
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"the chat template is not valid Jinja ({e})") from None
+        self.source, self.specials, self.errors = source, specials, jinja2.exceptions.TemplateError
+
+    def render(self, messages, add_generation_prompt=False):
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                        documents=None, **self.specials)
+        except self.errors as e:  # raise_exception() in the template: roles that must alternate, say
+            raise ValueError(f"the chat template refuses this conversation ({e})") from None
+
+    name = "the model's own"
+
+    def meta(self):
+        return dict(chat_template=self.source, stop_ids=self.stop_ids, special_tokens=self.specials)
+
+
+class TurnTemplate(Template):
+    """Our own template (make_template's, carried in meta.json): each message is its role's marker, its text and the
+    end token, encoded piece by piece, so text typed in a message never becomes a marker or the end token."""
+
+    def __init__(self, tokenizer, spec):
+        super().__init__(tokenizer, [spec["end_id"]])
+        self.spec = spec
+
+    def render(self, messages, add_generation_prompt=False):
+        return self.tokenizer.decode(self.encode(messages, add_generation_prompt))
+
+    def encode(self, messages, add_generation_prompt=False):
+        return self.encode_masked(messages)[0] + (self.spec["markers"]["assistant"] if add_generation_prompt else [])
+
+    def encode_masked(self, messages):
+        ids, mask = list(self.spec["bos"]), [0] * len(self.spec["bos"])
+        for m in messages:
+            marker, body = self.spec["markers"][m["role"]], self.tokenizer.encode(m["content"]) + [self.spec["end_id"]]
+            ids += marker + body
+            mask += [0] * len(marker) + [int(m["role"] == "assistant")] * len(body)
+        return ids, mask
+
+    @property
+    def name(self):
+        return self.spec["style"]
+
+    def meta(self):
+        return dict(chat_template=self.spec)
+
+
+class Transcript(Template):
+    """A base model's plain transcript: the system prompt on its first line, then `User: ...` and `Assistant: ...`
+    lines; a reply ends at EOS or where the model starts the next turn."""
+
+    def __init__(self, tokenizer, user_prefix="User: ", assistant_prefix="Assistant: "):
+        super().__init__(tokenizer, [tokenizer.eos_id])
+        self.prefixes = dict(system="", user=user_prefix, assistant=assistant_prefix)
+        self.stop_strings = ["\n" + p.strip() for p in (user_prefix, assistant_prefix)]
+
+    def render(self, messages, add_generation_prompt=False):
+        text = "".join(f"{self.prefixes[m['role']]}{m['content']}\n" for m in messages)
+        return text + (self.prefixes["assistant"].rstrip(" ") if add_generation_prompt else "")
+
+    def encode(self, messages, add_generation_prompt=False):  # BOS first; the text is text, whatever it holds
+        bos = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
+        return bos + self.tokenizer.encode(self.render(messages, add_generation_prompt))
+
+
+def template_for(meta, tokenizer, user_prefix="User: ", assistant_prefix="Assistant: "):
+    """The template a checkpoint (or dataset) was trained with: ours, the imported model's own, or for a base model
+    the plain transcript."""
+    spec = (meta or {}).get("chat_template")
+    if isinstance(spec, dict):
+        return TurnTemplate(tokenizer, spec)
+    if isinstance(spec, str):
+        stops = meta.get("stop_ids") or [tokenizer.eos_id]
+        return JinjaTemplate(spec, tokenizer, stops, meta.get("special_tokens", {}))
+    return Transcript(tokenizer, user_prefix, assistant_prefix)
 
 
 def write_chat_dataset(out_dir, conversations, tokenizer, template, meta, val_fraction, split, seed):
     """train/val .bin token ids, _mask.bin (uint8 loss mask) and _starts.bin (int64 offset of each conversation),
-    then meta.json with the template. Whole conversations go to validation: the last ones, or a seeded choice."""
-    bos = template["bos"]  # a conversation starts as in chat.py
+    then meta.json with the template (a Template). Whole conversations go to validation: the last ones, or a seeded
+    choice. Each conversation is rendered and masked as chat.py renders it."""
     n_val = max(1, round(len(conversations) * val_fraction))
     order = range(len(conversations))
     val_set = set(order[-n_val:]) if split == "tail" else set(random.Random(seed).sample(order, n_val))
@@ -112,14 +244,14 @@ def write_chat_dataset(out_dir, conversations, tokenizer, template, meta, val_fr
     for i, conversation in enumerate(conversations):
         ids, mask, starts = parts["val" if i in val_set else "train"]
         starts.append(len(ids))
-        ids += bos
-        mask += [0] * len(bos)
-        for m in conversation:
-            turn_ids, turn_mask = render(tokenizer, template, m["role"], m["content"])
-            ids += turn_ids
-            mask += turn_mask
+        try:
+            conversation_ids, conversation_mask = template.encode_masked(conversation)
+        except ValueError as e:
+            die(f"conversation {i + 1}: {e}")
+        ids += conversation_ids
+        mask += conversation_mask
     dtype = token_dtype(tokenizer.vocab_size)
-    meta.update(chat_template=template, vocab_size=tokenizer.vocab_size, dtype=dtype,
+    meta.update(**template.meta(), vocab_size=tokenizer.vocab_size, dtype=dtype,
                 conversations=len(conversations), val_conversations=n_val, split=split, val_fraction=val_fraction,
                 seed=seed,
                 train_tokens=len(parts["train"][0]), val_tokens=len(parts["val"][0]),
@@ -130,7 +262,7 @@ def write_chat_dataset(out_dir, conversations, tokenizer, template, meta, val_fr
     print(f"{len(conversations):,} conversations ({n_val:,} for validation), "
           f"{meta['train_tokens']:,} + {meta['val_tokens']:,} "
           f"tokens, {meta['train_masked']:,} + {meta['val_masked']:,} of them the assistant's (in the loss)")
-    print(f"wrote {out_dir}/train.bin, val.bin, *_mask.bin, *_starts.bin, meta.json ({template['style']} template); "
+    print(f"wrote {out_dir}/train.bin, val.bin, *_mask.bin, *_starts.bin, meta.json ({template.name} template); "
           f"train with --dataset={os.path.basename(os.path.normpath(out_dir))}")
 
 

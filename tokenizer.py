@@ -22,7 +22,11 @@ class CharTokenizer:
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.vocab_size = len(self.chars)
-        self.bos_id = self.eos_id = None
+        self.bos_id = self.eos_id = self.bos_token = self.eos_token = None
+
+    def encode_chat(self, text):
+        """A rendered chat template's text as ids (a character vocabulary has no special tokens to parse)."""
+        return self.encode(text)
 
     def encode(self, text):
         missing = sorted(set(text) - self.stoi.keys())
@@ -48,10 +52,21 @@ class BPETokenizer:
         tok.encode_special_tokens = True  # "<|bos|>" written in a text is text; special ids are only ever placed
         self.vocab_size = tok.get_vocab_size()
         self.bos_id, self.eos_id = tok.token_to_id(bos), tok.token_to_id(eos)
+        self.bos_token = bos if self.bos_id is not None else None
+        self.eos_token = eos if self.eos_id is not None else None
         self.specials = {i for i in (self.bos_id, self.eos_id) if i is not None}
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, text):
+        """A rendered chat template's text as ids, its special tokens parsed (as transformers' apply_chat_template
+        does); plain encode() keeps them as text, so a user typing "<|im_end|>" types text."""
+        self.tok.encode_special_tokens = False
+        try:
+            return self.encode(text)
+        finally:
+            self.tok.encode_special_tokens = True
 
     def encode_batch(self, texts):
         return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]  # no offsets: faster
@@ -75,9 +90,13 @@ class TiktokenTokenizer:
         self.enc = enc
         self.vocab_size = enc.n_vocab
         self.bos_id = self.eos_id = enc.eot_token
+        self.bos_token = self.eos_token = "<|endoftext|>"
 
     def encode(self, text):
         return self.enc.encode_ordinary(text)
+
+    def encode_chat(self, text):
+        return self.enc.encode(text, allowed_special="all")
 
     def encode_batch(self, texts):
         return self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import chat as chat_module
-from chat import Chat, fit_context, held_back
+from chat import Chat, held_back
 from conftest import ROOT, run
 from tokenizer import CharTokenizer
 
@@ -47,12 +47,17 @@ def test_unknown_characters_skip_the_turn_not_the_session(trained):
     assert "☃" in proc.stderr and "Traceback" not in proc.stderr and "User: snow" not in proc.stdout
 
 
-def test_fit_context_keeps_system_and_newest_turns():
-    system, turns = [0, 0], [[1] * 5, [2] * 5, [3] * 5, [4] * 4]
-    ids, dropped, cut = fit_context(system, turns, budget=12)
-    assert ids == [0, 0] + [3] * 5 + [4] * 4 and dropped == 2 and cut == 0
-    ids, dropped, cut = fit_context(system, [[9] * 30], budget=12)  # one message longer than the window
-    assert ids == [0, 0] + [9] * 10 and cut == 20
+def test_the_context_keeps_the_system_prompt_and_the_newest_turns():
+    """Old turns go first, whole; a message too long on its own loses its start; the system prompt stays."""
+    tok = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyzSUA:! \n")))
+    notes = []
+    settings = chat_settings(system_prompt="S", max_new_tokens=30)  # block 80: 50 tokens for the conversation
+    chat = Chat(ScriptedModel(tok, " ok", block_size=80), tok, settings, write=notes.append)
+    chat.turns = [("aaaa", "ok"), ("bbbb", "ok"), ("cccc", "ok")]
+    assert tok.decode(chat.prompt_ids("dddd")) == "S\nUser: cccc\nAssistant: ok\nUser: dddd\nAssistant:"
+    assert not notes
+    ids = chat.prompt_ids("z" * 50)  # 69 tokens alone: its first 19 go
+    assert tok.decode(ids) == "S\n" + "z" * 37 + "\nAssistant:" and "first 19 tokens were left out" in notes[0]
 
 
 def test_long_history_is_cut_to_the_block(trained):
@@ -72,11 +77,11 @@ def test_long_history_is_cut_to_the_block(trained):
 class ScriptedModel(torch.nn.Module):
     """Stands in for GPT: 'generates' a fixed text, one character token at a time."""
 
-    def __init__(self, tok, text):
+    def __init__(self, tok, text, block_size=256):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.tok, self.text = tok, text
-        self.config = type("C", (), {"block_size": 256})
+        self.config = type("C", (), {"block_size": block_size})
 
     def generate_stream(self, x, max_new_tokens, **kw):
         for i in self.tok.encode(self.text)[:max_new_tokens]:

@@ -38,7 +38,7 @@ def load(folder, split="train"):
     mask = np.fromfile(folder / f"{split}_mask.bin", dtype=np.uint8)
     starts = np.fromfile(folder / f"{split}_starts.bin", dtype=np.int64)
     tok = load_tokenizer(meta, folder)
-    tok.chat_template = meta["chat_template"]
+    tok.meta = meta
     return meta, data, mask, starts, tok
 
 
@@ -60,8 +60,7 @@ def test_prepare_and_chat_render_a_conversation_alike_and_the_mask_covers_the_re
         animal = next(a for a, sound in PAIRS.items() if tok.decode(learned[:-1]) == sound)
         chat = Chat(model, tok, dict(system_prompt="Sounds.", user_prefix="", assistant_prefix="", seed=0), print)
         chat.turns = [(animal, PAIRS[animal])]
-        system, turns = chat.transcript()
-        assert system + turns[0] == ids  # chat.py renders it token for token as prepared
+        assert chat.transcript() == ids  # chat.py renders it token for token as prepared
     if kind == "bpe":  # special tokens that text cannot produce: "<|user|>" typed by a user stays text
         assert meta["chat_template"]["markers"]["user"] == [tok.tok.token_to_id("<|user|>")]
         assert tok.tok.token_to_id("<|user|>") not in tok.encode("<|user|> hi")
@@ -180,5 +179,7 @@ def test_an_exported_chat_model_renders_conversations_as_chat_does_in_transforme
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=meta["vocab_size"]))
     chat = Chat(model, tok, dict(system_prompt="Sounds.", user_prefix="", assistant_prefix="", seed=0), print)
     chat.turns = [("cat", "meow")]
-    system, turns = chat.transcript("dog")
-    assert list(ids) == system + [t for turn in turns for t in turn]
+    system, turns = chat.messages("dog")
+    assert list(ids) == chat.template.encode(system + turns, add_generation_prompt=True)
+    stops = json.loads((chat_data / f"hf-{kind}" / "generation_config.json").read_text())["eos_token_id"]
+    assert meta["chat_template"]["end_id"] in (stops if isinstance(stops, list) else [stops])  # generate() ends turns
