@@ -17,7 +17,7 @@ import torch
 
 from checkpoint import load_for_inference
 from common import SAMPLING_RULES, autocast, pick_device, pick_dtype
-from configurator import check, configure, die
+from configurator import NON_NEGATIVE, check, configure, die
 from generate import controls, generate_stream
 from sft import template_for
 from tokenizer import StreamDecoder
@@ -41,6 +41,7 @@ seed = 1337  # random seed
 device = ""  # cpu | cuda | mps; '' picks cuda > mps > cpu
 dtype = "auto"  # float32 | bfloat16 | float16 | auto
 ema = False  # chat with the run's moving average of the weights (trained with --ema_decay)
+block_size = 0  # a shorter context than the model's, for a smaller KV cache (0 = the model's)
 # -----------------------------------------------------------------------------
 
 SETTABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens",
@@ -194,13 +195,14 @@ def keys_held(active):
 
 def main():
     config, _ = configure(globals())
-    check(config, SAMPLING_RULES)
+    check(config, dict(SAMPLING_RULES, block_size=NON_NEGATIVE))
     config["device"] = pick_device(device)
     config["dtype"] = pick_dtype(dtype, config["device"])
     config["interactive"] = interactive = sys.stdin.isatty()
     if interactive:  # Ctrl-C raises KeyboardInterrupt even when started with SIGINT ignored (as from a script)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    model, tokenizer = load_for_inference(out_dir if init_from == "resume" else init_from, config["device"], ckpt, ema)
+    source = out_dir if init_from == "resume" else init_from
+    model, tokenizer = load_for_inference(source, config["device"], ckpt, ema, block_size)
     try:
         tokenizer.encode(system_prompt + user_prefix + assistant_prefix)
     except ValueError as e:  # once, here, rather than every turn
@@ -215,7 +217,7 @@ def main():
             import readline  # noqa: F401  (line editing and history where available)
         except ImportError:
             pass
-        write(f"chatting with {out_dir} ({model.num_params() / 1e6:.1f}M parameters, context {model.config.block_size} "
+        write(f"chatting with {source} ({model.num_params() / 1e6:.1f}M parameters, context {model.config.block_size} "
               f"tokens). /help for commands, /exit to leave.\n")
     while True:
         try:

@@ -6,6 +6,7 @@ or a warm start takes from it. train.py, sample.py, chat.py, report.py and conve
 
 import os
 import pickle
+import sys
 
 import torch
 from tokenizers import Tokenizer
@@ -17,6 +18,7 @@ from hf import GPT2_META, HUB_MODELS, IGNORED, from_hf_folder, hub_folder
 from model import GPT, MODEL_FIELDS, PRESETS, GPTConfig, config_from_dict
 from tokenizer import check_tokenizer, describe_vocab
 
+KV_NOTE_BYTES = 2**30  # load_for_inference notes a KV cache larger than this, per sequence
 SOURCES = "a run folder, a checkpoint file, gpt2 | gpt2-medium | gpt2-large | gpt2-xl, hf:ORG/NAME or hf:FOLDER"
 
 
@@ -64,21 +66,33 @@ def build_model(record, device, **overrides):
     return model.to(device)
 
 
-def load_model(spec, device, name="", ema=False):
+def load_model(spec, device, name="", ema=False, block_size=0):
     """(model in eval mode, meta, record) for any source; ema=True takes a run's moving average of the weights
-    (train.py --ema_decay)."""
+    (train.py --ema_decay); block_size > 0 shortens the context (and the KV cache) below the model's."""
     record = load_source(spec, name=name)
     if ema:
         if not record.get("ema"):
             die(f"{spec} holds no EMA weights; train with --ema_decay=0.999 (say), or drop --ema")
         record["model"] = {k.removeprefix("module."): v for k, v in record["ema"].items() if k != "n_averaged"}
+    if block_size:
+        try:
+            config, record["model"] = warm_start(record, dict(block_size=block_size))
+        except ValueError as e:
+            die(str(e))
+        record["model_config"] = vars(config)
     return build_model(record, device).eval(), record["meta"], record
 
 
-def load_for_inference(spec, device, name="", ema=False):
+def load_for_inference(spec, device, name="", ema=False, block_size=0):
     """(model in eval mode, tokenizer): all sample.py and chat.py need; the tokenizer carries the checkpoint's meta
-    (a chat template, for a model fine-tuned on conversations or imported with its own)."""
-    model, meta, _ = load_model(spec, device, name, ema)
+    (a chat template, for a model fine-tuned on conversations or imported with its own). A note on stderr when the
+    KV cache of one sequence would take over KV_NOTE_BYTES."""
+    model, meta, _ = load_model(spec, device, name, ema, block_size)
+    cfg = model.config
+    cache = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * cfg.block_size * next(model.parameters()).element_size()
+    if cache > KV_NOTE_BYTES:
+        print(f"note: the KV cache takes {cache / 2**30:.1f} GiB per sequence at the model's block_size="
+              f"{cfg.block_size}; --block_size={min(cfg.block_size // 4, 4096)} lowers it", file=sys.stderr)
     try:
         tokenizer = check_tokenizer(meta or {})
     except ValueError as e:
@@ -200,9 +214,9 @@ def vocab_fits(model_meta, data_meta, where, dataset):
 
 
 def warm_start(source, overrides):
-    """(GPTConfig, state dict) to start a run from `source`: its architecture with the given fields overridden
-    (dropout, and block_size lowered as nanoGPT crops it; learned positions cannot grow; a larger vocab_size adds
-    embedding rows, each the mean of the learned ones, for the tokens an extended vocabulary adds)."""
+    """(GPTConfig, state dict) to start a run (or a shorter context) from `source`: its architecture with the given
+    fields overridden (dropout, and block_size lowered as nanoGPT crops it; learned positions cannot grow; a larger
+    vocab_size adds embedding rows, each the mean of the learned ones, for the tokens an extended vocabulary adds)."""
     fields = {k: v for k, v in source["model_config"].items() if k in MODEL_FIELDS}
     overrides = dict(overrides)
     if "model_type" in overrides:

@@ -287,6 +287,16 @@ def meta_from_hf(folder, arch, vocab_size):
     return meta
 
 
+def tokenizer_meta(folder):
+    """The meta of a Hugging Face folder's tokenizer alone (prepare_bpe.py --tokenizer=hf:...)."""
+    config = os.path.join(folder, "config.json")
+    arch = read_json(config, "config.json").get("model_type") if os.path.isfile(config) else None
+    meta = meta_from_hf(folder, arch, 0)
+    if meta is None:
+        die(f"{folder} has no tokenizer.json; give a model folder (or hub id) that has one")
+    return meta
+
+
 def chat_template_meta(folder, tok):
     """A Hugging Face folder's chat template (tokenizer_config.json's chat_template, chat_template.jinja or
     chat_template.json), the special tokens it may name and the ids that end a turn (its eos_token and

@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from configurator import POSITIVE, check, configure, die
 from dataset import atomic_write, check_out_dir, find_documents, make_out_dir, read_json, token_dtype, write_json
-from sft import CHAT_TOKENS, is_chat_input, make_template, read_conversations, write_chat_dataset
-from tokenizer import BOS, EOS, UNK, BPETokenizer, TiktokenTokenizer, gpt2_encoding
+from hf import hub_folder, tokenizer_meta
+from sft import CHAT_TOKENS, is_chat_input, make_template, read_conversations, template_for, write_chat_dataset
+from tokenizer import BOS, EOS, UNK, BPETokenizer, TiktokenTokenizer, check_tokenizer, gpt2_encoding
 
 # -----------------------------------------------------------------------------
 input = "pydocs"  # pydocs | shakespeare | a .txt file | a folder of *.txt | a URL | a .parquet file or folder of them
@@ -257,6 +258,7 @@ if __name__ == "__main__":
             die(f"--input={input} is empty; give a text with some content")
 
     # the tokenizer
+    hub = {}  # a given tokenizer's meta (hf: or a tokenizer.json): its text, names, chat template, stop ids
     if tokenizer == "gpt2":
         tok, kind = TiktokenTokenizer(gpt2_encoding()), "gpt2"
     elif tokenizer in ("bpe", "word"):
@@ -264,29 +266,47 @@ if __name__ == "__main__":
         what = "a byte-level BPE" if tokenizer == "bpe" else "a word-level vocabulary"
         print(f"training {what} with {size:,} tokens on {n_bytes / 1e6:.1f} MB")
         tok, kind = train_tokenizer(docs, make_rows(), size, word=tokenizer == "word"), "bpe"
+    elif tokenizer.startswith("hf:"):  # a model's own tokenizer, with its names, chat template and stop ids
+        hub = tokenizer_meta(hub_folder(tokenizer))
+        tok, kind = check_tokenizer(hub), hub["tokenizer"]
     elif os.path.isfile(tokenizer) and tokenizer.endswith(".json"):
+        with open(tokenizer, encoding="utf-8") as f:
+            hub = dict(tokenizer="bpe", tokenizer_json=f.read())
         try:
-            tok, kind = BPETokenizer(Tokenizer.from_file(tokenizer)), "bpe"
-        except Exception as e:  # JSON that is not a tokenizer, or not JSON
-            die(f"--tokenizer={tokenizer} is not a Hugging Face tokenizer.json ({type(e).__name__}: {e})")
+            tok, kind = check_tokenizer(hub), "bpe"
+        except ValueError as e:  # JSON that is not a tokenizer, or not JSON, or one that cannot tokenize
+            die(f"--tokenizer={tokenizer} is not a usable Hugging Face tokenizer.json ({e})")
     else:
-        die(f"--tokenizer={tokenizer!r} is not bpe, word, gpt2 or an existing tokenizer.json file")
+        die(f"--tokenizer={tokenizer!r} is not bpe, word, gpt2, hf:ORG/NAME, hf:FOLDER or an existing tokenizer.json")
+    if kind == "char":
+        die(f"--tokenizer={tokenizer} is a character vocabulary; prepare the data with prepare_char.py")
+    tokenizer_json = hub.get("tokenizer_json")  # written verbatim: a warm start compares it with the model's
+    names = {k: hub[k] for k in ("bos_token", "eos_token", "special_tokens", "stop_ids", "chat_template") if k in hub}
     suffix = tokenizer if tokenizer in ("gpt2", "word") else "bpe"
     out_dir = out_dir or os.path.join("data", f"{name}_{suffix}")
     check_out_dir(out_dir, source)
-    if conversations is not None:
+    if conversations is not None and "chat_template" in hub:  # the model's own template
+        template = template_for(hub, tok)
+    elif conversations is not None:
+        if tokenizer.startswith("hf:"):
+            die(f"--tokenizer={tokenizer} has no chat template, and conversations need one: pick a chat (-Instruct) "
+                f"model's tokenizer, or let prepare_bpe.py train a BPE with its own")
         if kind == "bpe" and None in map(tok.tok.token_to_id, CHAT_TOKENS):  # an older BPE: chat tokens added after it
+            tokenizer_json = None
             tok.tok.add_special_tokens(list(CHAT_TOKENS))
             tok = BPETokenizer(tok.tok)
             print(f"added {', '.join(CHAT_TOKENS)} to the tokenizer (ids from {tok.vocab_size - len(CHAT_TOKENS)}); "
                   f"a model "
                   f"trained with the old one grows its embeddings for them when it is warm-started on this data")
         template = make_template(tok, kind)
+    tokenizer_json = tokenizer_json or (tok.tok.to_str(pretty=True) if kind == "bpe" else None)
+    if conversations is not None:
         make_out_dir(out_dir)
         if kind == "bpe":
-            atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda f: f.write(tok.tok.to_str(pretty=True)))
+            atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda f: f.write(tokenizer_json))
         meta = dict(tokenizer=kind, tokenizer_file="tokenizer.json" if kind == "bpe" else None,
-                    word_level=getattr(tok, "word_level", False), bos_id=tok.bos_id, eos_id=tok.eos_id, source=source)
+                    word_level=getattr(tok, "word_level", False), bos_id=tok.bos_id, eos_id=tok.eos_id, source=source,
+                    **names)
         write_chat_dataset(out_dir, conversations, tok, template, meta, val_fraction, split, seed)
         raise SystemExit
     dtype = np.dtype(token_dtype(tok.vocab_size))
@@ -344,10 +364,10 @@ if __name__ == "__main__":
     for s in ("train", "val"):
         os.replace(tmp[s], os.path.join(out_dir, f"{s}.bin"))
     if kind == "bpe":
-        atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda f: f.write(tok.tok.to_str(pretty=True)))
+        atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda f: f.write(tokenizer_json))
     meta = dict(tokenizer=kind, tokenizer_file="tokenizer.json" if kind == "bpe" else None,
                 word_level=getattr(tok, "word_level", False), vocab_size=tok.vocab_size, dtype=dtype.name,
-                bos_id=tok.bos_id, eos_id=tok.eos_id, bos_eos=not no_bos_eos,
+                bos_id=tok.bos_id, eos_id=tok.eos_id, bos_eos=not no_bos_eos, **names,
                 train_tokens=counts["train"], val_tokens=counts["val"], train_bytes=nbytes["train"],
                 val_bytes=nbytes["val"],
                 documents=n_docs, source=source, split=split, val_fraction=val_fraction, seed=seed)

@@ -15,7 +15,7 @@ import torch
 
 from checkpoint import load_for_inference
 from common import DTYPES, SAMPLING_RULES, pick_device, pick_dtype
-from configurator import POSITIVE, check, configure, die
+from configurator import NON_NEGATIVE, POSITIVE, check, configure, die
 from generate import compile_decode, controls, generate_stream
 from tokenizer import StreamDecoder
 
@@ -38,6 +38,7 @@ seed = 1337  # random seed (the same seed and settings give the same text)
 device = ""  # cpu | cuda | mps; '' picks cuda > mps > cpu
 dtype = "auto"  # float32 | bfloat16 | float16 (the weights are converted) | auto (bfloat16 on GPUs, float32 on CPU)
 ema = False  # sample from the run's moving average of the weights (trained with --ema_decay)
+block_size = 0  # a shorter context than the model's, for a smaller KV cache (0 = the model's)
 compile = False  # torch.compile the one-token decode step (start-up cost, then faster tokens)
 # -----------------------------------------------------------------------------
 
@@ -61,7 +62,7 @@ def encode_prompt(tokenizer, text):
 
 if __name__ == "__main__":
     config, _ = configure(globals())
-    check(config, dict(SAMPLING_RULES, num_samples=POSITIVE))
+    check(config, dict(SAMPLING_RULES, num_samples=POSITIVE, block_size=NON_NEGATIVE))
     prompt = prompt or start
     if prompt.startswith("FILE:"):
         path = prompt[5:]
@@ -71,7 +72,8 @@ if __name__ == "__main__":
             prompt = f.read()
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    model, tokenizer = load_for_inference(out_dir if init_from == "resume" else init_from, device, ckpt, ema)
+    model, tokenizer = load_for_inference(out_dir if init_from == "resume" else init_from, device, ckpt, ema,
+                                          block_size)
     model = model.to(DTYPES[dtype])  # bfloat16/float16 weights: half the bytes to read per token
     ids = encode_prompt(tokenizer, prompt)
     if len(ids) >= model.config.block_size:
