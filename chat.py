@@ -19,8 +19,8 @@ from checkpoint import load_for_inference
 from common import SAMPLING_RULES, autocast, pick_device, pick_dtype
 from configurator import NON_NEGATIVE, check, configure, die
 from generate import controls, generate_stream
-from sft import template_for
-from tokenizer import StreamDecoder
+from sft import fit_conversation, template_for
+from tokenizer import TextStream
 
 # -----------------------------------------------------------------------------
 out_dir = "out-char-tiny"  # the training run to chat with
@@ -56,11 +56,6 @@ HELP = """commands:
   /help            this text"""
 
 
-def held_back(text, stops):
-    """How many trailing characters of text could be the start of a stop string (so are not printed yet)."""
-    return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-
-
 class Chat:
     """A conversation: with a chat template (a model fine-tuned on conversations, see sft.py) turns are rendered
     as in training and a reply ends at the template's end token; a base model continues a plain transcript of
@@ -72,6 +67,7 @@ class Chat:
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(settings["seed"])
         self.template = template_for(getattr(tokenizer, "meta", None), tokenizer, settings["user_prefix"],
                                      settings["assistant_prefix"])
+        self.seen, self.dropped = [], 0  # the ids of the last prompt and reply; messages the context left out
 
     def messages(self, pending=None):
         """The conversation as (system messages, turn messages), `pending` (a new user message) last."""
@@ -80,57 +76,56 @@ class Chat:
         return system, turns + ([dict(role="user", content=pending)] if pending is not None else [])
 
     def transcript(self):
-        """Token ids of the conversation so far, as the model sees it."""
+        """Token ids of the whole conversation so far, rendered (not cut to the context)."""
         system, turns = self.messages()
         return self.template.encode(system + turns)
 
     def prompt_ids(self, message):
         """The conversation and the new message, rendered for a reply and cut to fit block_size with room for the
-        reply: the oldest turns go first; a message too long on its own loses its start (the system prompt stays)."""
+        reply (sft.fit_conversation), with a note for what no longer fits."""
         system, turns = self.messages(message)
         block = self.model.config.block_size
         budget = max(block - self.s["max_new_tokens"], block // 2)
-        for first in range(0, len(turns), 2):  # drop whole (user, assistant) pairs, oldest first
-            ids = self.template.encode(system + turns[first:], add_generation_prompt=True)
-            if len(ids) <= budget:
-                return ids
-        head = len(self.template.encode(system)) if system else 0
-        cut = len(ids) - budget
-        self.write(f"(note: your message is longer than the {budget} tokens of context left for it; its first "
-                   f"{cut} tokens were left out)\n")  # on a line of its own, before the reply starts
-        return ids[:head] + ids[head + cut:]
+        ids, dropped, cut = fit_conversation(self.template, system + turns, budget)
+        if dropped > self.dropped:  # on a line of its own, before the reply starts
+            self.write(f"(note: the {dropped} oldest messages no longer fit in the model's {block}-token context; it "
+                       f"does not see them)\n")
+        self.dropped = dropped
+        if cut:
+            self.write(f"(note: your message is longer than the {budget} tokens of context left for it; its first "
+                       f"{cut} tokens were left out)\n")
+        return ids
 
     def reply(self, message):
         """Stream the model's reply to message; return the reply text (cut at a stop string)."""
+        if hasattr(self.tokenizer, "known"):  # a character vocabulary: leave out what it lacks, and say so
+            message, missing = self.tokenizer.known(message)
+            if missing:
+                print(f"(note: left out characters the model does not know: {' '.join(map(repr, missing))})",
+                      file=sys.stderr)
         try:
             ids = self.prompt_ids(message)
-        except ValueError as e:  # characters a char-level vocabulary lacks, a template that refuses the turn
+        except ValueError as e:  # a template that refuses the turn
             print(f"(skipped: {e})", file=sys.stderr)
             return None
         x = torch.tensor([ids], dtype=torch.long, device=self.generator.device)
         self.write(self.s["assistant_prefix"] if self.s.get("interactive") else "")
-        decoder, text, printed, hits = StreamDecoder(self.tokenizer), "", 0, []
-        s = self.s
+        stream, s, stopped, reply = TextStream(self.tokenizer, self.template.stop_strings), self.s, "", []
         try:
             with torch.no_grad(), autocast(str(self.generator.device), s["dtype"]), keys_held(s.get("interactive")):
-                stops = self.template.stop_strings
                 for token in generate_stream(self.model, x, s["max_new_tokens"], eos_id=self.template.stop_ids,
                                              generator=self.generator, **controls(s)):
-                    if token.item() in self.template.stop_ids:
+                    reply.append(token.item())
+                    if token.item() in self.template.stop_ids:  # the end of the turn, which /history shows too
                         break
-                    text += decoder.push(token.item())
-                    hits = [text.find(stop) for stop in stops if stop in text]
-                    if hits:
-                        text = text[:min(hits)]
+                    self.write(stream.push(token.item()))
+                    if stream.stopped:
                         break
-                    safe = len(text) - held_back(text, stops)
-                    self.write(text[printed:safe])
-                    printed = safe
         except KeyboardInterrupt:  # Ctrl-C stops this reply only
-            pass
-        text += "" if hits else decoder.flush()
-        self.write(text[printed:] + "\n")
-        text = text.strip()
+            stopped = " (stopped)"
+        self.write(stream.flush() + stopped + "\n")
+        self.seen = ids + reply  # what /history shows: the context the model saw, and its reply
+        text = stream.text.strip()
         self.turns.append((message, text))
         return text
 
@@ -140,10 +135,10 @@ class Chat:
         if cmd in ("/exit", "/quit"):
             return False
         if cmd == "/reset":
-            self.turns = []
+            self.turns, self.seen, self.dropped = [], [], 0
             self.write("(conversation cleared)\n")
-        elif cmd == "/history":
-            text = self.tokenizer.decode(self.transcript())
+        elif cmd == "/history":  # what the model sees: the context of the last reply (cut to fit), and the reply
+            text = self.tokenizer.decode(self.seen or self.template.encode(self.messages()[0]))
             self.write(text if text.endswith("\n") else text + "\n")
         elif cmd == "/set":
             key, eq, value = arg.strip().partition("=")

@@ -43,12 +43,19 @@ class KVCache:
         if self.history.size(1):
             self.history.copy_(torch.cat([self.history, idx], dim=1)[:, -self.history.size(1):])
 
-    def row(self, b):
-        """Row b alone, sharing this cache's memory: a forward through it fills that row only (a prefill)."""
+    def rows(self, start, stop):
+        """Rows start..stop-1 alone, sharing this cache's memory: a forward through them fills those rows only (a
+        prefill of one row, or a decode step of the first n)."""
         view = copy.copy(self)
-        view.k, view.v = self.k[:, b:b + 1], self.v[:, b:b + 1]
-        view.pos, view.history = self.pos[b:b + 1], self.history[b:b + 1]
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.pos, view.history = self.pos[start:stop], self.history[start:stop]
         return view
+
+    def move(self, src, dst):
+        """Row src's sequence into row dst (a server keeps its live rows first)."""
+        for t in (self.k, self.v):
+            t[:, dst] = t[:, src]
+        self.pos[dst], self.history[dst] = self.pos[src], self.history[src]
 
     def reset(self, b):
         """Empty row b (its old keys stay in memory, hidden: a slot is read only after it is written again)."""
@@ -73,7 +80,7 @@ def prefill(model, cache, b, ids):
     """Empty row b and fill it with ids (T,) (at most block_size): a new sequence joins the batch, the others go on."""
     cache.reset(b)
     if len(ids):
-        step(model, ids[None], cache.row(b))
+        step(model, ids[None], cache.rows(b, b + 1))
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=1.0,

@@ -221,6 +221,23 @@ class Transcript(Template):
         return bos + self.tokenizer.encode(self.render(messages, add_generation_prompt))
 
 
+def fit_conversation(template, messages, budget):
+    """The ids of messages rendered for a reply, cut to fit `budget` tokens: the oldest messages after the system
+    ones go first (never leaving an assistant message first); a last message too long on its own loses its start,
+    the system prompt stays. Returns (ids, messages dropped, tokens cut). chat.py and serve.py both cut this way."""
+    system = [m for m in messages if m["role"] == "system"][:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    for first in range(len(turns)):
+        if first and turns[first]["role"] == "assistant":
+            continue
+        ids = template.encode(system + turns[first:], add_generation_prompt=True)
+        if len(ids) <= budget:
+            return ids, first, 0
+    head = len(template.encode(system)) if system else 0
+    cut = len(ids) - budget
+    return ids[:head] + ids[head + cut:], len(turns) - 1, cut
+
+
 def template_for(meta, tokenizer, user_prefix="User: ", assistant_prefix="Assistant: "):
     """The template a checkpoint (or dataset) was trained with: ours, the imported model's own, or for a base model
     the plain transcript."""

@@ -28,6 +28,11 @@ class CharTokenizer:
         """A rendered chat template's text as ids (a character vocabulary has no special tokens to parse)."""
         return self.encode(text)
 
+    def known(self, text):
+        """text without the characters the vocabulary lacks, and those characters (sorted)."""
+        missing = sorted(set(text) - self.stoi.keys())
+        return "".join(c for c in text if c in self.stoi), missing
+
     def encode(self, text):
         missing = sorted(set(text) - self.stoi.keys())
         if missing:
@@ -152,6 +157,39 @@ def describe_vocab(meta):
     known = {"char": f"{meta['vocab_size']} characters", "gpt2": "GPT-2's tokens"}
     kind = "word-level vocabulary" if meta.get("word_level") else "BPE"
     return known.get(meta["tokenizer"], f"a {meta['vocab_size']}-token {kind}")
+
+
+def held_back(text, stops):
+    """How many trailing characters of text could be the start of a stop string (so are not shown yet)."""
+    return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+class TextStream:
+    """Token ids in, text out as soon as it is final: never half a UTF-8 character (StreamDecoder), never a stop
+    string or what may be the start of one. `stopped` turns true when a stop string appears; the text ends there."""
+
+    def __init__(self, tokenizer, stops=()):
+        self.decoder, self.stops = StreamDecoder(tokenizer), list(stops)
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def push(self, token_id):
+        """Add a token; return the text that became final (possibly empty)."""
+        self.text += self.decoder.push(token_id)
+        hits = [self.text.find(s) for s in self.stops if s in self.text]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            return self.take(len(self.text))
+        return self.take(len(self.text) - held_back(self.text, self.stops))
+
+    def flush(self):
+        """The rest, at the end of the stream."""
+        if not self.stopped:
+            self.text += self.decoder.flush()
+        return self.take(len(self.text))
+
+    def take(self, upto):
+        new, self.sent = self.text[self.sent:upto], max(self.sent, upto)
+        return new
 
 
 class StreamDecoder:

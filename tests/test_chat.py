@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import chat as chat_module
-from chat import Chat, held_back
+from chat import Chat
 from conftest import ROOT, run
-from tokenizer import CharTokenizer
+from tokenizer import CharTokenizer, held_back
 
 
 def chat_settings(**changes):
@@ -25,26 +25,27 @@ def chat_settings(**changes):
 
 
 def test_piped_session_turns_commands_and_transcript(trained):
-    script = ("hello\n/set temperature=0\n/set max_new_tokens=30\nwhat is a list\n/history\n/reset\n/history\nbye\n"
-              "/exit\nnot read\n")
-    out = run("chat.py", "--out_dir=out-tiny", "--system_prompt=Docs chat.", "--device=cpu", input=script,
-              cwd=trained).stdout
+    """The model's context is 32 characters: with 4 for the reply, the second turn no longer has room for the first,
+    which is dropped with a note; /history shows exactly what the model saw, and its reply."""
+    script = "/set temperature=0\n/set max_new_tokens=4\nhi\nlist\n/history\n/reset\n/history\nbye\n/exit\nnot read\n"
+    out = run("chat.py", "--out_dir=out-tiny", "--system_prompt=D", "--device=cpu", input=script, cwd=trained).stdout
     assert "You:" not in out  # no prompt decoration when stdin is not a terminal
-    assert "(temperature = 0.0)" in out and "(max_new_tokens = 30)" in out
-    history = out.split("(max_new_tokens = 30)\n")[1]
-    assert "Docs chat.\nUser: hello\nAssistant:" in history and "User: what is a list\nAssistant:" in history
-    after_reset = out.split("(conversation cleared)\n")[1]
-    assert "User: hello" not in after_reset
+    assert "(temperature = 0.0)" in out and "(max_new_tokens = 4)" in out
+    history = out.split("(max_new_tokens = 4)\n")[1]
+    assert "(note: the 2 oldest messages no longer fit in the model's 32-token context" in history
+    seen = history.split("does not see them)\n")[1].split("(conversation cleared)")[0]
+    assert "D\nUser: list\nAssistant:" in seen and "User: hi" not in seen
+    assert out.split("(conversation cleared)\n")[1].startswith("D\n")  # after /reset: the system prompt alone
     assert "not read" not in out
     # greedy replies are reproducible
-    again = run("chat.py", "--out_dir=out-tiny", "--system_prompt=Docs chat.", "--device=cpu", input=script,
-                cwd=trained).stdout
-    assert again.split("(max_new_tokens = 30)\n")[1] == history
+    again = run("chat.py", "--out_dir=out-tiny", "--system_prompt=D", "--device=cpu", input=script, cwd=trained).stdout
+    assert again.split("(max_new_tokens = 4)\n")[1] == history
 
 
-def test_unknown_characters_skip_the_turn_not_the_session(trained):
+def test_unknown_characters_are_left_out_with_a_note_and_the_turn_is_answered(trained):
     proc = run("chat.py", "--out_dir=out-tiny", "--max_new_tokens=5", input="snow ☃\n/history\n", cwd=trained)
-    assert "☃" in proc.stderr and "Traceback" not in proc.stderr and "User: snow" not in proc.stdout
+    assert "☃" in proc.stderr and "left out" in proc.stderr and "Traceback" not in proc.stderr
+    assert "User: snow \nAssistant:" in proc.stdout
 
 
 def test_the_context_keeps_the_system_prompt_and_the_newest_turns():
@@ -55,9 +56,11 @@ def test_the_context_keeps_the_system_prompt_and_the_newest_turns():
     chat = Chat(ScriptedModel(tok, " ok", block_size=80), tok, settings, write=notes.append)
     chat.turns = [("aaaa", "ok"), ("bbbb", "ok"), ("cccc", "ok")]
     assert tok.decode(chat.prompt_ids("dddd")) == "S\nUser: cccc\nAssistant: ok\nUser: dddd\nAssistant:"
-    assert not notes
+    assert notes == ["(note: the 4 oldest messages no longer fit in the model's 80-token context; it does not see "
+                     "them)\n"]  # said once, while no more drop out
+    assert chat.prompt_ids("dddd") and len(notes) == 1
     ids = chat.prompt_ids("z" * 50)  # 69 tokens alone: its first 19 go
-    assert tok.decode(ids) == "S\n" + "z" * 37 + "\nAssistant:" and "first 19 tokens were left out" in notes[0]
+    assert tok.decode(ids) == "S\n" + "z" * 37 + "\nAssistant:" and "first 19 tokens were left out" in notes[-1]
 
 
 def test_long_history_is_cut_to_the_block(trained):
@@ -151,13 +154,13 @@ def test_interactive_terminal_session(trained):
         proc.kill()
         os.close(master)
     history = seen.split(b"/history")[-1]
-    assert b"User: hello" in history and b"half a line" not in history  # the turn before Ctrl-C is still there
+    assert b"hello\r\nAssistant:" in history and b"half a line" not in history  # the turn before Ctrl-C is still there
     assert b"Assistant: " in seen and b"/help" in seen and b"Traceback" not in seen
 
 
-def test_quick_start_context_keeps_recent_turns_without_notes():
+def test_quick_start_context_keeps_recent_turns_and_says_when_old_ones_drop():
     """The quick-start shape (block 256, max_new_tokens 200): half the block stays for the conversation, so a
-    long chat keeps its newest turns and a normal message gets no note."""
+    long chat keeps its newest turns, says when older ones drop out, and a normal message is never cut."""
     tok = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyzSUA:!? \n")))
     printed = []
     settings = chat_settings(system_prompt="", max_new_tokens=200, temperature=1.0)
@@ -165,6 +168,7 @@ def test_quick_start_context_keeps_recent_turns_without_notes():
     for letter in "abcdefgh":
         chat.reply(f"what is a list {letter}?")
     text = tok.decode(chat.prompt_ids("and a dict?"))
-    assert len(text) <= 128 and "(note" not in "".join(printed)
+    notes = [p for p in printed if p.startswith("(note")]
+    assert len(text) <= 128 and notes and all("no longer fit" in n for n in notes)
     assert text.endswith("User: and a dict?\nAssistant:") and "list h?\nAssistant: sure thing!" in text
     assert "list a?" not in text

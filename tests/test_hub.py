@@ -176,7 +176,8 @@ def test_fine_tune_an_imported_model_in_its_template_chat_and_export(hub, tmp_pa
         *args, cwd=tmp_path, env=env)
     out = run("chat.py", "--out_dir=out-chat", "--temperature=0", "--max_new_tokens=12", cwd=tmp_path,
               input="\n".join(PAIRS) + "\n").stdout
-    assert out.splitlines() == list(PAIRS.values()), out  # each reply ended at <|im_end|>, none ran on
+    replies = [line for line in out.splitlines() if not line.startswith("(note")]
+    assert replies == list(PAIRS.values()), out  # each reply ended at <|im_end|>, none ran on
 
     run("convert.py", "--out_dir=out-chat", "--to=hf", "--dest=hf-chat", cwd=tmp_path)
     exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf-chat")).eval()

@@ -201,7 +201,7 @@ def test_token_level_train_sample_and_chat(bpe_data):
     try:
         out = run("sample.py", "--out_dir=out-bpe", "--prompt=First 😀", "--max_new_tokens=20", cwd=bpe_data).stdout
         assert out.startswith("First 😀") and "<|" not in out
-        reply = run("chat.py", "--out_dir=out-bpe", "--max_new_tokens=10", input="héllo 中文\n/history\n",
+        reply = run("chat.py", "--out_dir=out-bpe", "--max_new_tokens=4", input="héllo 中文\n/history\n",
                     cwd=bpe_data).stdout
         assert "User: héllo 中文\nAssistant:" in reply
     finally:
