@@ -17,7 +17,7 @@ from checkpoint import load_for_inference
 from common import DTYPES, SAMPLING_RULES, pick_device, pick_dtype
 from configurator import NON_NEGATIVE, POSITIVE, check, configure, die
 from generate import compile_decode, controls, generate_stream
-from tokenizer import StreamDecoder
+from tokenizer import StreamDecoder, encode_prompt
 
 # -----------------------------------------------------------------------------
 out_dir = "out-char-tiny"  # the training run to sample from
@@ -41,23 +41,6 @@ ema = False  # sample from the run's moving average of the weights (trained with
 block_size = 0  # a shorter context than the model's, for a smaller KV cache (0 = the model's)
 compile = False  # torch.compile the one-token decode step (start-up cost, then faster tokens)
 # -----------------------------------------------------------------------------
-
-
-def encode_prompt(tokenizer, text):
-    """Token ids for the prompt, primed with BOS when the tokenizer has one; stops with one line
-    listing any characters the vocabulary lacks."""
-    try:
-        ids = tokenizer.encode(text)
-    except ValueError as e:
-        die(f"the prompt has {e}; rephrase it with characters the model knows")
-    if tokenizer.bos_id is not None:
-        ids = [tokenizer.bos_id] + ids
-    if not ids:  # a char model with an empty prompt: start from a newline, or token 0
-        try:
-            ids = tokenizer.encode("\n")[:1] or [0]
-        except ValueError:
-            ids = [0]
-    return ids
 
 
 if __name__ == "__main__":

@@ -192,6 +192,23 @@ class TextStream:
         return new
 
 
+def encode_prompt(tokenizer, text):
+    """Token ids for the prompt, primed with BOS when the tokenizer has one; stops with one line
+    listing any characters the vocabulary lacks."""
+    try:
+        ids = tokenizer.encode(text)
+    except ValueError as e:  # sample.py stops here; serve.py leaves such characters out first
+        die(f"the prompt has {e}; rephrase it with characters the model knows")
+    if tokenizer.bos_id is not None:
+        ids = [tokenizer.bos_id] + ids
+    if not ids:  # a char model with an empty prompt: start from a newline, or token 0
+        try:
+            ids = tokenizer.encode("\n")[:1] or [0]
+        except ValueError:
+            ids = [0]
+    return ids
+
+
 class StreamDecoder:
     """Turn token ids arriving one at a time into text: holds back output while the tail is an
     incomplete multi-byte character (byte-level BPE splits them across tokens)."""
