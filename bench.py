@@ -22,17 +22,21 @@ from `args`): one training step (forward, backward, AdamW) on random tokens, or 
 """
 
 import ast
+import concurrent.futures
 import csv
 import itertools
+import json
 import math
 import os
 import re
 import shlex
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import torch
 from tokenizers import Tokenizer
@@ -44,7 +48,7 @@ from generate import compile_decode, generate
 from model import GPT, MODEL_FIELDS, config_from_preset
 
 # -----------------------------------------------------------------------------
-mode = "train"  # train | prepare | corpus | step | sample
+mode = "train"  # train | prepare | corpus | step | sample | serve
 args = "config/char_tiny.py"  # train.py (or prepare_bpe.py) arguments shared by every variant; corpus: the folder
 corpus_mb = 100  # corpus mode: size of the corpus to write
 variants = [""]  # extra train.py arguments per variant; the first is the baseline
@@ -59,6 +63,8 @@ steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
 new_tokens = 500
 # step/sample modes: cpu | cuda | mps (step variants: --dtype=bfloat16, --compile=True, --optimizer=muon)
 device = "cpu"
+clients = [1, 4, 16, 64]  # serve mode: concurrent streaming clients per load (args: serve.py's arguments)
+peer = ""  # serve mode: a Hugging Face folder (convert.py --to=hf) whose transformers generate() is timed as the peer
 # -----------------------------------------------------------------------------
 # step mode: train.py's optimizer settings
 TRAIN_OPTIMIZER = dict(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, muon_lr=0.02,
@@ -198,6 +204,85 @@ def bench_model():
               f"(at most {1000 / ms:,.0f} tokens/s, {1000 / ms / base:.1f}x the first variant)")
 
 
+def stream_one(url, prompt, tokens):
+    """One streaming completion: (seconds to the first text, tokens made, error or None)."""
+    body = json.dumps(dict(prompt=prompt, max_tokens=tokens, stream=True, stream_options=dict(include_usage=True)))
+    t0, first, made = time.perf_counter(), None, 0
+    try:
+        request = urllib.request.Request(url + "/v1/completions", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for line in response:
+                if not line.startswith(b"data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if first is None and event["choices"] and event["choices"][0]["text"]:
+                    first = time.perf_counter() - t0
+                made = (event.get("usage") or {}).get("completion_tokens", made)
+    except (OSError, ValueError) as e:
+        return None, 0, f"{type(e).__name__}: {e}"
+    return first, made, None if made == tokens else f"{made} of {tokens} tokens"
+
+
+def bench_serve():
+    """A load test of serve.py: for each number of concurrent streaming clients (round-robin over runs), each asking
+    for new_tokens tokens: total tokens/s, time to the first token (median, p95) and errors; with --peer, the same
+    requests through transformers' generate() served one at a time."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, os.path.join(HERE, "serve.py"), *shlex.split(args), f"--port={port}",
+               f"--max_batch={max(clients)}"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    die(f"serve.py {args} failed: {server.stderr.read().strip().splitlines()[-1:]}")
+                time.sleep(0.2)
+        stream_one(url, "The ", 8)  # warm up
+        rates, firsts, errors = ({c: [] for c in clients} for _ in range(3))
+        for _ in range(runs):
+            for c in clients:
+                t0 = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(c) as pool:
+                    done = list(pool.map(lambda i: stream_one(url, "The ", new_tokens), range(c)))
+                rates[c].append(sum(made for _, made, _ in done) / (time.perf_counter() - t0))
+                firsts[c] += [first for first, _, err in done if first is not None]
+                errors[c] += [err for *_, err in done if err]
+                print(f"{c} clients: {rates[c][-1]:,.0f} tokens/s, {len(errors[c])} errors", file=sys.stderr)
+    finally:
+        server.terminate()
+        server.wait()
+    base = statistics.median(rates[clients[0]])
+    print(f"serve.py {args} — {new_tokens} new tokens per client, medians of {runs} runs")
+    print("| clients | total tokens/s | vs 1 client | first token median (s) | first token p95 (s) | errors |")
+    print("|---|---|---|---|---|---|")
+    for c in clients:
+        ttft = sorted(firsts[c])
+        p95 = ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))] if ttft else float("nan")
+        print(f"| {c} | {statistics.median(rates[c]):,.0f} | {statistics.median(rates[c]) / base:.1f}x | "
+              f"{statistics.median(ttft) if ttft else float('nan'):.3f} | {p95:.3f} | {len(errors[c])} |")
+    if peer:
+        import transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained(peer).eval()
+        ids = torch.tensor([[0]])
+        times = []
+        for _ in range(runs + 1):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, top_k=0)
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times[1:])
+        print(f"Peer: transformers generate() on {peer}, one request at a time: {new_tokens / t:,.0f} tokens/s for any "
+              f"number of clients; the k-th of c waiting clients sees its first token after ~k x {t:.2f} s "
+              f"(p95 at 16 clients ~{0.95 * 16 * t:.1f} s)")
+
+
 def gemv_ms(model, sync, n=50):
     """Milliseconds for one token's pass through every nn.Linear weight of the model as torch.mv and nothing else:
     what batch-1 decoding costs at least, however little else it does (the weights stream from memory per token)."""
@@ -272,8 +357,8 @@ def bench_prepare():
 
 if __name__ == "__main__":
     configure(globals())
-    if mode not in ("train", "prepare", "corpus", "step", "sample"):
-        die(f"--mode={mode!r} is not one of train, prepare, corpus, step, sample")
+    if mode not in ("train", "prepare", "corpus", "step", "sample", "serve"):
+        die(f"--mode={mode!r} is not one of train, prepare, corpus, step, sample, serve")
     check(globals(), dict(runs=POSITIVE, batch_size=POSITIVE, steps=POSITIVE, new_tokens=POSITIVE,
                           corpus_mb=ABOVE_ZERO))
     if not variants or not all(isinstance(v, str) for v in variants):
@@ -290,6 +375,9 @@ if __name__ == "__main__":
         raise SystemExit
     if mode in ("step", "sample"):
         bench_model()
+        raise SystemExit
+    if mode == "serve":
+        bench_serve()
         raise SystemExit
     if grid:
         variants = sweep_variants(grid)

@@ -69,38 +69,47 @@ class ApiError(Exception):
 
 
 class Request:
-    """One sequence to generate: its prompt, sampling controls, and where its text goes (`emit`, called from the
-    engine thread with (text, finish_reason or None))."""
+    """One sequence to generate: its prompt, sampling controls, and where its text goes: `sink` = (event loop, asyncio
+    queue, choice index), which receives (index, text, finish_reason or None)."""
 
-    def __init__(self, ids, controls, max_tokens, stop_ids, stops, seed, tokenizer, emit):
+    def __init__(self, ids, controls, max_tokens, stop_ids, stops, seed, tokenizer, sink):
         self.ids, self.controls, self.max_tokens, self.stop_ids = list(ids), controls, max_tokens, stop_ids
-        self.stream, self.emit, self.prompt_tokens, self.new = TextStream(tokenizer, stops), emit, len(ids), 0
-        self.generator, self.seed, self.cancelled = None, seed, False
+        self.stream, self.sink, self.prompt_tokens, self.new = TextStream(tokenizer, stops), sink, len(ids), 0
+        self.generator, self.seed, self.cancelled = None, seed, False  # a generator of its own when seeded
 
 
 class Engine:
     """Continuous batching over the per-row KV cache (generate.py): live requests hold rows 0..n-1 and decode together
     one token per step; a waiting request is prefilled into the next free row between steps; a finished or cancelled
-    one leaves at once, the last row moving into its place."""
+    one leaves at once, the last row moving into its place. run() belongs in the main thread: torch's CPU thread pool
+    runs ~2x slower from another thread while the main one's pool waits (measured), so the HTTP server gets the
+    other thread."""
 
     def __init__(self, model, rows, decode):
         self.model, self.decode, self.block = model, decode, model.config.block_size
         weights = next(model.parameters())
         self.device, self.cache = weights.device, KVCache(model.config, rows, weights.device, weights.dtype)
         self.rows, self.held, self.max_rows = [], [], rows  # live requests in row order; tokens in each row
-        self.waiting, self.error = queue.Queue(), None
-        threading.Thread(target=self.run, daemon=True, name="engine").start()
+        self.waiting, self.generator = queue.Queue(), torch.Generator(device=self.device)
+        self.generator.seed()  # unseeded requests sample from a random stream
 
     def submit(self, request):
         self.waiting.put(request)
 
-    def admit(self, request):
-        b, ids = len(self.rows), request.ids[-self.block:]
-        request.generator = torch.Generator(device=self.device)
-        request.generator.manual_seed(request.seed if request.seed is not None else torch.seed())
-        prefill(self.model, self.cache, b, torch.tensor(ids[:-1], device=self.device))
-        self.rows.append(request)
-        self.held.append(len(ids) - 1)
+    def admit(self, requests):
+        """Prefill the prompts into the next free rows: prompts of the same length together, in one forward."""
+        for length in sorted({len(r.ids[-self.block:]) for r in requests}):
+            group = [r for r in requests if len(r.ids[-self.block:]) == length]
+            b = len(self.rows)
+            for r in group:
+                self.cache.reset(len(self.rows))
+                if r.seed is not None:  # its own generator: the same seed samples the same text in any batch
+                    r.generator = torch.Generator(device=self.device).manual_seed(r.seed)
+                self.rows.append(r)
+                self.held.append(length - 1)
+            if length > 1:
+                prompts = torch.tensor([r.ids[-self.block:-1] for r in group], device=self.device)
+                step(self.model, prompts, self.cache.rows(b, b + len(group)))
 
     def release(self, i):
         """Free row i: the last live row moves into it."""
@@ -112,22 +121,25 @@ class Engine:
         self.held.pop()
 
     @torch.no_grad()
-    def run(self):
-        while True:
-            while len(self.rows) < self.max_rows:  # take whoever waits, up to the free rows; when idle, wait
+    def run(self, stop):
+        """Serve requests until the `stop` event is set."""
+        while not stop.is_set():
+            new = []
+            while len(self.rows) + len(new) < self.max_rows:  # take whoever waits, up to the free rows; idle: wait
                 try:
-                    request = self.waiting.get(block=not self.rows)
+                    busy = self.rows or new
+                    request = self.waiting.get_nowait() if busy else self.waiting.get(timeout=0.2)
                 except queue.Empty:
                     break
                 if not request.cancelled:
-                    self.admit(request)
+                    new.append(request)
+            self.admit(new)
             if not self.rows:
                 continue
             try:
                 self.step()
             except Exception as e:  # out of memory, say: every live request ends with the error, the server goes on
-                for request in self.rows:
-                    request.emit(None, f"error: {type(e).__name__}: {str(e)[:200]}")
+                self.send([(r, None, f"error: {type(e).__name__}: {str(e)[:200]}") for r in self.rows])
                 self.rows, self.held = [], []
 
     def step(self):
@@ -139,27 +151,54 @@ class Engine:
         n = len(self.rows)
         last = torch.tensor([[r.ids[-1]] for r in self.rows], device=self.device)
         logits = self.decode(last, self.cache.rows(0, n))  # (n, vocab)
-        done = []
+        done, tokens, out = [], self.sample(logits), []
         for i, request in enumerate(self.rows):
             self.held[i] += 1
             if request.cancelled:
                 done.append(i)
                 continue
-            seen = torch.tensor([request.ids], device=self.device)
-            token = sample_next(logits[i:i + 1], seen=seen, generator=request.generator, **request.controls).item()
+            token = tokens[i]
             request.ids.append(token)
             request.new += 1
             if token in request.stop_ids:
-                request.emit(request.stream.flush(), "stop")
+                out.append((request, request.stream.flush(), "stop"))
                 done.append(i)
                 continue
             text = request.stream.push(token)
             finish = "stop" if request.stream.stopped else "length" if request.new >= request.max_tokens else None
-            request.emit(text + (request.stream.flush() if finish else ""), finish)
+            out.append((request, text + (request.stream.flush() if finish else ""), finish))
             if finish:
                 done.append(i)
+        self.send(out)
         for i in reversed(done):
             self.release(i)
+
+    @staticmethod
+    def send(out):
+        """Hand a step's texts to the HTTP side: one wake-up of its event loop per step, not one per request."""
+        loops = {}
+        for request, text, finish in out:
+            loop, events, i = request.sink
+            loops.setdefault(loop, []).append((events, (i, text, finish)))
+        for loop, items in loops.items():
+            loop.call_soon_threadsafe(lambda items=items: [events.put_nowait(item) for events, item in items])
+
+    def sample(self, logits):
+        """Every row's next token: rows with the same controls, no seed and no repetition penalty in one sample_next
+        call (the engine's generator), the others one by one (their own generators, the tokens so far)."""
+        tokens, groups = [None] * len(self.rows), {}
+        for i, r in enumerate(self.rows):
+            if r.generator is None and r.controls["repetition_penalty"] == 1.0:
+                groups.setdefault(tuple(sorted(r.controls.items())), []).append(i)
+            else:
+                seen = torch.tensor([r.ids], device=self.device)
+                tokens[i] = sample_next(logits[i:i + 1], seen=seen, generator=r.generator or self.generator,
+                                        **r.controls).item()
+        for controls, rows in groups.items():
+            picked = sample_next(logits[rows], generator=self.generator, **dict(controls)).tolist()
+            for i, token in zip(rows, picked, strict=True):
+                tokens[i] = token
+        return tokens
 
     def load(self):
         return dict(active=len(self.rows), waiting=self.waiting.qsize())
@@ -299,8 +338,7 @@ def make_app(engine, model, tokenizer, settings):
             raise ApiError(429, "the server is busy; retry in a moment", kind="rate_limit_error")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         requests = [Request(ids, controls, max_tokens, stop_ids, list(template.stop_strings if kind == "chat" else [])
-                            + stops, None if seed is None else seed + i, tokenizer,
-                            lambda text, finish, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, text, finish)))
+                            + stops, None if seed is None else seed + i, tokenizer, (loop, events, i))
                     for i in range(n)]
         for r in requests:
             engine.submit(r)
@@ -317,19 +355,25 @@ def make_app(engine, model, tokenizer, settings):
             content = dict(content=text) if delta else dict(role="assistant", content=text)
             return dict(index=i, finish_reason=finish, logprobs=None, **{"delta" if delta else "message": content})
 
+        async def watch():  # a client gone before the end: a None in the events ends the response
+            while not await request.is_disconnected():
+                await asyncio.sleep(1.0)
+            events.put_nowait(None)
+
         async def results():  # (i, text, finish) as the engine makes them, until every choice has finished
-            left = n
-            while left:
-                try:
-                    i, text, finish = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
+            left, watcher = n, asyncio.create_task(watch())
+            try:
+                while left:
+                    event = await events.get()
+                    if event is None:
                         return
-                    continue
-                if finish and finish.startswith("error"):
-                    raise ApiError(500, f"generation failed ({finish})", kind="server_error")
-                left -= finish is not None
-                yield i, text, finish
+                    i, text, finish = event
+                    if finish and finish.startswith("error"):
+                        raise ApiError(500, f"generation failed ({finish})", kind="server_error")
+                    left -= finish is not None
+                    yield i, text, finish
+            finally:
+                watcher.cancel()
 
         if not body.get("stream"):
             texts, finishes = [""] * n, [None] * n
@@ -432,10 +476,12 @@ if __name__ == "__main__":
     print(f"serving {config['model_name']} ({model.num_params() / 1e6:.1f}M parameters, context "
           f"{model.config.block_size}) at http://{host}:{port} — OpenAI API at /v1, chat page at /", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error", access_log=False))
-    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn shuts down, then passes the signal on: it ends here
-        signal.signal(sig, lambda *_: sys.exit(0))
-    try:
-        server.run()
-    except (KeyboardInterrupt, SystemExit):
-        pass
+    http = threading.Thread(target=server.run, daemon=True, name="http")  # the engine keeps the main thread
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or SIGTERM: stop decoding, close the server, exit 0
+        signal.signal(sig, lambda *_: stop.set())
+    http.start()
+    engine.run(stop)
+    server.should_exit = True
+    http.join(timeout=10)
     print("stopped serving", file=sys.stderr)
