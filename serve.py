@@ -457,6 +457,7 @@ if __name__ == "__main__":
                        max_batch=POSITIVE, max_queue=POSITIVE, max_tokens_limit=POSITIVE, max_messages=POSITIVE,
                        max_chars=POSITIVE, max_body=POSITIVE))
     try:
+        import fastapi  # noqa: F401  (make_app's; checked here, before the model loads)
         import uvicorn
     except ImportError:
         die("serve.py needs FastAPI and uvicorn: pip install fastapi uvicorn")
