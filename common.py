@@ -134,6 +134,24 @@ def draw_windows(data, block_size, batch_size, gen, mask=None, starts=None):
     return x, y
 
 
+def lr_factor(it, elapsed, cfg):
+    """train.py's LR multiplier at step `it` after `elapsed` seconds of training, from its settings (cfg): linear
+    warmup over warmup_iters, then lr_schedule (cosine to min_lr, or wsd: stable, then a linear warmdown) over the
+    rest of the run, measured in iterations (to lr_decay_iters, or max_iters) or, with max_time, in seconds."""
+    if it < cfg["warmup_iters"]:
+        return (it + 1) / (cfg["warmup_iters"] + 1)
+    if not cfg["decay_lr"]:
+        return 1.0
+    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
+    progress = (elapsed / cfg["max_time"] if cfg["max_time"] else
+                (it - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"]))
+    progress = min(progress, 1.0)
+    floor = cfg["min_lr"] / cfg["learning_rate"] if cfg["learning_rate"] else 0.0
+    if cfg["lr_schedule"] == "cosine":
+        return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1 - floor) * min(1.0, (1.0 - progress) / cfg["warmdown_frac"])  # wsd
+
+
 def get_batch(data, step, k, batch_size, block_size, seed, device):
     """The k-th micro-batch (x, y) of optimizer step `step` from a split (dataset.open_split): each (step, k) seeds
     its own generator, so every rank draws distinct, reproducible batches and a resumed run continues the same

@@ -9,7 +9,6 @@ warmup-stable-decay LR schedule, exact resume, and DDP when launched by torchrun
     torchrun --standalone --nproc_per_node=8 train.py        # the defaults: a GPT-2-small-class run
 """
 
-import math
 import os
 import signal
 import sys
@@ -27,6 +26,7 @@ from common import (
     evaluate,
     get_batch,
     gpu_peak,
+    lr_factor,
     make_optimizers,
     mean_over_ranks,
     out_of_memory,
@@ -37,6 +37,7 @@ from common import (
 )
 from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT, check, configure, die
 from dataset import check_bins, open_split, read_dataset
+from harness import YoctoLM, main_scores, run_tasks, task_manager
 from model import GPT, MODEL_FIELDS, config_from_preset
 from runlog import RunLog, StopSignals, lock_out_dir
 
@@ -47,6 +48,9 @@ eval_interval = 2000  # evaluate (and save) every this many iterations
 log_interval = 1  # print a log line every this many iterations
 eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once and exit
+eval_tasks = ""  # lm-evaluation-harness tasks scored at every evaluation on rank 0, e.g. arc_easy (needs lm-eval)
+eval_tasks_limit = 100  # items of each task scored at those evaluations
+eval_tasks_path = ""  # a folder of local task YAMLs for eval_tasks
 # scratch | resume (out_dir/ckpt.pt) | auto (resume if there is one) | a warm start: gpt2 | gpt2-medium | gpt2-large |
 # gpt2-xl | hf:FOLDER | a run folder or ckpt.pt (ours or nanoGPT's)
 init_from = "scratch"
@@ -150,7 +154,10 @@ check(config, dict.fromkeys(["batch_size", "block_size", "gradient_accumulation_
                        "muon_lr", "weight_decay", "muon_weight_decay", "grad_clip", "early_stopping_patience",
                        "peak_flops"], NON_NEGATIVE)
       | dict.fromkeys(["beta1", "beta2", "muon_momentum", "label_smoothing", "ema_decay"], FRACTION)
-      | dict(eps=ABOVE_ZERO, warmdown_frac=UNIT, seed=SEED))
+      | dict(eps=ABOVE_ZERO, warmdown_frac=UNIT, seed=SEED, eval_tasks_limit=POSITIVE))
+tasks = [t.strip() for t in eval_tasks.split(",") if t.strip()]
+if tasks:
+    task_manager(tasks, eval_tasks_path)  # the harness is installed and knows every task
 if init_from != "resume" and os.path.isfile(ckpt_path) and not overwrite:
     die(f"{ckpt_path} already exists; continue it with --init_from=resume, pick another --out_dir, "
         f"or pass --overwrite=True to replace it")
@@ -249,22 +256,11 @@ def evaluation(model_, names=("train", "val")):
                     stopped=lambda: bool(signals.received) and not ddp)
 
 
-decay_iters = lr_decay_iters or max_iters
-
-
-def lr_factor(it, elapsed):
-    """LR multiplier: linear warmup over warmup_iters, then lr_schedule over the rest of the run, which is
-    measured in iterations (to decay_iters) or, with max_time, in seconds of training."""
-    if it < warmup_iters:
-        return (it + 1) / (warmup_iters + 1)
-    if not decay_lr:
-        return 1.0
-    progress = elapsed / max_time if max_time else (it - warmup_iters) / max(1, decay_iters - warmup_iters)
-    progress = min(progress, 1.0)
-    floor = min_lr / learning_rate if learning_rate else 0.0
-    if lr_schedule == "cosine":
-        return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return floor + (1 - floor) * min(1.0, (1.0 - progress) / warmdown_frac)  # wsd
+def task_scores(model_):
+    """Each eval_task's main score (the harness's first metric) on eval_tasks_limit items."""
+    result = run_tasks(YoctoLM(model_, tokenizer, batch_size), tasks, eval_tasks_limit, include_path=eval_tasks_path)
+    model_.train()
+    return {task: value for task, (_, value) in main_scores(result).items()}
 
 
 def training_state():
@@ -287,7 +283,7 @@ log.start(iter_num, meta, dict(config=config, model_config=vars(model_config), p
                                gpu=gpu_name, dtype=dtype, world_size=world_size, torch=torch.__version__, argv=sys.argv,
                                optimizer_params=dict(muon=muon_names, adamw=adam_names)),
           ["iter", "loss", "train_loss", "val_loss", "val_bpb", "val_loss_ema", "lr", "ms_per_iter", "tok_per_s",
-           "grad_norm", "gflops", "mfu"],
+           "grad_norm", "gflops", "mfu", *tasks],
           (wandb_project, wandb_run_name or f"{model_type} {model_config.describe()}",
            dict(config, model_config=vars(model_config))) if wandb_log else None)
 log.print(f"{model_type}: {model_config.describe()}")
@@ -363,12 +359,14 @@ while True:
         if losses is None or ema_losses is None:
             break  # a signal during the evaluation: stop now, this step is saved below
         losses["val_ema"] = ema_losses["val"]
+        scores = task_scores(eval_model) if tasks and master else {}
         log.print(f"step {iter_num} ({train_time:.1f} s): train loss {losses['train']:.4f}, "
-                  f"val loss {losses['val']:.4f}, "
-                  f"val bpb {losses['val_bpb']:.4f}" + (f", val loss ema {losses['val_ema']:.4f}" if ema else ""))
+                  f"val loss {losses['val']:.4f}, val bpb {losses['val_bpb']:.4f}"
+                  + (f", val loss ema {losses['val_ema']:.4f}" if ema else "")
+                  + "".join(f", {task} {value:.4f}" for task, value in scores.items()))
         if iter_num > start_iter or iter_num == 0:  # not again for the step a resume starts from
             log.record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_bpb=losses["val_bpb"],
-                       val_loss_ema=losses["val_ema"])
+                       val_loss_ema=losses["val_ema"], **scores)
         improved = losses["val"] < best_val_loss
         best_val_loss, evals_since_best = (losses["val"], 0) if improved else (best_val_loss, evals_since_best + 1)
         if iter_num > start_iter:
@@ -385,7 +383,7 @@ while True:
 
     # forward, backward, update
     t_step = time.time()
-    lr_mult = lr_factor(iter_num, train_time)
+    lr_mult = lr_factor(iter_num, train_time, config)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_mult
