@@ -9,6 +9,7 @@ import pickle
 import sys
 
 import torch
+import torch.distributed.checkpoint as dcp
 from tokenizers import Tokenizer
 
 from common import load_checkpoint, restore_rng
@@ -16,6 +17,7 @@ from configurator import die
 from dataset import read_json
 from hf import GPT2_META, HUB_MODELS, IGNORED, from_hf_folder, hub_folder
 from model import GPT, MODEL_FIELDS, PRESETS, GPTConfig, config_from_dict
+from parallel import TRAIN_STATE, load_sharded
 from tokenizer import check_tokenizer, describe_vocab
 
 KV_NOTE_BYTES = 2**30  # load_for_inference notes a KV cache larger than this, per sequence
@@ -23,11 +25,24 @@ SOURCES = "a run folder, a checkpoint file, gpt2 | gpt2-medium | gpt2-large | gp
 
 
 def resolve_checkpoint(out_dir, name=""):
-    """out_dir/name, defaulting to ckpt.pt and then best.pt."""
+    """out_dir/name, defaulting to the latest checkpoint (ckpt.pt, or the sharded ckpt/ that train.py
+    --parallel=fsdp writes, or ckpt.old/ that an interrupted save left) and then the best (best.pt, best/)."""
     if name:
         return os.path.join(out_dir, name)
-    latest, best = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
-    return best if not os.path.isfile(latest) and os.path.isfile(best) else latest
+    found = [p for p in (os.path.join(out_dir, n) for n in ("ckpt.pt", "ckpt", "ckpt.old", "best.pt", "best"))
+             if os.path.isfile(p) or os.path.isfile(os.path.join(p, TRAIN_STATE))]
+    return found[0] if found else os.path.join(out_dir, "ckpt.pt")
+
+
+def from_sharded(folder):
+    """A sharded (DCP) checkpoint folder as a record: its training state, and the weights gathered whole."""
+    record = load_checkpoint(os.path.join(folder, TRAIN_STATE))
+    state = build_model(dict(record, model={}), "cpu", strict=False).state_dict()
+    try:
+        dcp.load(dict(model=state), checkpoint_id=folder, no_dist=not torch.distributed.is_initialized())
+    except Exception as e:  # missing or damaged shards
+        die(f"{folder} is not a readable sharded checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    return dict(record, model=state, path=folder)
 
 
 def strip_compiled(state):
@@ -46,7 +61,10 @@ def load_source(spec, meta_path="", name=""):
         return from_hf_folder(hub_folder(spec))
     if not os.path.exists(spec):
         die(f"{spec} not found; give {SOURCES} (train one first: python train.py ...)")
-    path = resolve_checkpoint(spec, name) if os.path.isdir(spec) else spec
+    path = resolve_checkpoint(spec, name) if os.path.isdir(spec) and not os.path.isfile(
+        os.path.join(spec, TRAIN_STATE)) else spec
+    if os.path.isfile(os.path.join(path, TRAIN_STATE)):
+        return from_sharded(path)
     ckpt = load_checkpoint(path)
     if "model_args" in ckpt:
         return from_nanogpt(ckpt, path, meta_path)
@@ -55,12 +73,12 @@ def load_source(spec, meta_path="", name=""):
     return dict(ckpt, model=strip_compiled(ckpt["model"]), meta=ckpt.get("meta"), path=path)
 
 
-def build_model(record, device, **overrides):
+def build_model(record, device, strict=True, **overrides):
     """The model, any variant, rebuilt from a record's stored config (fields overridden, e.g. dropout), with its
     weights, on device."""
     try:
         model = GPT(config_from_dict({**record["model_config"], **overrides}))
-        model.load_state_dict(record["model"])
+        model.load_state_dict(record["model"], strict=strict)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         die(f"the checkpoint does not match this model code ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     return model.to(device)
@@ -118,11 +136,15 @@ def resumed_config(record, config, explicit):
     return dict(config, init_from="resume")
 
 
-def restore_training(record, optimizers, scaler, ema, rank, device_type, optimizer):
-    """Put a resumed run's optimizer, grad-scaler, RNG and EMA states back."""
+def restore_training(record, model, optimizers, scaler, ema, rank, device_type, optimizer):
+    """Put a resumed run's optimizer, grad-scaler, RNG and EMA states back (a sharded checkpoint's weights and
+    optimizer state too, however this run is sharded)."""
+    if record["optimizers"] == "sharded":
+        load_sharded(record["path"], model, optimizers)
     try:
-        assert len(optimizers) == len(record["optimizers"])
-        for opt, state in zip(optimizers, record["optimizers"], strict=True):
+        states = [] if record["optimizers"] == "sharded" else record["optimizers"]  # (sharded: loaded above)
+        assert not states or len(optimizers) == len(states)
+        for opt, state in zip(optimizers, states, strict=False):
             opt.load_state_dict(state)
     except (AssertionError, ValueError, KeyError):
         die(f"the optimizer state in {record['path']} does not fit optimizer={optimizer!r}; resume with the optimizer "

@@ -183,16 +183,16 @@ def evaluate(model, batches, splits, eval_iters, ctx, token_bytes, rank=0, world
     out = {}
     for split in splits:
         sums = torch.zeros(3, dtype=torch.float64, device=token_bytes.device)  # nats, tokens, bytes
-        for i in range(rank, eval_iters, world_size):
+        for i in range(rank, eval_iters + (-eval_iters) % world_size, world_size):  # as many forwards on every rank
             if stopped():
                 return None
-            x, y = batches(split, -1 - i, 0)  # negative steps: batches that no training step draws
+            x, y = batches(split, -1 - i % eval_iters, 0)  # negative steps: batches that no training step draws
             try:
                 with ctx:
                     logits, _ = model(x, y)
             except torch.OutOfMemoryError:
                 out_of_memory(*x.shape)
-            y = y.view(-1)
+            y = y.view(-1) if i < eval_iters else torch.full_like(y.view(-1), -1)  # (FSDP's extra forwards count 0)
             nats = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y, ignore_index=-1,
                                                      reduction="none")
             counted = y >= 0

@@ -156,6 +156,13 @@ def table(results):
     return make_table(results)
 
 
+def task_scores(model, tokenizer, tasks, limit, include_path="", batch_size=16):
+    """{task: its main score} on `limit` items of each task (train.py's eval_tasks); the model back in training mode."""
+    result = run_tasks(YoctoLM(model, tokenizer, batch_size), tasks, limit, include_path=include_path)
+    model.train()
+    return {task: value for task, (_, value) in main_scores(result).items()}
+
+
 def main_scores(results):
     """{task: (metric, value)}: each task's first reported metric (acc, or the perplexity task's)."""
     scores = {}

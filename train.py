@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -20,25 +21,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from checkpoint import build_model, load_source, load_weights, restore_training, resumed_config, vocab_fits, warm_start
-from common import (
-    autocast,
-    evaluate,
-    get_batch,
-    gpu_peak,
-    lr_factor,
-    make_optimizers,
-    mean_over_ranks,
-    out_of_memory,
-    pick_device,
-    pick_dtype,
-    rng_states,
-    split_batch,
+import common
+from checkpoint import (
+    build_model,
+    load_source,
+    load_weights,
+    resolve_checkpoint,
+    restore_training,
+    resumed_config,
+    vocab_fits,
+    warm_start,
 )
 from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT, check, configure, die
 from dataset import check_bins, open_split, read_dataset
-from harness import YoctoLM, main_scores, run_tasks, task_manager
+from harness import task_manager, task_scores
 from model import GPT, MODEL_FIELDS, config_from_preset
+from parallel import full, local_bytes, save_sharded, shard, sync_gradients
 from runlog import RunLog, StopSignals, lock_out_dir
 
 # -----------------------------------------------------------------------------
@@ -56,6 +54,7 @@ eval_tasks_path = ""  # a folder of local task YAMLs for eval_tasks
 init_from = "scratch"
 strict_init = True  # warm start: False loads the weights that fit and reports missing/unexpected keys
 overwrite = False  # let init_from=scratch replace a checkpoint already in out_dir
+parallel = "ddp"  # under torchrun: ddp (a full copy per process) | fsdp (parameters, gradients, optimizer sharded)
 save_strategy = "latest"  # latest (ckpt.pt at every eval) | best (best.pt on a new best val loss) | both | none
 early_stopping_patience = 0  # stop after this many evals without a new best val loss; 0 = never
 # data
@@ -132,9 +131,9 @@ signals = StopSignals()  # Ctrl-C and SIGTERM: at once before training starts; a
 
 # where the model comes from: a resume continues the run as it was (every setting not given now comes from the
 # checkpoint); a warm start takes the source's architecture and context, unless set here
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt_path = resolve_checkpoint(out_dir)  # ckpt.pt, or the sharded ckpt/ folder of parallel=fsdp
 if init_from == "auto":
-    init_from = "resume" if os.path.isfile(ckpt_path) else "scratch"
+    init_from = "resume" if os.path.exists(ckpt_path) else "scratch"
 record = None if init_from == "scratch" else load_source(ckpt_path if init_from == "resume" else init_from)
 if init_from == "resume":
     config = resumed_config(record, config, explicit)
@@ -144,7 +143,7 @@ elif record is not None and "block_size" not in explicit:
 
 # checks that need no data or model: every rule on the settings, here in one place
 choices = dict(optimizer=("adamw", "muon"), lr_schedule=("cosine", "wsd"),
-               save_strategy=("latest", "best", "both", "none"))
+               save_strategy=("latest", "best", "both", "none"), parallel=("ddp", "fsdp"))
 for key, allowed in choices.items():
     if config[key] not in allowed:
         die(f"--{key}={config[key]!r} is not one of {', '.join(allowed)}")
@@ -158,7 +157,11 @@ check(config, dict.fromkeys(["batch_size", "block_size", "gradient_accumulation_
 tasks = [t.strip() for t in eval_tasks.split(",") if t.strip()]
 if tasks:
     task_manager(tasks, eval_tasks_path)  # the harness is installed and knows every task
-if init_from != "resume" and os.path.isfile(ckpt_path) and not overwrite:
+if parallel == "fsdp" and ema_decay:
+    die("--ema_decay with --parallel=fsdp is not supported yet; use --parallel=ddp, or drop --ema_decay")
+if init_from == "resume" and parallel == "fsdp" and record["optimizers"] != "sharded":
+    die(f"{ckpt_path} was saved by a ddp run; resume it with --parallel=ddp (a sharded checkpoint resumes either way)")
+if init_from != "resume" and os.path.exists(ckpt_path) and not overwrite:
     die(f"{ckpt_path} already exists; continue it with --init_from=resume, pick another --out_dir, "
         f"or pass --overwrite=True to replace it")
 
@@ -172,11 +175,12 @@ if ddp:
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
 master = rank == 0  # only rank 0 prints and writes files
-device = pick_device(device)
+device = common.pick_device(device)
 device_type = device.split(":")[0]
-dtype = pick_dtype(dtype, device)
-ctx = autocast(device, dtype)
-torch.manual_seed(seed + rank)  # weights are the same on every rank (DDP broadcasts rank 0's); dropout differs
+dtype = common.pick_dtype(dtype, device)
+fsdp = ddp and parallel == "fsdp"  # shard parameters, gradients and optimizer state over the processes
+ctx = common.autocast(device, dtype) if not fsdp else nullcontext()  # fsdp: its MixedPrecisionPolicy instead
+torch.manual_seed(seed)  # the same weights on every rank (FSDP shards each rank's copy in place)
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -192,8 +196,8 @@ splits = {split: open_split(data_dir, meta, split) for split in ("train", "val")
 # micro-batches of batch_size x block_size), however many processes share them: each takes its share in
 # micro-batches of at most batch_size, so a config runs unchanged on 1, 2 or 8 processes
 try:
-    batch_size, accum_steps = split_batch(total_batch_size or gradient_accumulation_steps * batch_size * block_size,
-                                          batch_size, block_size, world_size)
+    tokens = total_batch_size or gradient_accumulation_steps * batch_size * block_size
+    batch_size, accum_steps = common.split_batch(tokens, batch_size, block_size, world_size)
 except ValueError as e:
     die(str(e))
 tokens_per_iter = batch_size * block_size * world_size * accum_steps
@@ -224,27 +228,29 @@ else:
     model = GPT(model_config).to(device)
     if record is not None:
         log.print(load_weights(model, weights, strict_init, init_from))
-raw_model = model  # the plain module: saved, evaluated and counted
+model = shard(model, dtype) if fsdp else model
+raw_model = model  # the module that is saved, evaluated and counted (FSDP2 shards it in place)
+torch.manual_seed(seed + rank) if rank else None  # each rank its own dropout
 model_config = raw_model.config
 
 # optimizers: AdamW for everything, or Muon for the 2-D matrices inside the blocks and AdamW for the rest
-optimizers, muon_names, adam_names = make_optimizers(raw_model, config, fused=device_type == "cuda")
+optimizers, muon_names, adam_names = common.make_optimizers(raw_model, config, fused=device_type == "cuda")
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # a no-op unless float16
 ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True) if ema_decay else None
 if init_from == "resume":
-    restore_training(record, optimizers, scaler, ema, rank, device_type, optimizer)
+    restore_training(record, raw_model, optimizers, scaler, ema, rank, device_type, optimizer)
 del record  # free the memory
 
 if compile:
     log.print("compiling the model (the first steps are slow)...")
     model = torch.compile(model)
 eval_model = model  # compiled, but not wrapped in DDP
-if ddp:
+if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 
 def batches(split, step, k):
-    return get_batch(splits[split], step, k, batch_size, block_size, seed, device)
+    return common.get_batch(splits[split], step, k, batch_size, block_size, seed, device)
 
 
 token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=device)  # UTF-8 bytes per token id
@@ -252,31 +258,37 @@ token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=
 
 def evaluation(model_, names=("train", "val")):
     """evaluate() on this run's batches; None when a signal comes during it (one process)."""
-    return evaluate(model_, batches, names, eval_iters, ctx, token_bytes, rank, world_size,
+    return common.evaluate(model_, batches, names, eval_iters, ctx, token_bytes, rank, world_size,
                     stopped=lambda: bool(signals.received) and not ddp)
-
-
-def task_scores(model_):
-    """Each eval_task's main score (the harness's first metric) on eval_tasks_limit items."""
-    result = run_tasks(YoctoLM(model_, tokenizer, batch_size), tasks, eval_tasks_limit, include_path=eval_tasks_path)
-    model_.train()
-    return {task: value for task, (_, value) in main_scores(result).items()}
 
 
 def training_state():
     """The checkpoint: weights, optimizer, RNG and EMA states and counters; every rank joins the RNG gather."""
     if save_strategy == "none" or eval_only:
         return None
-    return dict(model=raw_model.state_dict(), ema=ema.state_dict() if ema else None, model_config=vars(model_config),
-                config=config, optimizers=[opt.state_dict() for opt in optimizers], scaler=scaler.state_dict(),
+    sharded = parallel == "fsdp"  # weights and optimizer state go to DCP shards (parallel.save_sharded)
+    return dict(model=None if sharded else raw_model.state_dict(), ema=ema.state_dict() if ema else None,
+                model_config=vars(model_config), config=config, scaler=scaler.state_dict(),
+                optimizers="sharded" if sharded else [opt.state_dict() for opt in optimizers],
                 iter_num=iter_num, best_val_loss=best_val_loss, train_time=train_time,
-                rng=rng_states(ddp, world_size, device_type), meta=meta,
+                rng=common.rng_states(ddp, world_size, device_type), meta=meta,
                 sampler=dict(seed=seed, note="batches are a function of (seed, iter_num); nothing else to save"))
+
+
+def save(name):
+    """Every rank calls it: checkpoint `name` (ckpt or best) as name.pt, or as a sharded folder with parallel=fsdp.
+    False when nothing is saved (save_strategy=none, eval_only)."""
+    state = training_state()
+    if state is not None and parallel == "fsdp":
+        save_sharded(os.path.join(out_dir, name), raw_model, optimizers, state, writes)
+    elif state is not None:
+        log.save(state, name + ".pt")
+    return state is not None
 
 
 # outputs: meta.json, run_meta.json, metrics.csv (rows after a resumed checkpoint are dropped), wandb
 n_params = raw_model.num_params()
-gpu_name, peak = gpu_peak(device)
+gpu_name, peak = common.gpu_peak(device)
 peak = (peak_flops or peak) * world_size  # all processes together
 sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)  # honest step times on a GPU
 log.start(iter_num, meta, dict(config=config, model_config=vars(model_config), parameters=n_params, device=device,
@@ -298,7 +310,7 @@ def forward_backward():
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
         x, y = batches("train", iter_num, rank * accum_steps + micro_step)
-        model.require_backward_grad_sync = micro_step == accum_steps - 1  # DDP: all-reduce only once
+        sync_gradients(model, micro_step == accum_steps - 1)  # reduce once per step, not per micro-step
         with ctx:
             _, loss = model(x, y, label_smoothing=label_smoothing)
         scaler.scale(loss / accum_steps).backward()
@@ -320,7 +332,7 @@ def gradients():
             return forward_backward()
         except torch.OutOfMemoryError:
             if not auto_microbatch or batch_size == 1:
-                out_of_memory(batch_size, block_size)
+                common.out_of_memory(batch_size, block_size)
             zero_grads()
             batch_size, accum_steps = batch_size // 2, accum_steps * 2
             if device_type == "cuda":
@@ -350,7 +362,7 @@ start_iter, evals_since_best, t0 = iter_num, 0, time.time()
 bar = tqdm(total=max_time or max_iters, initial=train_time if max_time else iter_num, unit="s" if max_time else "it",
            dynamic_ncols=True, disable=not (master and sys.stdout.isatty()))  # seconds when the budget is time
 while True:
-    last_step = iter_num >= max_iters or (max_time > 0 and mean_over_ranks(train_time, device) >= max_time)
+    last_step = iter_num >= max_iters or (max_time > 0 and common.mean_over_ranks(train_time, device) >= max_time)
 
     # evaluate, log and save
     if (iter_num % eval_interval == 0 and iter_num != start_iter) or last_step or iter_num == 0 or eval_only:
@@ -359,7 +371,8 @@ while True:
         if losses is None or ema_losses is None:
             break  # a signal during the evaluation: stop now, this step is saved below
         losses["val_ema"] = ema_losses["val"]
-        scores = task_scores(eval_model) if tasks and master else {}
+        scores = (task_scores(eval_model, tokenizer, tasks, eval_tasks_limit, eval_tasks_path)
+                  if tasks and master else {})
         log.print(f"step {iter_num} ({train_time:.1f} s): train loss {losses['train']:.4f}, "
                   f"val loss {losses['val']:.4f}, val bpb {losses['val_bpb']:.4f}"
                   + (f", val loss ema {losses['val_ema']:.4f}" if ema else "")
@@ -369,12 +382,10 @@ while True:
                        val_loss_ema=losses["val_ema"], **scores)
         improved = losses["val"] < best_val_loss
         best_val_loss, evals_since_best = (losses["val"], 0) if improved else (best_val_loss, evals_since_best + 1)
-        if iter_num > start_iter:
-            state = training_state()
-            if save_strategy in ("latest", "both"):
-                log.save(state, "ckpt.pt")
-            if improved and save_strategy in ("best", "both"):
-                log.save(state, "best.pt")
+        if iter_num > start_iter and save_strategy in ("latest", "both"):
+            save("ckpt")
+        if iter_num > start_iter and improved and save_strategy in ("best", "both"):
+            save("best")
         if early_stopping_patience and evals_since_best >= early_stopping_patience:
             last_step = True
             log.print(f"early stop: no new best val loss in {early_stopping_patience} evals")
@@ -383,7 +394,7 @@ while True:
 
     # forward, backward, update
     t_step = time.time()
-    lr_mult = lr_factor(iter_num, train_time, config)
+    lr_mult = common.lr_factor(iter_num, train_time, config)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_mult
@@ -405,7 +416,7 @@ while True:
 
     # log
     if iter_num % log_interval == 0:
-        loss_value = mean_over_ranks(loss.item(), device)  # the mean over micro-steps and ranks
+        loss_value = common.mean_over_ranks(loss.item(), device)  # the mean over micro-steps and ranks
         tok_per_s = tokens_per_iter / step_time
         flops = raw_model.flops_per_token() * tok_per_s * world_size  # achieved by all processes together
         speed = f"MFU {flops / peak:.1%}" if peak else f"{flops / 1e9:,.1f} GFLOP/s"
@@ -413,7 +424,7 @@ while True:
                   f"{step_time * 1000:.1f} ms/iter, {tok_per_s:,.0f} tok/s, {speed}")  # above the bar on a terminal
         bar.set_postfix_str(f"loss {loss_value:.4f}, {tok_per_s:,.0f} tok/s, {speed}")
         log.record(iter=iter_num, loss=loss_value, lr=lr_mult * learning_rate, ms_per_iter=step_time * 1000,
-                   tok_per_s=tok_per_s, grad_norm=grad_norm.item(), gflops=flops / 1e9,
+                   tok_per_s=tok_per_s, grad_norm=float(full(grad_norm)), gflops=flops / 1e9,
                    mfu=flops / peak if peak else None)
     if signals.agreed(device):  # a signal to any rank stops every rank after this same step
         break
@@ -421,16 +432,15 @@ while True:
 bar.close()
 stop_signal = signals.agreed(device)
 if stop_signal:  # Ctrl-C or SIGTERM: save this step (a second signal only sets the flag again), then exit 130 / 143
-    state = training_state()
-    log.save(state, "ckpt.pt")
-    saved = (f"resume with --init_from=resume --out_dir={out_dir}" if state else
+    saved = (f"resume with --init_from=resume --out_dir={out_dir}" if save("ckpt") else
              f"nothing saved ({'eval_only' if eval_only else 'save_strategy=none'})")
     log.print(f"stopped at iter {iter_num} by {signal.Signals(stop_signal).name}; {saved}", file=sys.stderr)
 else:
     memory = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
               if device_type == "cuda" else "")
     log.print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, {train_time:.1f} s of training, "
-              f"{time.time() - t0:.1f} s in all{memory}")
+              f"{time.time() - t0:.1f} s in all{memory}, {local_bytes(raw_model, optimizers) / 2**20:.2f} MiB of "
+              f"parameters and optimizer state per process")
 log.close()
 if ddp:
     dist.destroy_process_group()

@@ -1,0 +1,95 @@
+"""
+Past one device's memory: FSDP2 (torch.distributed.fsdp.fully_shard, as torchtitan applies it) for train.py's
+parallel=fsdp, and sharded checkpoints with torch.distributed.checkpoint (DCP) that resume at any world size.
+Not run by itself.
+"""
+
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from common import DTYPES, save_checkpoint
+from configurator import die
+
+TRAIN_STATE = "train.pt"  # beside the shards in a sharded (DCP) checkpoint folder: config, counters, RNG, tokenizer
+
+
+def shard(model, dtype):
+    """fully_shard each block, then the root (the tied embedding and lm_head, the norms and positions as one unit),
+    over all processes; in a mixed precision dtype the parameters are cast for compute and gradients reduced in
+    float32 (MixedPrecisionPolicy, instead of autocast)."""
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype] if dtype != "float32" else None,
+                                  reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def full(tensor):
+    """A sharded (DTensor) value gathered whole; a plain tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def sync_gradients(model, sync):
+    """Reduce gradients on this micro-step or not (the last of an accumulation does): FSDP2's call, or DDP's flag."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    else:
+        model.require_backward_grad_sync = sync
+
+
+def local_bytes(model, optimizers):
+    """Bytes of parameters and optimizer state held by this process (its shards, under FSDP)."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    tensors = [local(p) for p in model.parameters()]
+    tensors += [local(v) for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def save_sharded(folder, model, optimizers, train_state, master):
+    """A DCP checkpoint folder, written whole or not at all: every process writes its shards (and rank 0 the
+    training state) into folder.tmp, then rank 0 swaps it in; a crash at any moment leaves the previous one
+    readable (folder, or folder.old while the swap is under way)."""
+    tmp, old = folder + ".tmp", folder + ".old"
+    if master and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizers)
+    try:
+        dcp.save(dict(model=model_state, optimizers=optim_state), checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    except Exception as e:  # a full disk, a read-only folder
+        die(f"could not write {tmp} ({type(e).__name__}: {str(e)[:160]}); free some space or make the folder "
+            f"writable" + (": the previous checkpoint is kept" if os.path.isdir(folder) else ""))
+    if master:
+        save_checkpoint(train_state, os.path.join(tmp, TRAIN_STATE))
+        if os.path.isdir(folder):
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_sharded(folder, model, optimizers):
+    """Load a DCP checkpoint's weights and optimizer state into this run's model and optimizers, however it is
+    sharded now (any number of processes, or one without a process group)."""
+    model_state, optim_state = get_state_dict(model, optimizers)
+    state = dict(model=model_state, optimizers=optim_state)
+    try:
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    except Exception as e:
+        die(f"{folder} does not match this run ({type(e).__name__}: {str(e).splitlines()[0][:160]}); resume with "
+            f"the architecture and optimizer it was trained with")
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"])
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,105 @@
+"""train.py --parallel=fsdp under torchrun on CPU (gloo, 2 processes): the losses of one process, AdamW and Muon, exact
+resume at the same and at another world size through sharded (DCP) checkpoints, half the memory per rank, a
+consistent checkpoint on SIGTERM, and sample.py reading the sharded checkpoint."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run
+
+ARGS = [a for a in TINY if not a.startswith("--gradient_accumulation_steps")] + [
+    "--dataset=tiny_char", "--gradient_accumulation_steps=4", "--grad_clip=0.5", "--eval_interval=10",
+    "--lr_decay_iters=20"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def torchrun(cwd, *args, nproc=2):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           os.path.join(ROOT, "train.py"), *args], cwd=cwd, capture_output=True, text=True, env=ENV,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def losses(folder):
+    with open(folder / "metrics.csv") as f:
+        return {int(r["iter"]): float(r["loss"]) for r in csv.DictReader(f) if r["loss"]}
+
+
+def close(a, b, tol):
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol for k in a), (a, b)
+
+
+@pytest.fixture(scope="module")
+def straight(workdir):
+    """20 steps with AdamW on 2 sharded processes and on one: their out_dirs, and what the sharded run printed."""
+    out = torchrun(workdir, *ARGS, "--max_iters=20", "--parallel=fsdp", "--out_dir=out-fsdp-adamw").stdout
+    run("train.py", *ARGS, "--max_iters=20", "--out_dir=out-one-adamw", cwd=workdir, env=ENV)
+    return dict(fsdp=workdir / "out-fsdp-adamw", one=workdir / "out-one-adamw", printed=out)
+
+
+@pytest.mark.parametrize("optimizer,tol", [("adamw", 1e-5), ("muon", 2e-4)])
+def test_two_sharded_processes_train_like_one(workdir, straight, optimizer, tol):
+    """20 steps, gradient accumulation and clipping on: the losses of one process on the same total batch. (Muon's
+    Newton-Schulz runs in bfloat16 and DTensor splits its products across ranks: equal to 2e-4.)"""
+    if optimizer == "muon":
+        args = [*ARGS, "--optimizer=muon", "--max_iters=20"]
+        torchrun(workdir, *args, "--parallel=fsdp", "--out_dir=out-fsdp-muon")
+        run("train.py", *args, "--out_dir=out-one-muon", cwd=workdir, env=ENV)
+    close(losses(workdir / f"out-fsdp-{optimizer}"), losses(workdir / f"out-one-{optimizer}"), tol)
+    assert (workdir / f"out-fsdp-{optimizer}" / "ckpt" / "train.pt").is_file()
+
+
+def test_sharded_checkpoints_resume_exactly_at_the_same_and_another_world_size(workdir, straight):
+    """10 steps on 2 sharded processes, 5 more on 1 process, 5 more on 2 again: the losses of 20 straight steps; and
+    10 + 10 on 2 processes give the straight run's weights bit for bit. sample.py and convert.py read the shards."""
+    torchrun(workdir, *ARGS, "--max_iters=10", "--parallel=fsdp", "--out_dir=out-hop")
+    run("train.py", "--init_from=resume", "--max_iters=15", "--out_dir=out-hop", cwd=workdir, env=ENV)  # 1 process
+    torchrun(workdir, "--init_from=resume", "--max_iters=20", "--out_dir=out-hop")
+    close(losses(workdir / "out-hop"), losses(straight["one"]), 1e-5)
+    torchrun(workdir, *ARGS, "--max_iters=10", "--parallel=fsdp", "--out_dir=out-fsdp-split")
+    torchrun(workdir, "--init_from=resume", "--max_iters=20", "--out_dir=out-fsdp-split")
+    from checkpoint import load_source
+    a, b = load_source(str(straight["fsdp"])), load_source(str(workdir / "out-fsdp-split"))
+    assert a["iter_num"] == b["iter_num"] == 20 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert run("sample.py", "--out_dir=out-hop", "--max_new_tokens=20", cwd=workdir).stdout.strip()
+    run("convert.py", "--src=out-hop", "--out_dir=out-hop-whole", cwd=workdir)  # one consolidated ckpt.pt
+    whole = load_source(str(workdir / "out-hop-whole"))
+    assert all(torch.equal(whole["model"][k], v) for k, v in load_source(str(workdir / "out-hop"))["model"].items())
+
+
+def test_each_rank_holds_about_half_the_parameters_and_optimizer_state(workdir, straight):
+    ddp = torchrun(workdir, *ARGS, "--max_iters=20", "--parallel=ddp", "--out_dir=out-mem-ddp").stdout
+    held = {name: float(out.split(" MiB of parameters")[0].split()[-1])
+            for name, out in (("ddp", ddp), ("fsdp", straight["printed"]))}
+    assert held["fsdp"] <= 0.55 * held["ddp"], held
+
+
+def test_sigterm_to_the_group_saves_one_consistent_sharded_checkpoint(workdir):
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train.py"), *ARGS, "--max_iters=100000", "--eval_interval=100000",
+                             "--parallel=fsdp", "--out_dir=out-fsdp-sig"], cwd=workdir, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "out-fsdp-sig" / "metrics.csv"
+    for _ in range(600):  # until both ranks are training
+        if metrics.is_file() and len(metrics.read_text().splitlines()) > 5:
+            break
+        time.sleep(0.1)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2
+    for pid in children:
+        os.kill(int(pid), signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert "stopped at iter" in err and "by SIGTERM; resume with --init_from=resume" in err
+    assert err.count("exitcode  : 143") >= 1 and "exitcode  : 1 " not in err  # every rank: 143
+    from checkpoint import load_source
+    saved = load_source(str(workdir / "out-fsdp-sig"))
+    assert saved["iter_num"] == int(err.split("stopped at iter ")[1].split()[0])
+    torchrun(workdir, "--init_from=resume", f"--max_iters={saved['iter_num'] + 2}", "--out_dir=out-fsdp-sig")
