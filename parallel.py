@@ -7,6 +7,11 @@ Not run by itself.
 import os
 import shutil
 
+try:
+    import resource  # POSIX: peak resident memory
+except ImportError:
+    resource = None
+
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -46,12 +51,15 @@ def sync_gradients(model, sync):
         model.require_backward_grad_sync = sync
 
 
-def local_bytes(model, optimizers):
-    """Bytes of parameters and optimizer state held by this process (its shards, under FSDP)."""
+def memory_held(model, optimizers):
+    """What this process holds, in a few words: the bytes of parameters and optimizer state (its shards, under FSDP)
+    and its peak resident memory."""
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
     tensors = [local(p) for p in model.parameters()]
     tensors += [local(v) for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    held = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if resource else float("nan")  # KiB on Linux
+    return f"{held:.2f} MiB of parameters and optimizer state per process (peak RSS {peak:,.0f} MiB)"
 
 
 def save_sharded(folder, model, optimizers, train_state, master):

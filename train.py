@@ -36,7 +36,7 @@ from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNI
 from dataset import check_bins, open_split, read_dataset
 from harness import task_manager, task_scores
 from model import GPT, MODEL_FIELDS, config_from_preset
-from parallel import full, local_bytes, save_sharded, shard, sync_gradients
+from parallel import full, memory_held, save_sharded, shard, sync_gradients
 from runlog import RunLog, StopSignals, lock_out_dir
 
 # -----------------------------------------------------------------------------
@@ -439,8 +439,7 @@ else:
     memory = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
               if device_type == "cuda" else "")
     log.print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, {train_time:.1f} s of training, "
-              f"{time.time() - t0:.1f} s in all{memory}, {local_bytes(raw_model, optimizers) / 2**20:.2f} MiB of "
-              f"parameters and optimizer state per process")
+              f"{time.time() - t0:.1f} s in all{memory}, {memory_held(raw_model, optimizers)}")
 log.close()
 if ddp:
     dist.destroy_process_group()
