@@ -68,7 +68,7 @@ def measure(shape, vocab_size, ngram, device_name, seconds=1.0):
         model = GPT(config_from_preset("gpt_fast", n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                        vocab_size=vocab_size, ngram_emb=ngram, dropout=0.0)).to(device_name)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        ctx = autocast(device_name, pick_dtype("auto", device_name))
+        ctx = autocast(device_name, pick_dtype("auto", device_name, n_embd, batch_size * block_size))  # as train.py
         x = torch.randint(0, vocab_size, (batch_size, block_size), device=device_name)
         steps, t0 = -1, 0.0
         while steps < 2 or time.perf_counter() - t0 < seconds:
