@@ -9,7 +9,6 @@ import pickle
 import sys
 
 import torch
-import torch.distributed.checkpoint as dcp
 from tokenizers import Tokenizer
 
 from common import load_checkpoint, restore_rng
@@ -17,7 +16,7 @@ from configurator import die
 from dataset import read_json
 from hf import GPT2_META, HUB_MODELS, IGNORED, from_hf_folder, hub_folder
 from model import GPT, MODEL_FIELDS, PRESETS, GPTConfig, config_from_dict
-from parallel import TRAIN_STATE, load_sharded
+from parallel import TRAIN_STATE, dcp_load, load_sharded
 from tokenizer import check_tokenizer, describe_vocab
 
 KV_NOTE_BYTES = 2**30  # load_for_inference notes a KV cache larger than this, per sequence
@@ -39,7 +38,7 @@ def from_sharded(folder):
     record = load_checkpoint(os.path.join(folder, TRAIN_STATE))
     state = build_model(dict(record, model={}), "cpu", strict=False).state_dict()
     try:
-        dcp.load(dict(model=state), checkpoint_id=folder, no_dist=not torch.distributed.is_initialized())
+        dcp_load(dict(model=state), folder)
     except Exception as e:  # missing or damaged shards
         die(f"{folder} is not a readable sharded checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
     return dict(record, model=state, path=folder)

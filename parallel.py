@@ -6,6 +6,7 @@ Not run by itself.
 
 import os
 import shutil
+import warnings
 
 try:
     import resource  # POSIX: peak resident memory
@@ -72,7 +73,10 @@ def save_sharded(folder, model, optimizers, train_state, master):
     barrier()
     model_state, optim_state = get_state_dict(model, optimizers)
     try:
-        dcp.save(dict(model=model_state, optimizers=optim_state), checkpoint_id=tmp, no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():  # (one process without a process group: saved as such, and said so)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(dict(model=model_state, optimizers=optim_state), checkpoint_id=tmp,
+                     no_dist=not dist.is_initialized())
     except Exception as e:  # a full disk, a read-only folder
         die(f"could not write {tmp} ({type(e).__name__}: {str(e)[:160]}); free some space or make the folder "
             f"writable" + (": the previous checkpoint is kept" if os.path.isdir(folder) else ""))
@@ -91,11 +95,18 @@ def load_sharded(folder, model, optimizers):
     model_state, optim_state = get_state_dict(model, optimizers)
     state = dict(model=model_state, optimizers=optim_state)
     try:
-        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+        dcp_load(state, folder)
     except Exception as e:
         die(f"{folder} does not match this run ({type(e).__name__}: {str(e).splitlines()[0][:160]}); resume with "
             f"the architecture and optimizer it was trained with")
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"])
+
+
+def dcp_load(state, folder):
+    """dcp.load, in one process without a process group as well (without the warning that this is what it does)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
 
 
 def barrier():
