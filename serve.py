@@ -52,7 +52,6 @@ max_chars = 100_000  # the most characters in a request's messages or prompt
 max_body = 1_000_000  # the largest request body, in bytes
 # -----------------------------------------------------------------------------
 
-EXTRA = dict(top_k=(int, 0), min_p=(float, 0.0), repetition_penalty=(float, 1.0))  # our sampling controls, by name
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -74,7 +73,7 @@ class Request:
 
     def __init__(self, ids, controls, max_tokens, stop_ids, stops, seed, tokenizer, sink):
         self.ids, self.controls, self.max_tokens, self.stop_ids = list(ids), controls, max_tokens, stop_ids
-        self.stream, self.sink, self.prompt_tokens, self.new = TextStream(tokenizer, stops), sink, len(ids), 0
+        self.stream, self.sink, self.new = TextStream(tokenizer, stops), sink, 0
         self.generator, self.seed, self.cancelled = None, seed, False  # a generator of its own when seeded
 
 
@@ -331,9 +330,9 @@ def make_app(engine, model, tokenizer, settings):
     def known(text):  # a character vocabulary leaves out what it lacks (chat.py does the same)
         return tokenizer.known(text)[0] if hasattr(tokenizer, "known") else text
 
-    async def generate(request, body, ids, stop_ids, kind):
-        """Run n requests for the prompt ids on the engine; the response, streamed or whole."""
-        controls, max_tokens, stops, seed, n = sampling(body, s["max_tokens_limit"])
+    async def generate(request, body, params, ids, stop_ids, kind):
+        """Run n requests for the prompt ids on the engine (params: sampling()'s); the response, streamed or whole."""
+        controls, max_tokens, stops, seed, n = params
         if engine.waiting.qsize() + n > s["max_queue"]:
             raise ApiError(429, "the server is busy; retry in a moment", kind="rate_limit_error")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -414,12 +413,13 @@ def make_app(engine, model, tokenizer, settings):
     async def chat_completions(request: HttpRequest):
         body = await body_of(request)
         messages = [dict(m, content=known(m["content"])) for m in messages_of(body, s["max_messages"], s["max_chars"])]
-        _, max_tokens, *_ = sampling(body, s["max_tokens_limit"])
+        params = sampling(body, s["max_tokens_limit"])
+        max_tokens = params[1]
         try:
             ids, _, _ = fit_conversation(template, messages, max(block - max_tokens, block // 2))
         except ValueError as e:  # a template that refuses the conversation
             raise ApiError(400, str(e), "messages") from None
-        return await generate(request, body, ids, template.stop_ids, "chat")
+        return await generate(request, body, params, ids, template.stop_ids, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
@@ -433,7 +433,7 @@ def make_app(engine, model, tokenizer, settings):
             raise ApiError(400, f"the prompt holds more than {s['max_chars']:,} characters", "prompt")
         ids = encode_prompt(tokenizer, known(prompt))  # as sample.py primes it
         stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-        return await generate(request, body, ids, stop_ids, "completion")
+        return await generate(request, body, sampling(body, s["max_tokens_limit"]), ids, stop_ids, "completion")
 
     @app.get("/v1/models")
     async def models():
