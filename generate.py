@@ -15,9 +15,11 @@ import torch
 class KVCache:
     """Keys and values of every layer, block_size slots per row. Row b holds pos[b] tokens; a forward writes its
     tokens at slots pos[b], pos[b]+1, ... and attends over every slot up to its own, so rows may hold sequences of
-    different lengths, and one row can be reset and refilled while the others go on. A one-token decode step
-    always has the same shapes (torch.compile builds it once). Only n_kv_head heads are stored: grouped-query
-    attention shrinks the cache by n_head / n_kv_head."""
+    different lengths, and one row can be reset and refilled while the others go on. A step attends over the slots
+    in use only (up to the longest row: reading the cache is most of a batched decode step's time on a CPU), except
+    under torch.compile, where it attends over the whole block so that a one-token decode step always has the same
+    shapes (compiled once). Only n_kv_head heads are stored: grouped-query attention shrinks the cache by
+    n_head / n_kv_head."""
 
     def __init__(self, cfg, batch_size, device, dtype=torch.float32):
         hs = cfg.head_dim
@@ -25,17 +27,23 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) tokens stored in each row
         self.history = torch.full((batch_size, max(cfg.ngram_emb - 1, 0)), -1, dtype=torch.long, device=device)
+        self.span = cfg.block_size  # slots the current step attends over
 
-    def positions(self, T):
-        """Positions of the next T tokens of every row: (B, T)."""
-        return self.pos[:, None] + torch.arange(T, device=self.pos.device)
+    def start(self, T):
+        """Before a forward of T tokens: their positions in every row (B, T) and the slots each may attend to, its
+        own and earlier ones (B, 1, T, span)."""
+        positions = self.pos[:, None] + torch.arange(T, device=self.pos.device)
+        whole = self.k.size(3)
+        self.span = whole if torch.compiler.is_compiling() else min(int(self.pos.max()) + T, whole)
+        return positions, positions[:, None, :, None] >= torch.arange(self.span, device=self.pos.device)
 
     def update(self, layer, k, v, positions):
-        """Write k, v (B, n_kv_head, T, hs) at `positions` (B, T); return all of `layer`'s keys and values."""
+        """Write k, v (B, n_kv_head, T, hs) at `positions` (B, T); return `layer`'s keys and values in the slots this
+        step attends over: (B, n_kv_head, span, hs) each."""
         index = positions[:, None, :, None].expand_as(k)
         self.k[layer].scatter_(2, index, k.to(self.k.dtype))
         self.v[layer].scatter_(2, index, v.to(self.v.dtype))
-        return self.k[layer], self.v[layer]
+        return self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span]
 
     def advance(self, idx):
         """After a forward over idx (B, T): T more tokens in every row, and the n-gram history moves on."""

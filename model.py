@@ -198,7 +198,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, positions=None, mask=None):
         """x (B, T, C); with a KV cache, x continues its rows at `positions` (B, T) and attends where `mask`
-        (B, 1, T, block_size) allows: its own and earlier positions."""
+        (B, 1, T, span) allows: its own and earlier positions."""
         B, T, C = x.size()
         hs = self.head_size
         q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
@@ -293,8 +293,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
         positions, mask, history = self.rope_index[:T], None, idx.new_full((B, max(self.config.ngram_emb - 1, 0)), -1)
         if cache is not None:  # every row at its own position: (B, T), and the slots each query may see
-            positions, history = cache.positions(T), cache.history
-            mask = positions[:, None, :, None] >= self.rope_index  # (B, 1, T, block_size)
+            (positions, mask), history = cache.start(T), cache.history  # (B, T), (B, 1, T, span)
 
         # embeddings: tokens, learned positions, n-gram tables
         x = self.transformer.wte(idx)  # (B, T, C)
