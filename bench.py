@@ -8,7 +8,9 @@ own encode_batch_fast on the same text in memory (the ceiling).
 mode=corpus: write a folder of *.txt documents of about `corpus_mb` MB for mode=prepare: the UTF-8 .py files
 of this Python installation (stdlib and site-packages), repeated to size.
 mode=step / mode=sample: in-process timings of model variants (GPTConfig fields as --key=value, the shape
-from `args`): one training step (forward, backward, AdamW) on random tokens, or KV-cached sampling.
+from `args`): one training step (forward, backward, AdamW) on random tokens, or KV-cached greedy decoding at batch 1
+(--impl=transformers: transformers' generate() on the same weights, the peer; each variant's tokens are checked
+against the baseline's).
 
     python bench.py --args="config/char_tiny.py --eval_iters=200"
     python bench.py --args="config/shakespeare_char_cpu.py" --variants="['', '--optimizer=adamw']" --runs=3
@@ -16,6 +18,8 @@ from `args`): one training step (forward, backward, AdamW) on random tokens, or 
     python bench.py --mode=corpus --corpus_mb=100 --args=corpus/
     python bench.py --mode=prepare --args="--input=corpus/ --tokenizer=data/pydocs_bpe/tokenizer.json"
     python bench.py --mode=step --variants="['', '--mlp=relu2', '--n_kv_head=1', '--model_type=gpt_fast']"
+    python bench.py --mode=sample --args="--n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --vocab_size=50257" \
+        --variants="['', '--impl=transformers', '--compile=True', '--dtype=bfloat16']" --new_tokens=64
     python bench.py --mode=step --device=cuda --batch_size=32 \
         --args="--block_size=1024 --vocab_size=50304 --n_layer=12 --n_head=12 --n_embd=768" \
         --variants="['--dtype=bfloat16 --compile=True', '--dtype=bfloat16 --compile=True --optimizer=muon']"
@@ -23,6 +27,7 @@ from `args`): one training step (forward, backward, AdamW) on random tokens, or 
 
 import ast
 import concurrent.futures
+import gc
 import csv
 import itertools
 import json
@@ -45,6 +50,7 @@ from common import DTYPES, autocast, gpu_peak, make_optimizers, pick_device
 from configurator import ABOVE_ZERO, POSITIVE, check, configure, die, parse_value
 from dataset import check_writable, make_out_dir
 from generate import compile_decode, generate
+from hf import hf_arch, hf_config, to_hf
 from model import GPT, MODEL_FIELDS, config_from_preset
 
 # -----------------------------------------------------------------------------
@@ -59,7 +65,8 @@ grid = ""
 results_csv = ""
 batch_size = 12  # step/sample modes: sequences per step (sample: 1 sequence of block_size tokens)
 steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
-# sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16)
+# sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16,
+# --impl=transformers)
 new_tokens = 500
 # step/sample modes: cpu | cuda | mps (step variants: --dtype=bfloat16, --compile=True, --optimizer=muon)
 device = "cpu"
@@ -70,7 +77,7 @@ peer = ""  # serve mode: a Hugging Face folder (convert.py --to=hf) whose transf
 TRAIN_OPTIMIZER = dict(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, muon_lr=0.02,
                        muon_momentum=0.95, muon_weight_decay=0.0, muon_ns_steps=5)
 # step/sample variants: not fields
-VARIANT_OPTIONS = ("model_type", "dtype", "compile", "optimizer", "use_cache", "batch")
+VARIANT_OPTIONS = ("model_type", "dtype", "compile", "optimizer", "use_cache", "batch", "impl")
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts it runs sit beside it; data/ is the working folder's
 
 
@@ -136,28 +143,32 @@ def bench_model():
                 f"{', '.join(VARIANT_OPTIONS)}")
     results, startup, memory = {v: [] for v in variants}, {v: [] for v in variants}, {v: [] for v in variants}
     flops, floor = {}, []  # floor, sample mode: ms per token of the baseline model's matrix-vector products alone
+    tokens, same = {}, {v: True for v in variants}  # sample mode: the tokens of each variant's first run
     for _ in range(runs):
         for v in variants:
             opts = {**shape, **options(v)}
             dtype = opts.pop("dtype", "float32")  # step: autocast, as train.py does; sample: the weights, as sample.py
             use_cache, compiled, batch = opts.pop("use_cache", True), opts.pop("compile", False), opts.pop("batch", 1)
-            optimizer = opts.pop("optimizer", "adamw")
+            optimizer, impl = opts.pop("optimizer", "adamw"), opts.pop("impl", "yocto")
             torch.manual_seed(0)
             model = GPT(config_from_preset(opts.pop("model_type", "gpt"), **opts)).to(dev)
             if dev.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            if mode == "sample":  # new_tokens from one token, top_k=200; the first 8 tokens warm up (and compile)
+            if mode == "sample":  # new_tokens greedy from one token; the first 8 tokens warm up (and compile)
                 model = model.eval().to(DTYPES[dtype])
-                decode = compile_decode(model) if compiled else None
+                run = decoder(model, impl, compiled, use_cache)
                 prompt = torch.zeros(batch, 1, dtype=torch.long, device=dev)
                 t0 = time.perf_counter()
-                generate(model, prompt, 8, top_k=200, use_cache=use_cache, decode=decode)
+                run(prompt, 8)
                 sync()
                 startup[v].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                generate(model, prompt, new_tokens, top_k=200, use_cache=use_cache, decode=decode)
+                out = run(prompt, new_tokens).cpu()
                 sync()
                 results[v].append(batch * new_tokens / (time.perf_counter() - t0))
+                base = tokens.setdefault(variants[0], out)  # every row: the baseline's first row's tokens
+                same[v] &= out.shape[1:] == base.shape[1:] and bool((out == base[:1]).all())
+                del run
                 if v == variants[0]:
                     floor.append(gemv_ms(model, sync))
                 continue
@@ -186,8 +197,8 @@ def bench_model():
     base = statistics.median(results[variants[0]])
     gpu, peak = gpu_peak(dev)
     print(f"bench.py --mode={mode} --args={args!r} on {gpu or dev} — medians of {runs} runs")
-    extra = " tok/s | MFU | peak memory GiB |" if mode == "step" else " first 8 tokens (s) |"
-    print(f"| variant | {unit} | vs baseline |{extra}\n|---|---|---|---|" + ("---|---|" if mode == "step" else ""))
+    extra = " tok/s | MFU | peak memory GiB |" if mode == "step" else " first 8 tokens (s) | the baseline's tokens |"
+    print(f"| variant | {unit} | vs baseline |{extra}\n|---|---|---|---|---|" + ("---|" if mode == "step" else ""))
     for v, r in results.items():
         m = statistics.median(r)
         if mode == "step":
@@ -196,7 +207,7 @@ def bench_model():
             mem = f"{statistics.median(memory[v]):.1f}" if memory[v] else "—"
             extra = f" {tok_s:,.0f} | {mfu} | {mem} |"
         else:
-            extra = f" {statistics.median(startup[v]):.2f} |"
+            extra = f" {statistics.median(startup[v]):.2f} | {'yes' if same[v] else 'no'} |"
         print(f"| {v or 'baseline'} | {m:,.1f} | {m / base:.2f}x |{extra}")
     if floor:
         ms = statistics.median(floor)
@@ -245,6 +256,7 @@ def bench_serve():
                     die(f"serve.py {args} failed: {server.stderr.read().strip().splitlines()[-1:]}")
                 time.sleep(0.2)
         stream_one(url, "The ", 8)  # warm up
+        gc.freeze()  # the load generator's own full collections (~100 ms with torch loaded) would count as latency
         rates, firsts, errors = ({c: [] for c in clients} for _ in range(3))
         for _ in range(runs):
             for c in clients:
@@ -281,6 +293,30 @@ def bench_serve():
         print(f"Peer: transformers generate() on {peer}, one request at a time: {new_tokens / t:,.0f} tokens/s for any "
               f"number of clients; the k-th of c waiting clients sees its first token after ~k x {t:.2f} s "
               f"(p95 at 16 clients ~{0.95 * 16 * t:.1f} s)")
+
+
+def decoder(model, impl, compiled, use_cache):
+    """run(prompt (B, 1), n) -> the prompt and n greedy tokens after it: our generate(), or transformers' generate()
+    on a twin with the same weights (hf.py's export mapping)."""
+    if impl == "yocto":
+        decode = compile_decode(model) if compiled else None
+        return lambda prompt, n: generate(model, prompt, n, temperature=0, use_cache=use_cache, decode=decode)
+    if impl != "transformers":
+        die(f"--impl={impl!r}: yocto or transformers")
+    try:
+        import transformers
+    except ImportError:
+        die("--impl=transformers needs transformers: pip install transformers")
+    arch = hf_arch(model.config)
+    dtype = next(model.parameters()).dtype
+    twin = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        **hf_config(model.config, arch, {})), dtype=dtype).to(dtype).eval()
+    twin.load_state_dict({k: v.to(dtype) for k, v in to_hf(model.config, model.state_dict(), arch).items()},
+                         strict=not model.config.tie_weights)
+    if compiled:
+        twin.forward = torch.compile(twin.forward)
+    return lambda prompt, n: twin.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                           min_new_tokens=n, do_sample=False, use_cache=use_cache, pad_token_id=0)
 
 
 def gemv_ms(model, sync, n=50):

@@ -16,34 +16,36 @@ class KVCache:
     """Keys and values of every layer, block_size slots per row. Row b holds pos[b] tokens; a forward writes its
     tokens at slots pos[b], pos[b]+1, ... and attends over every slot up to its own, so rows may hold sequences of
     different lengths, and one row can be reset and refilled while the others go on. A step attends over the slots
-    in use only (up to the longest row: reading the cache is most of a batched decode step's time on a CPU), except
-    under torch.compile, where it attends over the whole block so that a one-token decode step always has the same
-    shapes (compiled once). Only n_kv_head heads are stored: grouped-query attention shrinks the cache by
-    n_head / n_kv_head."""
+    in use only, up to the longest row (`span`): reading the cache is most of a batched decode step's time on a CPU.
+    Each layer has its own tensors, written in place (torch.compile then writes the new slots, not a copy of the
+    cache). Only n_kv_head heads are stored: grouped-query attention shrinks the cache by n_head / n_kv_head."""
 
     def __init__(self, cfg, batch_size, device, dtype=torch.float32):
-        hs = cfg.head_dim
-        self.k = torch.zeros(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.block_size, hs, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        shape = (batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) tokens stored in each row
         self.history = torch.full((batch_size, max(cfg.ngram_emb - 1, 0)), -1, dtype=torch.long, device=device)
-        self.span = cfg.block_size  # slots the current step attends over
+        self.block, self.span = cfg.block_size, cfg.block_size
 
     def start(self, T):
         """Before a forward of T tokens: their positions in every row (B, T) and the slots each may attend to, its
-        own and earlier ones (B, 1, T, span)."""
+        own and earlier ones (B, 1, T, span). The span is read from pos here, or set before a compiled step."""
         positions = self.pos[:, None] + torch.arange(T, device=self.pos.device)
-        whole = self.k.size(3)
-        self.span = whole if torch.compiler.is_compiling() else min(int(self.pos.max()) + T, whole)
+        if not torch.compiler.is_compiling():
+            self.set_span(T)
         return positions, positions[:, None, :, None] >= torch.arange(self.span, device=self.pos.device)
+
+    def set_span(self, T):
+        self.span = min(int(self.pos.max()) + T, self.block)
 
     def update(self, layer, k, v, positions):
         """Write k, v (B, n_kv_head, T, hs) at `positions` (B, T); return `layer`'s keys and values in the slots this
         step attends over: (B, n_kv_head, span, hs) each."""
-        index = positions[:, None, :, None].expand_as(k)
-        self.k[layer].scatter_(2, index, k.to(self.k.dtype))
-        self.v[layer].scatter_(2, index, v.to(self.v.dtype))
-        return self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span]
+        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1), with positions: the slots to write
+        for cache, new in ((self.k[layer], k), (self.v[layer], v)):
+            cache.transpose(1, 2)[rows, positions] = new.transpose(1, 2).to(cache.dtype)
+        return self.k[layer][:, :, :self.span], self.v[layer][:, :, :self.span]
 
     def advance(self, idx):
         """After a forward over idx (B, T): T more tokens in every row, and the n-gram history moves on."""
@@ -55,14 +57,14 @@ class KVCache:
         """Rows start..stop-1 alone, sharing this cache's memory: a forward through them fills those rows only (a
         prefill of one row, or a decode step of the first n)."""
         view = copy.copy(self)
-        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.k, view.v = [t[start:stop] for t in self.k], [t[start:stop] for t in self.v]
         view.pos, view.history = self.pos[start:stop], self.history[start:stop]
         return view
 
     def move(self, src, dst):
         """Row src's sequence into row dst (a server keeps its live rows first)."""
-        for t in (self.k, self.v):
-            t[:, dst] = t[:, src]
+        for t in self.k + self.v:
+            t[dst] = t[src]
         self.pos[dst], self.history[dst] = self.pos[src], self.history[src]
 
     def reset(self, b):
@@ -71,7 +73,7 @@ class KVCache:
         self.history[b] = -1
 
     def nbytes(self):
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in self.k + self.v)
 
 
 def step(model, idx, cache):
@@ -80,8 +82,15 @@ def step(model, idx, cache):
 
 
 def compile_decode(model):
-    """step() compiled for one-token decoding: its shapes never change, so it compiles once per run."""
-    return torch.compile(partial(step, model), dynamic=False)
+    """step() compiled for one-token decoding. The span the step attends over is set before each call (a compiled
+    graph cannot read it from pos); it changes at the second token, so torch.compile builds a second graph where the
+    span (and the batch, in a server) may be any size: two compiles per run, then none."""
+    compiled = torch.compile(partial(step, model), dynamic=None)
+
+    def run(idx, cache):
+        cache.set_span(idx.size(1))
+        return compiled(idx, cache)
+    return run
 
 
 def prefill(model, cache, b, ids):

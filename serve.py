@@ -11,6 +11,7 @@ one frees its row at once). Needs FastAPI and uvicorn: pip install fastapi uvico
 """
 
 import asyncio
+import gc
 import json
 import math
 import os
@@ -39,7 +40,7 @@ ema = False  # serve the run's moving average of the weights (trained with --ema
 block_size = 0  # a shorter context than the model's, for a smaller KV cache (0 = the model's)
 device = ""  # cpu | cuda | mps; '' picks cuda > mps > cpu
 dtype = "auto"  # float32 | bfloat16 | float16 (the weights are converted) | auto (bfloat16 on GPUs, float32 on CPU)
-compile = False  # torch.compile the decode step (once per number of requests decoding together)
+compile = False  # torch.compile the decode step (twice at the start, then for any batch)
 host = "127.0.0.1"  # the interface to listen on; 0.0.0.0 opens the server to the network
 port = 8000  # the port to listen on
 api_key = ""  # if set (or YOCTOGPT_API_KEY), every /v1 request needs `Authorization: Bearer KEY`
@@ -91,6 +92,16 @@ class Engine:
         self.rows, self.held, self.max_rows = [], [], rows  # live requests in row order; tokens in each row
         self.waiting, self.generator = queue.Queue(), torch.Generator(device=self.device)
         self.generator.seed()  # unseeded requests sample from a random stream
+
+    @torch.no_grad()
+    def warm_up(self):
+        """Run the decode step on 1, 2 and 3 rows, so that a compiled one builds its graphs (one for any batch and
+        span after the first) before the first request rather than during it."""
+        rows = range(1, min(3, self.max_rows) + 1)
+        for n in rows:
+            self.decode(torch.zeros(n, 1, dtype=torch.long, device=self.device), self.cache.rows(0, n))
+        for b in rows:
+            self.cache.reset(b - 1)
 
     def submit(self, request):
         self.waiting.put(request)
@@ -273,7 +284,7 @@ def messages_of(body, max_messages, max_chars):
 def make_app(engine, model, tokenizer, settings):
     """The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /health and the chat page at /."""
     try:
-        from fastapi import FastAPI
+        from fastapi import Depends, FastAPI
         from fastapi import Request as HttpRequest
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -283,7 +294,15 @@ def make_app(engine, model, tokenizer, settings):
     s, block, name = settings, model.config.block_size, settings["model_name"]
     template = template_for(getattr(tokenizer, "meta", None), tokenizer)
     key = s["api_key"] or os.environ.get("YOCTOGPT_API_KEY", "")
-    app = FastAPI(title="yoctoGPT", docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def guard(request: HttpRequest):  # every route's dependency (not a middleware: that would relay each chunk)
+        if key and request.url.path.startswith("/v1") and request.headers.get("authorization") != f"Bearer {key}":
+            raise ApiError(401, "a valid API key is needed: Authorization: Bearer KEY", kind="authentication_error")
+        size = request.headers.get("content-length", "0")
+        if not size.isdigit() or int(size) > s["max_body"]:
+            raise ApiError(413, f"the request body is larger than {s['max_body']:,} bytes")
+
+    app = FastAPI(title="yoctoGPT", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(guard)])
 
     def error(e):
         return JSONResponse(e.body, status_code=e.status)
@@ -304,16 +323,6 @@ def make_app(engine, model, tokenizer, settings):
     async def internal_error(request, e):  # a bug, not bad input: one line in the log, a 500 to the client
         print(f"error: {type(e).__name__}: {str(e)[:200]} ({request.url.path})", file=sys.stderr)
         return error(ApiError(500, "the server failed on this request", kind="server_error"))
-
-    @app.middleware("http")
-    async def guard(request, call_next):
-        if key and request.url.path.startswith("/v1") and request.headers.get("authorization") != f"Bearer {key}":
-            return error(ApiError(401, "a valid API key is needed: Authorization: Bearer KEY",
-                                  kind="authentication_error"))
-        size = request.headers.get("content-length", "0")
-        if not size.isdigit() or int(size) > s["max_body"]:
-            return error(ApiError(413, f"the request body is larger than {s['max_body']:,} bytes"))
-        return await call_next(request)
 
     async def body_of(request):
         raw = await request.body()
@@ -473,6 +482,8 @@ if __name__ == "__main__":
     except OSError as e:
         die(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port (or --host)")
     engine = Engine(model, max_batch, compile_decode(model) if compile else lambda idx, cache: step(model, idx, cache))
+    if compile:
+        engine.warm_up()
     app = make_app(engine, model, tokenizer, config)
     print(f"serving {config['model_name']} ({model.num_params() / 1e6:.1f}M parameters, context "
           f"{model.config.block_size}) at http://{host}:{port} — OpenAI API at /v1, chat page at /", flush=True)
@@ -481,6 +492,7 @@ if __name__ == "__main__":
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or SIGTERM: stop decoding, close the server, exit 0
         signal.signal(sig, lambda *_: stop.set())
+    gc.freeze()  # what start-up made stays out of the collector: a full collection took ~100 ms, a stall mid-load
     http.start()
     engine.run(stop)
     server.should_exit = True
