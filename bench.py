@@ -27,8 +27,8 @@ against the baseline's).
 
 import ast
 import concurrent.futures
-import gc
 import csv
+import gc
 import itertools
 import json
 import math
