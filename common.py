@@ -98,10 +98,32 @@ def load_checkpoint(path):
             f"tensors and plain data, which are never unpickled; use another checkpoint")
 
 
+class ShardedMuon(torch.optim.Muon):
+    """torch.optim.Muon for matrices sharded over processes (DTensors, train.py's parallel=fsdp): the momentum is
+    kept on each process's shard; the update is gathered whole (full_tensor), orthogonalized by torch's own
+    Newton-Schulz exactly as one process would, and cut back to the shard. So sharded training takes one process's
+    steps; each process orthogonalizes every matrix (the compute of one process, the memory of a shard)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.distributed.tensor import distribute_tensor
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # torch.optim.Muon's own math
+
+        for g in self.param_groups:
+            for p in [p for p in g["params"] if p.grad is not None]:
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - g["momentum"])
+                update = p.grad.lerp(buf, g["momentum"]) if g["nesterov"] else buf
+                ortho = _zeropower_via_newtonschulz(update.full_tensor(), g["ns_coefficients"], g["ns_steps"], g["eps"])
+                ortho = distribute_tensor(ortho, update.device_mesh, update.placements, src_data_rank=None)
+                p.mul_(1 - g["lr"] * g["weight_decay"])
+                p.add_(ortho, alpha=-_adjust_lr(g["lr"], g["adjust_lr_fn"], p.shape))
+
+
 def make_optimizers(model, cfg, fused=False):
     """train.py's optimizers from its settings (cfg): AdamW for every parameter, or with optimizer="muon"
-    torch.optim.Muon for the 2-D matrices inside the blocks and AdamW for the rest (embeddings, head, norms, biases).
-    Weight decay on AdamW's matrices only; each group keeps its peak LR in base_lr for the schedule to scale.
+    torch.optim.Muon for the 2-D matrices inside the blocks and AdamW for the rest (embeddings, head, norms, biases);
+    ShardedMuon when the model is sharded (FSDP2). Weight decay on AdamW's matrices only; each group keeps its peak LR in base_lr for the schedule to scale.
     Returns (optimizers, Muon's parameter names, AdamW's)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     muon = [n for n, p in params.items()
@@ -113,9 +135,10 @@ def make_optimizers(model, cfg, fused=False):
               dict(params=[params[n] for n in adam if params[n].dim() < 2], weight_decay=0.0, base_lr=lr)]
     optimizers = [torch.optim.AdamW(groups, lr=lr, betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], fused=fused)]
     if muon:
-        optimizers.append(torch.optim.Muon([dict(params=[params[n] for n in muon], base_lr=cfg["muon_lr"])],
-                                           lr=cfg["muon_lr"], weight_decay=cfg["muon_weight_decay"],
-                                           momentum=cfg["muon_momentum"], ns_steps=cfg["muon_ns_steps"]))
+        sharded = hasattr(params[muon[0]], "full_tensor")
+        optimizers.append((ShardedMuon if sharded else torch.optim.Muon)(
+            [dict(params=[params[n] for n in muon], base_lr=cfg["muon_lr"])], lr=cfg["muon_lr"],
+            weight_decay=cfg["muon_weight_decay"], momentum=cfg["muon_momentum"], ns_steps=cfg["muon_ns_steps"]))
     return optimizers, muon, adam
 
 
