@@ -123,8 +123,8 @@ class ShardedMuon(torch.optim.Muon):
 def make_optimizers(model, cfg, fused=False):
     """train.py's optimizers from its settings (cfg): AdamW for every parameter, or with optimizer="muon"
     torch.optim.Muon for the 2-D matrices inside the blocks and AdamW for the rest (embeddings, head, norms, biases);
-    ShardedMuon when the model is sharded (FSDP2). Weight decay on AdamW's matrices only; each group keeps its peak LR in base_lr for the schedule to scale.
-    Returns (optimizers, Muon's parameter names, AdamW's)."""
+    ShardedMuon when the model is sharded (FSDP2). Weight decay on AdamW's matrices only; each group keeps its peak LR
+    in base_lr for the schedule to scale. Returns (optimizers, Muon's parameter names, AdamW's)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     muon = [n for n, p in params.items()
             if cfg["optimizer"] == "muon" and n.startswith("transformer.h.") and p.dim() == 2]
