@@ -16,7 +16,7 @@ from configurator import die
 from dataset import read_json
 from hf import GPT2_META, HUB_MODELS, IGNORED, from_hf_folder, hub_folder
 from model import GPT, MODEL_FIELDS, PRESETS, GPTConfig, config_from_dict
-from parallel import TRAIN_STATE, dcp_load, load_sharded
+from parallel import TRAIN_STATE, dcp_load, load_sharded, load_whole_optimizers
 from tokenizer import check_tokenizer, describe_vocab
 
 KV_NOTE_BYTES = 2**30  # load_for_inference notes a KV cache larger than this, per sequence
@@ -137,15 +137,18 @@ def resumed_config(record, config, explicit):
 
 def restore_training(record, model, optimizers, scaler, ema, rank, device_type, optimizer):
     """Put a resumed run's optimizer, grad-scaler, RNG and EMA states back (a sharded checkpoint's weights and
-    optimizer state too, however this run is sharded)."""
+    optimizer state too, however this run is sharded; a whole checkpoint's into a sharded run, too)."""
     if record["optimizers"] == "sharded":
         load_sharded(record["path"], model, optimizers)
     try:
         states = [] if record["optimizers"] == "sharded" else record["optimizers"]  # (sharded: loaded above)
         assert not states or len(optimizers) == len(states)
-        for opt, state in zip(optimizers, states, strict=False):
-            opt.load_state_dict(state)
-    except (AssertionError, ValueError, KeyError):
+        if states and hasattr(next(model.parameters()), "full_tensor"):  # a whole ckpt.pt into parallel=fsdp
+            load_whole_optimizers(model, optimizers, states)
+        else:
+            for opt, state in zip(optimizers, states, strict=False):
+                opt.load_state_dict(state)
+    except (AssertionError, ValueError, KeyError, RuntimeError):
         die(f"the optimizer state in {record['path']} does not fit optimizer={optimizer!r}; resume with the optimizer "
             f"the run was trained with ({record['config']['optimizer']!r}), or warm-start a new run: "
             f"--init_from={record['path']} --out_dir=NEW")

@@ -16,7 +16,12 @@ except ImportError:
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -86,6 +91,8 @@ def save_sharded(folder, model, optimizers, train_state, master):
             os.replace(folder, old)
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
+        if os.path.isfile(folder + ".pt"):  # the whole checkpoint of a ddp run this one resumed: superseded now
+            os.remove(folder + ".pt")
     barrier()
 
 
@@ -100,6 +107,20 @@ def load_sharded(folder, model, optimizers):
         die(f"{folder} does not match this run ({type(e).__name__}: {str(e).splitlines()[0][:160]}); resume with "
             f"the architecture and optimizer it was trained with")
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"])
+
+
+def load_whole_optimizers(model, optimizers, states):
+    """Optimizer states saved whole (a ddp or one-process run's ckpt.pt: parameters by their index in each group)
+    into this run's optimizers over sharded parameters: named by the parameters they belong to, then each process
+    keeps its shards (set_optimizer_state_dict with full_state_dict)."""
+    names = {p: n for n, p in model.named_parameters()}
+    for opt, saved in zip(optimizers, states, strict=True):
+        fqn = {}
+        for saved_group, group in zip(saved["param_groups"], opt.param_groups, strict=True):
+            fqn.update(zip(saved_group["params"], [names[p] for p in group["params"]], strict=True))
+        whole = dict(state={fqn[i]: s for i, s in saved["state"].items()},
+                     param_groups=[dict(g, params=[fqn[i] for i in g["params"]]) for g in saved["param_groups"]])
+        set_optimizer_state_dict(model, opt, whole, options=StateDictOptions(full_state_dict=True))
 
 
 def dcp_load(state, folder):

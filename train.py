@@ -161,8 +161,6 @@ if tasks:
     task_manager(tasks, eval_tasks_path)  # the harness is installed and knows every task
 if parallel == "fsdp" and ema_decay:
     die("--ema_decay with --parallel=fsdp is not supported yet; use --parallel=ddp, or drop --ema_decay")
-if init_from == "resume" and parallel == "fsdp" and record["optimizers"] != "sharded":
-    die(f"{ckpt_path} was saved by a ddp run; resume it with --parallel=ddp (a sharded checkpoint resumes either way)")
 if init_from != "resume" and os.path.exists(ckpt_path) and not overwrite:
     die(f"{ckpt_path} already exists; continue it with --init_from=resume, pick another --out_dir, "
         f"or pass --overwrite=True to replace it")

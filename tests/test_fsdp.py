@@ -113,6 +113,16 @@ def test_sharded_checkpoints_resume_exactly_at_the_same_and_another_world_size(w
     assert all(torch.equal(whole["model"][k], v) for k, v in load_source(str(workdir / "out-hop"))["model"].items())
 
 
+def test_a_one_process_checkpoint_resumes_sharded(workdir, straight):
+    """10 steps in one process (ckpt.pt), 10 more on 2 sharded processes: the losses of 20 straight steps; the sharded
+    checkpoint replaces ckpt.pt."""
+    run("train.py", *ARGS, "--max_iters=10", "--out_dir=out-one-split", cwd=workdir, env=ENV)
+    torchrun(workdir, "--init_from=resume", "--max_iters=20", "--parallel=fsdp", "--out_dir=out-one-split")
+    close(losses(workdir / "out-one-split"), losses(straight["one"]), 1e-5)
+    assert (workdir / "out-one-split" / "ckpt" / "train.pt").is_file()
+    assert not (workdir / "out-one-split" / "ckpt.pt").exists()
+
+
 def test_each_rank_holds_about_half_the_parameters_and_optimizer_state(workdir, straight):
     ddp = torchrun(workdir, *ARGS, "--max_iters=20", "--parallel=ddp", "--out_dir=out-mem-ddp").stdout
     held = {name: float(out.split(" MiB of parameters")[0].split()[-1])
