@@ -16,7 +16,7 @@ from configurator import die
 from dataset import read_json
 from hf import GPT2_META, HUB_MODELS, IGNORED, from_hf_folder, hub_folder
 from model import GPT, MODEL_FIELDS, PRESETS, GPTConfig, config_from_dict
-from parallel import TRAIN_STATE, dcp_load, load_sharded, load_whole_optimizers
+from parallel import TRAIN_STATE, dcp_load, load_sharded, load_whole, load_whole_optimizers
 from tokenizer import check_tokenizer, describe_vocab
 
 KV_NOTE_BYTES = 2**30  # load_for_inference notes a KV cache larger than this, per sequence
@@ -37,11 +37,12 @@ def from_sharded(folder):
     """A sharded (DCP) checkpoint folder as a record: its training state, and the weights gathered whole."""
     record = load_checkpoint(os.path.join(folder, TRAIN_STATE))
     state = build_model(dict(record, model={}), "cpu", strict=False).state_dict()
+    ema = {"module." + k: v.clone() for k, v in state.items()} | dict(n_averaged=torch.tensor(0))
     try:
-        dcp_load(dict(model=state), folder)
+        dcp_load(dict(model=state) | (dict(ema=ema) if record.get("ema") == "sharded" else {}), folder)
     except Exception as e:  # missing or damaged shards
         die(f"{folder} is not a readable sharded checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-    return dict(record, model=state, path=folder)
+    return dict(record, model=state, path=folder) | (dict(ema=ema) if record.get("ema") == "sharded" else {})
 
 
 def strip_compiled(state):
@@ -139,7 +140,7 @@ def restore_training(record, model, optimizers, scaler, ema, rank, device_type, 
     """Put a resumed run's optimizer, grad-scaler, RNG and EMA states back (a sharded checkpoint's weights and
     optimizer state too, however this run is sharded; a whole checkpoint's into a sharded run, too)."""
     if record["optimizers"] == "sharded":
-        load_sharded(record["path"], model, optimizers)
+        load_sharded(record["path"], model, optimizers, ema if record.get("ema") == "sharded" else None)
     try:
         states = [] if record["optimizers"] == "sharded" else record["optimizers"]  # (sharded: loaded above)
         assert not states or len(optimizers) == len(states)
@@ -154,8 +155,8 @@ def restore_training(record, model, optimizers, scaler, ema, rank, device_type, 
             f"--init_from={record['path']} --out_dir=NEW")
     scaler.load_state_dict(record["scaler"])
     restore_rng(record["rng"], rank, device_type)
-    if ema is not None and record.get("ema"):  # a run that already kept one
-        ema.load_state_dict(record["ema"])
+    if ema is not None and record.get("ema") not in (None, "sharded"):  # a run that already kept one (sharded: above)
+        load_whole(ema, record["ema"])
 
 
 # -----------------------------------------------------------------------------

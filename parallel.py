@@ -18,7 +18,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
     set_state_dict,
 )
@@ -31,17 +33,18 @@ from configurator import die
 TRAIN_STATE = "train.pt"  # beside the shards in a sharded (DCP) checkpoint folder: config, counters, RNG, tokenizer
 
 
-def shard(model, dtype):
+def shard(model, dtype, inference=False):
     """fully_shard each block, then the root (the tied embedding and lm_head, the norms and positions as one unit),
     over all processes; in a mixed precision dtype the parameters are cast for compute and gradients reduced in
-    float32 (MixedPrecisionPolicy, instead of autocast)."""
+    float32 (MixedPrecisionPolicy, instead of autocast). The root keeps its parameters gathered after a forward
+    (backward needs them at once) unless the model is only evaluated (inference: train.py's EMA copy)."""
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype] if dtype != "float32" else None,
                                   reduce_dtype=torch.float32)
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    return fully_shard(model, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if inference else None)
 
 
 def full(tensor):
@@ -68,20 +71,21 @@ def memory_held(model, optimizers):
     return f"{held:.2f} MiB of parameters and optimizer state per process (peak RSS {peak:,.0f} MiB)"
 
 
-def save_sharded(folder, model, optimizers, train_state, master):
-    """A DCP checkpoint folder, written whole or not at all: every process writes its shards (and rank 0 the
-    training state) into folder.tmp, then rank 0 swaps it in; a crash at any moment leaves the previous one
+def save_sharded(folder, model, optimizers, ema, train_state, master):
+    """A DCP checkpoint folder, written whole or not at all: every process writes its shards of the weights, the
+    optimizer states and the EMA weights (ema: an AveragedModel or None), and rank 0 the training state, into
+    folder.tmp, then rank 0 swaps it in; a crash at any moment leaves the previous one
     readable (folder, or folder.old while the swap is under way)."""
     tmp, old = folder + ".tmp", folder + ".old"
     if master and os.path.isdir(tmp):
         shutil.rmtree(tmp)
     barrier()
     model_state, optim_state = get_state_dict(model, optimizers)
+    state = dict(model=model_state, optimizers=optim_state) | (dict(ema=get_model_state_dict(ema)) if ema else {})
     try:
         with warnings.catch_warnings():  # (one process without a process group: saved as such, and said so)
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(dict(model=model_state, optimizers=optim_state), checkpoint_id=tmp,
-                     no_dist=not dist.is_initialized())
+            dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
     except Exception as e:  # a full disk, a read-only folder
         die(f"could not write {tmp} ({type(e).__name__}: {str(e)[:160]}); free some space or make the folder "
             f"writable" + (": the previous checkpoint is kept" if os.path.isdir(folder) else ""))
@@ -96,17 +100,25 @@ def save_sharded(folder, model, optimizers, train_state, master):
     barrier()
 
 
-def load_sharded(folder, model, optimizers):
-    """Load a DCP checkpoint's weights and optimizer state into this run's model and optimizers, however it is
-    sharded now (any number of processes, or one without a process group)."""
+def load_sharded(folder, model, optimizers, ema=None):
+    """Load a DCP checkpoint's weights and optimizer state (and EMA weights, given an AveragedModel) into this run's
+    model and optimizers, however it is sharded now (any number of processes, or one without a process group)."""
     model_state, optim_state = get_state_dict(model, optimizers)
-    state = dict(model=model_state, optimizers=optim_state)
+    state = dict(model=model_state, optimizers=optim_state) | (dict(ema=get_model_state_dict(ema)) if ema else {})
     try:
         dcp_load(state, folder)
     except Exception as e:
         die(f"{folder} does not match this run ({type(e).__name__}: {str(e).splitlines()[0][:160]}); resume with "
             f"the architecture and optimizer it was trained with")
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"])
+    if ema:
+        set_model_state_dict(ema, state["ema"])
+
+
+def load_whole(module, state):
+    """A whole state dict (a ckpt.pt's) into a module, sharded or not."""
+    sharded = hasattr(next(module.parameters()), "full_tensor")
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=sharded))
 
 
 def load_whole_optimizers(model, optimizers, states):

@@ -159,8 +159,6 @@ check(config, dict.fromkeys(["batch_size", "block_size", "gradient_accumulation_
 tasks = [t.strip() for t in eval_tasks.split(",") if t.strip()]
 if tasks:
     task_manager(tasks, eval_tasks_path)  # the harness is installed and knows every task
-if parallel == "fsdp" and ema_decay:
-    die("--ema_decay with --parallel=fsdp is not supported yet; use --parallel=ddp, or drop --ema_decay")
 if init_from != "resume" and os.path.exists(ckpt_path) and not overwrite:
     die(f"{ckpt_path} already exists; continue it with --init_from=resume, pick another --out_dir, "
         f"or pass --overwrite=True to replace it")
@@ -230,7 +228,8 @@ else:
 why = f" (auto: {model.config.n_embd} wide, {batch_size * block_size:,} tokens per micro-step)" * (dtype == "auto")
 dtype = config["dtype"] = common.pick_dtype(dtype, device, model.config.n_embd, batch_size * block_size)
 ctx = common.autocast(device, dtype) if not fsdp else nullcontext()  # fsdp: its MixedPrecisionPolicy instead
-model = shard(model, dtype) if fsdp else model
+ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)) if ema_decay else None  # (buffers: constants)
+model, _ = (shard(model, dtype), ema and shard(ema.module, dtype, inference=True)) if fsdp else (model, None)  # (copied first)
 raw_model = model  # the module that is saved, evaluated and counted (FSDP2 shards it in place)
 torch.manual_seed(seed + rank) if rank else None  # each rank its own dropout
 model_config = raw_model.config
@@ -238,7 +237,6 @@ model_config = raw_model.config
 # optimizers: AdamW for everything, or Muon for the 2-D matrices inside the blocks and AdamW for the rest
 optimizers, muon_names, adam_names = common.make_optimizers(raw_model, config, fused=device_type == "cuda")
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # a no-op unless float16
-ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True) if ema_decay else None
 if init_from == "resume":
     restore_training(record, raw_model, optimizers, scaler, ema, rank, device_type, optimizer)
 del record  # free the memory
@@ -266,7 +264,8 @@ def training_state():
     if save_strategy == "none" or eval_only:
         return None
     sharded = parallel == "fsdp"  # weights and optimizer state go to DCP shards (parallel.save_sharded)
-    return dict(model=None if sharded else raw_model.state_dict(), ema=ema.state_dict() if ema else None,
+    return dict(model=None if sharded else raw_model.state_dict(),
+                ema=("sharded" if sharded else ema.state_dict()) if ema else None,
                 model_config=vars(model_config), config=config, scaler=scaler.state_dict(),
                 optimizers="sharded" if sharded else [opt.state_dict() for opt in optimizers],
                 iter_num=iter_num, best_val_loss=best_val_loss, train_time=train_time,
@@ -279,7 +278,7 @@ def save(name):
     False when nothing is saved (save_strategy=none, eval_only)."""
     state = training_state()
     if state is not None and parallel == "fsdp":
-        save_sharded(os.path.join(out_dir, name), raw_model, optimizers, state, writes)
+        save_sharded(os.path.join(out_dir, name), raw_model, optimizers, ema, state, writes)
     elif state is not None:
         log.save(state, name + ".pt")
     return state is not None

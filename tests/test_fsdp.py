@@ -123,6 +123,23 @@ def test_a_one_process_checkpoint_resumes_sharded(workdir, straight):
     assert not (workdir / "out-one-split" / "ckpt.pt").exists()
 
 
+def test_ema_under_fsdp(workdir, straight):
+    """--ema_decay on 2 sharded processes: the moving average kept on shards, evaluated and saved in the sharded
+    checkpoint (sample.py --ema=True reads it, one process resumes it). A decay of 1e-6 keeps the average at the
+    weights: its val loss is the model's (integer buffers such as the positions are not averaged: they stay put)."""
+    losses_of = lambda d, k: [float(r[k]) for r in csv.DictReader(open(d / "metrics.csv")) if r[k]]  # noqa: E731
+    torchrun(workdir, *ARGS, "--max_iters=10", "--parallel=fsdp", "--ema_decay=1e-6", "--out_dir=out-fsdp-ema")
+    out = workdir / "out-fsdp-ema"
+    close(dict(enumerate(losses_of(out, "val_loss_ema"))), dict(enumerate(losses_of(out, "val_loss"))), 1e-5)
+    same = ["--out_dir=out-fsdp-ema", "--temperature=0", "--max_new_tokens=30", "--prompt=The "]
+    assert run("sample.py", *same, "--ema=True", cwd=workdir).stdout == run("sample.py", *same, cwd=workdir).stdout
+    from checkpoint import load_source
+    assert load_source(str(out))["ema"]["n_averaged"] == 10
+    run("train.py", "--init_from=resume", "--max_iters=20", "--out_dir=out-fsdp-ema", cwd=workdir, env=ENV)
+    close(losses(out), losses(straight["one"]), 1e-5)
+    assert load_source(str(out))["ema"]["n_averaged"] == 20  # the average went on from the shards' 10
+
+
 def test_each_rank_holds_about_half_the_parameters_and_optimizer_state(workdir, straight):
     ddp = torchrun(workdir, *ARGS, "--max_iters=20", "--parallel=ddp", "--out_dir=out-mem-ddp").stdout
     held = {name: float(out.split(" MiB of parameters")[0].split()[-1])
