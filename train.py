@@ -228,8 +228,8 @@ else:
 why = f" (auto: {model.config.n_embd} wide, {batch_size * block_size:,} tokens per micro-step)" * (dtype == "auto")
 dtype = config["dtype"] = common.pick_dtype(dtype, device, model.config.n_embd, batch_size * block_size)
 ctx = common.autocast(device, dtype) if not fsdp else nullcontext()  # fsdp: its MixedPrecisionPolicy instead
-ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)) if ema_decay else None  # (buffers: constants)
-model, _ = (shard(model, dtype), ema and shard(ema.module, dtype, inference=True)) if fsdp else (model, None)  # (copied first)
+ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)) if ema_decay else None  # copied, then sharded
+model, _ = (shard(model, dtype), ema and shard(ema.module, dtype, inference=True)) if fsdp else (model, None)
 raw_model = model  # the module that is saved, evaluated and counted (FSDP2 shards it in place)
 torch.manual_seed(seed + rank) if rank else None  # each rank its own dropout
 model_config = raw_model.config
