@@ -205,8 +205,9 @@ log.take_lock()  # one run per out_dir, until the process ends
 
 # the model: from scratch, resumed (weights here, optimizer state below), or warm-started from another's weights
 iter_num, best_val_loss, train_time = 0, float("inf"), 0.0
+build_on = "cpu" if fsdp else device  # fsdp: built in CPU memory; each block goes to the device as it is sharded
 if init_from == "resume":
-    model = build_model(record, device, dropout=dropout)
+    model = build_model(record, build_on, dropout=dropout)
     iter_num, best_val_loss, train_time = record["iter_num"], record["best_val_loss"], record["train_time"]
 else:
     try:
@@ -222,14 +223,14 @@ else:
     if model_config.vocab_size < meta["vocab_size"]:
         die(f"--init_from={init_from} has {model_config.vocab_size} token embeddings, fewer than data/{dataset}'s "
             f"{meta['vocab_size']} tokens; prepare the data with the tokenizer it was trained with")
-    model = GPT(model_config).to(device)
+    model = GPT(model_config).to(build_on)
     if record is not None:
         log.print(load_weights(model, weights, strict_init, init_from))
 why = f" (auto: {model.config.n_embd} wide, {batch_size * block_size:,} tokens per micro-step)" * (dtype == "auto")
 dtype = config["dtype"] = common.pick_dtype(dtype, device, model.config.n_embd, batch_size * block_size)
 ctx = common.autocast(device, dtype) if not fsdp else nullcontext()  # fsdp: its MixedPrecisionPolicy instead
 ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)) if ema_decay else None  # copied, then sharded
-model, _ = (shard(model, dtype), ema and shard(ema.module, dtype, inference=True)) if fsdp else (model, None)
+model, _ = (shard(model, dtype, device), ema and shard(ema.module, dtype, device, True)) if fsdp else (model, None)
 raw_model = model  # the module that is saved, evaluated and counted (FSDP2 shards it in place)
 torch.manual_seed(seed + rank) if rank else None  # each rank its own dropout
 model_config = raw_model.config
