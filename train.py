@@ -244,7 +244,9 @@ del record  # free the memory
 
 if compile:
     log.print("compiling the model (the first steps are slow)...")
-    model = torch.compile(model)
+    for block in raw_model.transformer.h if fsdp else []:  # fsdp: block by block (as torchtitan), gathers between
+        block.compile()
+    model = model if fsdp else torch.compile(model)
 eval_model = model  # compiled, but not wrapped in DDP
 if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)

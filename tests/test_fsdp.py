@@ -1,5 +1,6 @@
-"""train.py --parallel=fsdp under torchrun on CPU (gloo, 2 processes): the losses of one process, AdamW and Muon, exact
-resume at the same and at another world size through sharded (DCP) checkpoints, half the memory per rank, a
+"""train.py --parallel=fsdp under torchrun on CPU (gloo, 2 processes): the losses of one process, AdamW and Muon (and
+Muon's steps bit for bit), exact resume at the same and at another world size through sharded (DCP) checkpoints, with
+the EMA on shards, a one-process ckpt.pt resumed sharded and compiled block by block, half the memory per rank, a
 consistent checkpoint on SIGTERM, and sample.py reading the sharded checkpoint."""
 
 import csv
@@ -98,15 +99,23 @@ def test_sharded_muon_takes_the_steps_of_torch_muon_bit_for_bit(tmp_path):
 
 def test_sharded_checkpoints_resume_exactly_at_the_same_and_another_world_size(workdir, straight):
     """10 steps on 2 sharded processes, then 10 more on 2: the straight run's weights bit for bit; or 10 more on one
-    process: the losses of 20 straight steps. sample.py and convert.py read the shards."""
-    torchrun(workdir, *ARGS, "--max_iters=10", "--parallel=fsdp", "--out_dir=out-fsdp-split")
+    process: the losses of 20 straight steps. sample.py and convert.py read the shards. The moving average of the
+    weights is kept on the shards, saved and resumed with them: at a decay of 1e-6 it is the weights (its val loss is
+    theirs: integer buffers such as the positions are not averaged, they stay put)."""
+    from checkpoint import load_source
+    torchrun(workdir, *ARGS, "--max_iters=10", "--parallel=fsdp", "--ema_decay=1e-6", "--out_dir=out-fsdp-split")
+    evals = [r for r in csv.DictReader(open(workdir / "out-fsdp-split" / "metrics.csv")) if r["val_loss"]]
+    assert len(evals) == 2 and all(abs(float(r["val_loss_ema"]) - float(r["val_loss"])) < 1e-5 for r in evals)
+    same = ["--out_dir=out-fsdp-split", "--temperature=0", "--max_new_tokens=30", "--prompt=The "]
+    assert run("sample.py", *same, "--ema=True", cwd=workdir).stdout == run("sample.py", *same, cwd=workdir).stdout
+    assert load_source(str(workdir / "out-fsdp-split"))["ema"]["n_averaged"] == 10
     shutil.copytree(workdir / "out-fsdp-split", workdir / "out-hop")
     torchrun(workdir, "--init_from=resume", "--max_iters=20", "--out_dir=out-fsdp-split")
     run("train.py", "--init_from=resume", "--max_iters=20", "--out_dir=out-hop", cwd=workdir, env=ENV)  # 1 process
     close(losses(workdir / "out-hop"), losses(straight["one"]), 1e-5)
-    from checkpoint import load_source
     a, b = load_source(str(straight["fsdp"])), load_source(str(workdir / "out-fsdp-split"))
     assert a["iter_num"] == b["iter_num"] == 20 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert b["ema"]["n_averaged"] == load_source(str(workdir / "out-hop"))["ema"]["n_averaged"] == 20  # went on
     assert run("sample.py", "--out_dir=out-hop", "--max_new_tokens=20", cwd=workdir).stdout.strip()
     run("convert.py", "--src=out-hop", "--out_dir=out-hop-whole", cwd=workdir)  # one consolidated ckpt.pt
     whole = load_source(str(workdir / "out-hop-whole"))
@@ -114,30 +123,14 @@ def test_sharded_checkpoints_resume_exactly_at_the_same_and_another_world_size(w
 
 
 def test_a_one_process_checkpoint_resumes_sharded(workdir, straight):
-    """10 steps in one process (ckpt.pt), 10 more on 2 sharded processes: the losses of 20 straight steps; the sharded
-    checkpoint replaces ckpt.pt."""
+    """10 steps in one process (ckpt.pt), 10 more on 2 sharded processes, each block compiled: the losses of 20
+    straight steps; the sharded checkpoint replaces ckpt.pt."""
     run("train.py", *ARGS, "--max_iters=10", "--out_dir=out-one-split", cwd=workdir, env=ENV)
-    torchrun(workdir, "--init_from=resume", "--max_iters=20", "--parallel=fsdp", "--out_dir=out-one-split")
+    torchrun(workdir, "--init_from=resume", "--max_iters=20", "--parallel=fsdp", "--compile=True",
+             "--out_dir=out-one-split")
     close(losses(workdir / "out-one-split"), losses(straight["one"]), 1e-5)
     assert (workdir / "out-one-split" / "ckpt" / "train.pt").is_file()
     assert not (workdir / "out-one-split" / "ckpt.pt").exists()
-
-
-def test_ema_under_fsdp(workdir, straight):
-    """--ema_decay on 2 sharded processes: the moving average kept on shards, evaluated and saved in the sharded
-    checkpoint (sample.py --ema=True reads it, one process resumes it). A decay of 1e-6 keeps the average at the
-    weights: its val loss is the model's (integer buffers such as the positions are not averaged: they stay put)."""
-    losses_of = lambda d, k: [float(r[k]) for r in csv.DictReader(open(d / "metrics.csv")) if r[k]]  # noqa: E731
-    torchrun(workdir, *ARGS, "--max_iters=10", "--parallel=fsdp", "--ema_decay=1e-6", "--out_dir=out-fsdp-ema")
-    out = workdir / "out-fsdp-ema"
-    close(dict(enumerate(losses_of(out, "val_loss_ema"))), dict(enumerate(losses_of(out, "val_loss"))), 1e-5)
-    same = ["--out_dir=out-fsdp-ema", "--temperature=0", "--max_new_tokens=30", "--prompt=The "]
-    assert run("sample.py", *same, "--ema=True", cwd=workdir).stdout == run("sample.py", *same, cwd=workdir).stdout
-    from checkpoint import load_source
-    assert load_source(str(out))["ema"]["n_averaged"] == 10
-    run("train.py", "--init_from=resume", "--max_iters=20", "--out_dir=out-fsdp-ema", cwd=workdir, env=ENV)
-    close(losses(out), losses(straight["one"]), 1e-5)
-    assert load_source(str(out))["ema"]["n_averaged"] == 20  # the average went on from the shards' 10
 
 
 def test_each_rank_holds_about_half_the_parameters_and_optimizer_state(workdir, straight):
