@@ -36,8 +36,9 @@ TRAIN_STATE = "train.pt"  # beside the shards in a sharded (DCP) checkpoint fold
 def shard(model, dtype, device, inference=False):
     """fully_shard each block, then the root (the tied embedding and lm_head, the norms and positions as one unit),
     over all processes. A model in CPU memory moves to `device` one block at a time as it is sharded, so no device
-    ever holds it whole (warm starts from gpt2-xl or hf: load on each process's CPU). In a mixed precision dtype the parameters are cast for compute and gradients reduced in
-    float32 (MixedPrecisionPolicy, instead of autocast). The root keeps its parameters gathered after a forward
+    ever holds it whole (warm starts from gpt2-xl or hf: load on each process's CPU). In a mixed precision dtype the
+    parameters are cast for compute and gradients reduced in float32 (MixedPrecisionPolicy, instead of autocast). The
+    root keeps its parameters gathered after a forward
     (backward needs them at once) unless the model is only evaluated (inference: train.py's EMA copy)."""
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype] if dtype != "float32" else None,
