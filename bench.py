@@ -182,7 +182,7 @@ def bench_model():
                     sync()
                     t0 = time.perf_counter()
                 with ctx:
-                    _, loss = step_model(x, x)
+                    _, loss = step_model(x, x, return_logits=False)  # as train.py: no (B, T, vocab) logits
                 loss.backward()
                 for opt in optims:
                     opt.step()

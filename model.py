@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from crossentropy import chunked_cross_entropy
+
 
 @dataclass
 class GPTConfig:
@@ -284,9 +286,11 @@ class GPT(nn.Module):
         lookups = sum(p.numel() for p in self.transformer.nte.parameters())  # n-gram tables: no matmul
         return 6 * (self.num_params() - lookups) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
-    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0):
+    def forward(self, idx, targets=None, cache=None, label_smoothing=0.0, return_logits=True):
         """idx: (B, T) token ids. With targets (B, T), returns logits (B, T, vocab) and the mean cross-entropy
-        (targets of -1 are ignored); without, the logits of the last position only (B, 1, vocab) and None.
+        (targets of -1 are ignored), or with return_logits=False None and the loss, computed a chunk at a time
+        without the logits (crossentropy.py); without targets, the logits of the last position only (B, 1, vocab)
+        and None.
         With a KVCache (generate.py), idx continues the sequences its rows hold, each at its own position."""
         B, T = idx.size()
         if cache is None and T > self.config.block_size:
@@ -314,6 +318,9 @@ class GPT(nn.Module):
             cache.advance(idx)
 
         # the head: logits in fp32 for a stable softmax, only the last position's when there are no targets
+        if targets is not None and not return_logits:
+            h, cap = self.transformer.ln_f(x), self.config.logit_softcap
+            return None, chunked_cross_entropy(h, self.lm_head.weight, targets, cap, label_smoothing)
         logits = self.lm_head(self.transformer.ln_f(x if targets is not None else x[:, [-1], :])).float()
         if self.config.logit_softcap:
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)

@@ -313,7 +313,7 @@ def forward_backward():
         x, y = batches("train", iter_num, rank * accum_steps + micro_step)
         sync_gradients(model, micro_step == accum_steps - 1)  # reduce once per step, not per micro-step
         with ctx:
-            _, loss = model(x, y, label_smoothing=label_smoothing)
+            _, loss = model(x, y, label_smoothing=label_smoothing, return_logits=False)  # no (B, T, vocab) logits
         scaler.scale(loss / accum_steps).backward()
         loss_sum += loss.detach()
     return loss_sum / accum_steps

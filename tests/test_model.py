@@ -25,6 +25,29 @@ def build(variant, seed=0, **extra):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_the_chunked_loss_equals_the_logits_loss(variant, monkeypatch):
+    """return_logits=False (train.py's loss, crossentropy.py: never the whole (B, T, vocab) logits) gives the loss
+    and every gradient of F.cross_entropy over the logits to 1e-5 in float32: several chunks, ignored targets, label
+    smoothing, and the softcap of the variants that have one."""
+    import crossentropy
+    monkeypatch.setattr(crossentropy, "CHUNK_BYTES", 4 * TINY["vocab_size"] * 7)  # 7 tokens a chunk
+    model = build(variant)
+    x = torch.randint(0, TINY["vocab_size"], (3, 20))
+    y = torch.roll(x, -1, 1)
+    y[0, :5] = -1
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        logits, loss = model(x, y, label_smoothing=0.1, return_logits=return_logits)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (a, grads_a), (b, grads_b) = results
+    assert logits is None and abs(a - b) < 1e-5
+    assert all((grads_a[n] - grads_b[n]).abs().max() < 1e-5 for n in grads_a)
+    assert max(g.abs().max() for g in grads_a.values()) > 1e-3  # (the gradients are not all zero)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
 def test_shapes_and_initial_loss(variant):
     """The logits have the right shape and an untrained model is close to uniform: loss ~ ln(vocab)."""
     model = build(variant)
