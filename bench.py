@@ -52,6 +52,7 @@ from dataset import check_writable, make_out_dir
 from generate import compile_decode, generate
 from hf import hf_arch, hf_config, to_hf
 from model import GPT, MODEL_FIELDS, config_from_preset
+from quantize import quantized
 
 # -----------------------------------------------------------------------------
 mode = "train"  # train | prepare | corpus | step | sample | serve
@@ -66,7 +67,7 @@ results_csv = ""
 batch_size = 12  # step/sample modes: sequences per step (sample: 1 sequence of block_size tokens)
 steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
 # sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16,
-# --impl=transformers)
+# --impl=transformers, --quantize=int8)
 new_tokens = 500
 # step/sample modes: cpu | cuda | mps (step variants: --dtype=bfloat16, --compile=True, --optimizer=muon)
 device = "cpu"
@@ -77,7 +78,7 @@ peer = ""  # serve mode: a Hugging Face folder (convert.py --to=hf) whose transf
 TRAIN_OPTIMIZER = dict(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, muon_lr=0.02,
                        muon_momentum=0.95, muon_weight_decay=0.0, muon_ns_steps=5)
 # step/sample variants: not fields
-VARIANT_OPTIONS = ("model_type", "dtype", "compile", "optimizer", "use_cache", "batch", "impl")
+VARIANT_OPTIONS = ("model_type", "dtype", "compile", "optimizer", "use_cache", "batch", "impl", "quantize")
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts it runs sit beside it; data/ is the working folder's
 
 
@@ -149,13 +150,13 @@ def bench_model():
             opts = {**shape, **options(v)}
             dtype = opts.pop("dtype", "float32")  # step: autocast, as train.py does; sample: the weights, as sample.py
             use_cache, compiled, batch = opts.pop("use_cache", True), opts.pop("compile", False), opts.pop("batch", 1)
-            optimizer, impl = opts.pop("optimizer", "adamw"), opts.pop("impl", "yocto")
+            optimizer, impl, kind = opts.pop("optimizer", "adamw"), opts.pop("impl", "yocto"), opts.pop("quantize", "")
             torch.manual_seed(0)
             model = GPT(config_from_preset(opts.pop("model_type", "gpt"), **opts)).to(dev)
             if dev.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             if mode == "sample":  # new_tokens greedy from one token; the first 8 tokens warm up (and compile)
-                model = model.eval().to(DTYPES[dtype])
+                model = quantized(model.eval().to(DTYPES[dtype]), kind)
                 run = decoder(model, impl, compiled, use_cache)
                 prompt = torch.zeros(batch, 1, dtype=torch.long, device=dev)
                 t0 = time.perf_counter()

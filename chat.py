@@ -19,6 +19,7 @@ from checkpoint import load_for_inference
 from common import SAMPLING_RULES, autocast, pick_device, pick_dtype
 from configurator import NON_NEGATIVE, check, configure, die
 from generate import controls, generate_stream
+from quantize import check_kind, quantized
 from sft import fit_conversation, template_for
 from tokenizer import TextStream
 
@@ -42,6 +43,7 @@ device = ""  # cpu | cuda | mps; '' picks cuda > mps > cpu
 dtype = "auto"  # float32 | bfloat16 | float16 | auto
 ema = False  # chat with the run's moving average of the weights (trained with --ema_decay)
 block_size = 0  # a shorter context than the model's, for a smaller KV cache (0 = the model's)
+quantize = ""  # int8: weight-only int8 matrices, faster replies on a CPU (the greedy tokens may differ a little)
 # -----------------------------------------------------------------------------
 
 SETTABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens",
@@ -191,6 +193,7 @@ def keys_held(active):
 def main():
     config, _ = configure(globals())
     check(config, dict(SAMPLING_RULES, block_size=NON_NEGATIVE))
+    check_kind(quantize)
     config["device"] = pick_device(device)
     config["dtype"] = pick_dtype(dtype, config["device"])
     config["interactive"] = interactive = sys.stdin.isatty()
@@ -198,6 +201,7 @@ def main():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     source = out_dir if init_from == "resume" else init_from
     model, tokenizer = load_for_inference(source, config["device"], ckpt, ema, block_size)
+    model = quantized(model, quantize)
     try:
         tokenizer.encode(system_prompt + user_prefix + assistant_prefix)
     except ValueError as e:  # once, here, rather than every turn

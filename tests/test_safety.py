@@ -88,6 +88,7 @@ CASES = [  # (command, what the one line must name)
     (["sample.py", "--out_dir=nowhere"], "nowhere"),
     (["sample.py", "--out_dir=out-corrupt"], "not a readable checkpoint"),
     (S + ["--prompt=FILE:missing.txt"], "missing.txt"), (S + ["--ckpt=best.pt"], "best.pt"),
+    (S + ["--quantize=int4"], "quantize"), (C + ["--quantize=fp8"], "quantize"),
     *[(C + [f"--{k}={v}"], k) for k, v in [("top_p", 2), ("temperature", -1), ("max_new_tokens", 0), ("top_k", -3)]],
     (["chat.py", "--out_dir=nowhere"], "nowhere"),
     (PC + ["--input=missing.txt"], "missing.txt"), (PC + ["--input=empty.txt"], "empty"),
