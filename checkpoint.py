@@ -16,7 +16,7 @@ from configurator import die
 from dataset import read_json
 from hf import GPT2_META, HUB_MODELS, IGNORED, from_hf_folder, hub_folder
 from model import GPT, MODEL_FIELDS, PRESETS, GPTConfig, config_from_dict
-from parallel import TRAIN_STATE, dcp_load, load_sharded, load_whole, load_whole_optimizers
+from parallel import TRAIN_STATE, dcp_load, is_sharded, load_sharded, load_whole, load_whole_optimizers
 from tokenizer import check_tokenizer, describe_vocab
 
 KV_NOTE_BYTES = 2**30  # load_for_inference notes a KV cache larger than this, per sequence
@@ -144,7 +144,7 @@ def restore_training(record, model, optimizers, scaler, ema, rank, device_type, 
     try:
         states = [] if record["optimizers"] == "sharded" else record["optimizers"]  # (sharded: loaded above)
         assert not states or len(optimizers) == len(states)
-        if states and hasattr(next(model.parameters()), "full_tensor"):  # a whole ckpt.pt into parallel=fsdp
+        if states and is_sharded(model):  # a whole ckpt.pt into parallel=fsdp
             load_whole_optimizers(model, optimizers, states)
         else:
             for opt, state in zip(optimizers, states, strict=False):

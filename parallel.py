@@ -38,14 +38,19 @@ def shard(model, dtype, device, inference=False):
     over all processes. A model in CPU memory moves to `device` one block at a time as it is sharded, so no device
     ever holds it whole (warm starts from gpt2-xl or hf: load on each process's CPU). In a mixed precision dtype the
     parameters are cast for compute and gradients reduced in float32 (MixedPrecisionPolicy, instead of autocast). The
-    root keeps its parameters gathered after a forward
-    (backward needs them at once) unless the model is only evaluated (inference: train.py's EMA copy)."""
+    root keeps its parameters gathered after a forward (backward needs them at once) unless the model is only
+    evaluated (inference: train.py's EMA copy)."""
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype] if dtype != "float32" else None,
                                   reduce_dtype=torch.float32)
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     return fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if inference else None)
+
+
+def is_sharded(module):
+    """Whether FSDP has sharded the module's parameters (DTensors)."""
+    return hasattr(next(module.parameters()), "full_tensor")
 
 
 def full(tensor):
@@ -75,8 +80,8 @@ def memory_held(model, optimizers):
 def save_sharded(folder, model, optimizers, ema, train_state, master):
     """A DCP checkpoint folder, written whole or not at all: every process writes its shards of the weights, the
     optimizer states and the EMA weights (ema: an AveragedModel or None), and rank 0 the training state, into
-    folder.tmp, then rank 0 swaps it in; a crash at any moment leaves the previous one
-    readable (folder, or folder.old while the swap is under way)."""
+    folder.tmp, then rank 0 swaps it in; a crash at any moment leaves the previous one readable (folder, or
+    folder.old while the swap is under way)."""
     tmp, old = folder + ".tmp", folder + ".old"
     if master and os.path.isdir(tmp):
         shutil.rmtree(tmp)
@@ -118,8 +123,7 @@ def load_sharded(folder, model, optimizers, ema=None):
 
 def load_whole(module, state):
     """A whole state dict (a ckpt.pt's) into a module, sharded or not."""
-    sharded = hasattr(next(module.parameters()), "full_tensor")
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=sharded))
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=is_sharded(module)))
 
 
 def load_whole_optimizers(model, optimizers, states):

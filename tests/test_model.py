@@ -48,21 +48,23 @@ def test_the_chunked_loss_equals_the_logits_loss(variant, monkeypatch):
 
 
 def test_int8_weights_keep_the_model_and_sample(trained):
-    """--quantize=int8 (quantize.py): every matrix int8 with a scale per row, the loss of the float model to 5e-3 and
-    its logits to 2% of their range, and sample.py decodes with it (greedy: its text, which may part from the float
-    model's where two tokens are close)."""
+    """--quantize=int8 (quantize.py): every matrix int8 with a scale per row, the loss of the float model to 5e-3, its
+    logits to 1% of their range on average and its likeliest token nearly everywhere, and sample.py decodes with it
+    (greedy: its text, which may part from the float model's where two tokens are close)."""
     from checkpoint import load_for_inference
     from conftest import run
     from quantize import Int8Linear, quantized
     model, _ = load_for_inference(str(trained / "out-tiny"), "cpu")
-    x = torch.randint(0, model.config.vocab_size, (4, model.config.block_size))
+    seeded = torch.Generator().manual_seed(0)
+    x = torch.randint(0, model.config.vocab_size, (4, model.config.block_size), generator=seeded)
     with torch.no_grad():
         logits, loss = model(x, x)
         q = quantized(model, "int8")
         q_logits, q_loss = q(x, x)
     linears = [m for m in q.modules() if isinstance(m, Int8Linear)]
     assert len(linears) == 4 * model.config.n_layer + 1 and all(m.weight.dtype == torch.int8 for m in linears)
-    assert abs(q_loss - loss) < 5e-3 and (q_logits - logits).abs().max() < 0.02 * (logits.max() - logits.min())
+    assert abs(q_loss - loss) < 5e-3 and (q_logits - logits).abs().mean() < 0.01 * (logits.max() - logits.min())
+    assert (q_logits.argmax(-1) == logits.argmax(-1)).float().mean() > 0.9  # the likeliest token, nearly everywhere
     out = run("sample.py", "--out_dir=out-tiny", "--quantize=int8", "--temperature=0", "--max_new_tokens=30",
               "--prompt=The ", cwd=trained).stdout
     assert out.startswith("The ") and len(out) > 20
