@@ -82,13 +82,18 @@ def step(model, idx, cache):
 
 
 def compile_decode(model):
-    """step() compiled for one-token decoding. The span the step attends over is set before each call (a compiled
-    graph cannot read it from pos); it changes at the second token, so torch.compile builds a second graph where the
-    span (and the batch, in a server) may be any size: two compiles per run, then none."""
-    compiled = torch.compile(partial(step, model), dynamic=None)
+    """step() compiled for one-token decoding. On a CPU the span the step attends over is set before each call (a
+    compiled graph cannot read it from pos); it changes at the second token, so torch.compile builds a second graph
+    where the span (and the batch, in a server) may be any size: two compiles per run, then none. On a GPU the step
+    attends over the whole block: one graph of fixed shapes, and no wait for the device to read the span."""
+    whole = next(model.parameters()).device.type != "cpu"
+    compiled = torch.compile(partial(step, model), dynamic=False if whole else None)
 
     def run(idx, cache):
-        cache.set_span(idx.size(1))
+        if whole:
+            cache.span = cache.block
+        else:
+            cache.set_span(idx.size(1))
         return compiled(idx, cache)
     return run
 
