@@ -139,7 +139,7 @@ def test_die_keeps_one_clean_line():
 def start(cwd, *args):
     """train.py in its own process (signals and locks are per process)."""
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def wait_for_iter(out_dir, it, proc, timeout=120):
@@ -209,8 +209,10 @@ def test_a_signal_during_an_evaluation_stops_without_waiting_for_it(workdir):
     proc = start(workdir, *BASE, "--eval_only=True", "--eval_iters=1000000", "--init_from=resume",
                  "--out_dir=out-sig-eval")
     before = (workdir / "out-sig-eval" / "ckpt.pt").read_bytes()
-    # into its evaluation on most machines; before it, the signal stops it at once, also saving nothing
-    time.sleep(10.0)
+    for line in proc.stdout:  # the start-up lines: the last one comes just before the evaluation
+        if "tokens per step" in line:
+            break
+    time.sleep(1.0)  # into the evaluation
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "nothing saved" in err and len(err.strip().splitlines()) == 1, err
