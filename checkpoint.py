@@ -11,12 +11,12 @@ import sys
 import torch
 from tokenizers import Tokenizer
 
-from common import load_checkpoint, restore_rng
+from common import is_sharded, load_checkpoint, restore_rng
 from configurator import die
 from dataset import read_json
 from hf import GPT2_META, HUB_MODELS, IGNORED, from_hf_folder, hub_folder
 from model import GPT, MODEL_FIELDS, PRESETS, GPTConfig, config_from_dict
-from parallel import TRAIN_STATE, dcp_load, is_sharded, load_sharded, load_whole, load_whole_optimizers
+from parallel import TRAIN_STATE, dcp_load, load_sharded, load_whole, load_whole_optimizers
 from tokenizer import check_tokenizer, describe_vocab
 
 KV_NOTE_BYTES = 2**30  # load_for_inference notes a KV cache larger than this, per sequence

@@ -98,6 +98,11 @@ def load_checkpoint(path):
             f"tensors and plain data, which are never unpickled; use another checkpoint")
 
 
+def is_sharded(module):
+    """Whether FSDP has sharded the module's parameters (DTensors)."""
+    return hasattr(next(module.parameters()), "full_tensor")
+
+
 class ShardedMuon(torch.optim.Muon):
     """torch.optim.Muon for matrices sharded over processes (DTensors, train.py's parallel=fsdp): the momentum is
     kept on each process's shard; the update is gathered whole (full_tensor), orthogonalized by torch's own
@@ -135,8 +140,7 @@ def make_optimizers(model, cfg, fused=False):
               dict(params=[params[n] for n in adam if params[n].dim() < 2], weight_decay=0.0, base_lr=lr)]
     optimizers = [torch.optim.AdamW(groups, lr=lr, betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], fused=fused)]
     if muon:
-        sharded = hasattr(params[muon[0]], "full_tensor")
-        optimizers.append((ShardedMuon if sharded else torch.optim.Muon)(
+        optimizers.append((ShardedMuon if is_sharded(model) else torch.optim.Muon)(
             [dict(params=[params[n] for n in muon], base_lr=cfg["muon_lr"])], lr=cfg["muon_lr"],
             weight_decay=cfg["muon_weight_decay"], momentum=cfg["muon_momentum"], ns_steps=cfg["muon_ns_steps"]))
     return optimizers, muon, adam

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from common import DTYPES, save_checkpoint
+from common import DTYPES, is_sharded, save_checkpoint
 from configurator import die
 
 TRAIN_STATE = "train.pt"  # beside the shards in a sharded (DCP) checkpoint folder: config, counters, RNG, tokenizer
@@ -46,11 +46,6 @@ def shard(model, dtype, device, inference=False):
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     return fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if inference else None)
-
-
-def is_sharded(module):
-    """Whether FSDP has sharded the module's parameters (DTensors)."""
-    return hasattr(next(module.parameters()), "full_tensor")
 
 
 def full(tensor):
