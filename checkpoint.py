@@ -33,9 +33,12 @@ def resolve_checkpoint(out_dir, name=""):
     return found[0] if found else os.path.join(out_dir, "ckpt.pt")
 
 
-def from_sharded(folder):
-    """A sharded (DCP) checkpoint folder as a record: its training state, and the weights gathered whole."""
+def from_sharded(folder, weights=True):
+    """A sharded (DCP) checkpoint folder as a record: its training state, and the weights gathered whole (or not:
+    train.py's resume loads them into its model as it is sharded, parallel.load_sharded)."""
     record = load_checkpoint(os.path.join(folder, TRAIN_STATE))
+    if not weights:
+        return dict(record, path=folder)
     state = build_model(dict(record, model={}), "cpu", strict=False).state_dict()
     ema = {"module." + k: v.clone() for k, v in state.items()} | dict(n_averaged=torch.tensor(0))
     try:
@@ -50,11 +53,12 @@ def strip_compiled(state):
     return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
-def load_source(spec, meta_path="", name=""):
+def load_source(spec, meta_path="", name="", weights=True):
     """The record of the model `spec` names: gpt2* (the hub), hf:FOLDER or a Hugging Face folder, a run folder
     (its checkpoint `name`, see resolve_checkpoint) or a checkpoint file, ours or nanoGPT's. A record holds
     model_config, model (a state dict in our names) and meta (the tokenizer, or None), and for a training run's
-    checkpoint its training state too (optimizers, iter_num, rng, ema, config)."""
+    checkpoint its training state too (optimizers, iter_num, rng, ema, config). weights=False leaves a sharded
+    checkpoint's weights on disk (model None)."""
     if spec in HUB_MODELS:  # OpenAI's GPT-2: tiktoken's tokens, as our gpt2 datasets
         return dict(from_hf_folder(hub_folder(spec)), meta=dict(GPT2_META))
     if spec.startswith("hf:") or os.path.isfile(os.path.join(spec, "config.json")):
@@ -64,7 +68,7 @@ def load_source(spec, meta_path="", name=""):
     path = resolve_checkpoint(spec, name) if os.path.isdir(spec) and not os.path.isfile(
         os.path.join(spec, TRAIN_STATE)) else spec
     if os.path.isfile(os.path.join(path, TRAIN_STATE)):
-        return from_sharded(path)
+        return from_sharded(path, weights)
     ckpt = load_checkpoint(path)
     if "model_args" in ckpt:
         return from_nanogpt(ckpt, path, meta_path)
@@ -75,13 +79,15 @@ def load_source(spec, meta_path="", name=""):
 
 def build_model(record, device, strict=True, **overrides):
     """The model, any variant, rebuilt from a record's stored config (fields overridden, e.g. dropout), with its
-    weights, on device."""
+    weights (none: a sharded checkpoint's, loaded later), on device (meta: no memory, for parallel.shard)."""
     try:
-        model = GPT(config_from_dict({**record["model_config"], **overrides}))
-        model.load_state_dict(record["model"], strict=strict)
+        with torch.device(device):
+            model = GPT(config_from_dict({**record["model_config"], **overrides}))
+        if record["model"] is not None:
+            model.load_state_dict(record["model"], strict=strict)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         die(f"the checkpoint does not match this model code ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    return model.to(device)
+    return model
 
 
 def load_model(spec, device, name="", ema=False, block_size=0):
@@ -157,6 +163,9 @@ def restore_training(record, model, optimizers, scaler, ema, rank, device_type, 
     restore_rng(record["rng"], rank, device_type)
     if ema is not None and record.get("ema") not in (None, "sharded"):  # a run that already kept one (sharded: above)
         load_whole(ema, record["ema"])
+    elif ema is not None and not record.get("ema"):  # a new moving average starts at the resumed weights
+        for average, p in zip(ema.module.parameters(), model.parameters(), strict=True):
+            average.detach().copy_(p.detach())
 
 
 # -----------------------------------------------------------------------------

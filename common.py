@@ -105,22 +105,32 @@ def is_sharded(module):
 
 class ShardedMuon(torch.optim.Muon):
     """torch.optim.Muon for matrices sharded over processes (DTensors, train.py's parallel=fsdp): the momentum is
-    kept on each process's shard; the update is gathered whole (full_tensor), orthogonalized by torch's own
-    Newton-Schulz exactly as one process would, and cut back to the shard. So sharded training takes one process's
-    steps; each process orthogonalizes every matrix (the compute of one process, the memory of a shard)."""
+    kept on each process's shard. The matrices go in rounds of one per process (nanochat's way): every update of a
+    round is gathered whole (full_tensor), each process orthogonalizes the one it owns with torch's own Newton-Schulz
+    exactly as one process would, at the same time as the others, and sends every process its shard of the result.
+    So sharded training takes one process's steps, each process orthogonalizing 1/world of the matrices."""
 
     @torch.no_grad()
     def step(self, closure=None):
         from torch.distributed.tensor import distribute_tensor
         from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # torch.optim.Muon's own math
 
-        for g in self.param_groups:
-            for p in [p for p in g["params"] if p.grad is not None]:
+        todo = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        world = todo[0][1].device_mesh.size() if todo else 1
+        for first in range(0, len(todo), world):
+            rnd, updates = todo[first:first + world], []
+            for g, p in rnd:
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buf.lerp_(p.grad, 1 - g["momentum"])
-                update = p.grad.lerp(buf, g["momentum"]) if g["nesterov"] else buf
-                ortho = _zeropower_via_newtonschulz(update.full_tensor(), g["ns_coefficients"], g["ns_steps"], g["eps"])
-                ortho = distribute_tensor(ortho, update.device_mesh, update.placements, src_data_rank=None)
+                updates.append(p.grad.lerp(buf, g["momentum"]) if g["nesterov"] else buf)
+            wholes = [u.full_tensor() for u in updates]  # (every process joins every gather)
+            me = updates[0].device_mesh.get_local_rank()
+            if me < len(rnd):  # this process's matrix (in bfloat16, as torch's; made float32 exactly for the scatter)
+                g = rnd[me][0]
+                mine = _zeropower_via_newtonschulz(wholes[me], g["ns_coefficients"], g["ns_steps"], g["eps"])
+                wholes[me] = mine.to(wholes[me].dtype)
+            for owner, ((g, p), u, whole) in enumerate(zip(rnd, updates, wholes, strict=True)):
+                ortho = distribute_tensor(whole, u.device_mesh, u.placements, src_data_rank=owner)  # the owner's rows
                 p.mul_(1 - g["lr"] * g["weight_decay"])
                 p.add_(ortho, alpha=-_adjust_lr(g["lr"], g["adjust_lr_fn"], p.shape))
 

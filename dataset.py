@@ -4,6 +4,7 @@ train.bin / val.bin and meta.json atomically, and reading and checking them agai
 train.py and recommend.py use it. Not run by itself.
 """
 
+import csv
 import hashlib
 import json
 import os
@@ -122,6 +123,28 @@ def read_json(path, what, fix="make it again"):
             return json.load(f)
     except (OSError, ValueError) as e:
         die(f"{path} is not a readable {what} ({type(e).__name__}: {e}); {fix}")
+
+
+def read_metrics(path):
+    """metrics.csv's rows, their cells as numbers (None where empty); one line for a cell that is not a number."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for n, row in enumerate(csv.DictReader(f), 2):
+            try:
+                rows.append({k: float(v) if v else None for k, v in row.items() if k})
+            except (TypeError, ValueError):
+                bad = next((k, v) for k, v in row.items() if v and not is_number(v))
+                die(f"{path} line {n}: {bad[0]}={bad[1]!r} is not a number; the file is damaged (train.py writes "
+                    f"numbers only): fix or delete that line")
+    return [r for r in rows if r.get("iter") is not None]
+
+
+def is_number(text):
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def read_meta(data_dir):

@@ -246,6 +246,7 @@ class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
+        self.init_seed = int(torch.randint(2**62, (), device="cpu"))  # init_weights draws from it (on any device)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None,
@@ -257,28 +258,32 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.transformer.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
-        # rotary tables are derived, not learned: kept out of the state dict
-        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.register_buffer("rope_index", torch.arange(cfg.block_size), persistent=False)  # positions, for masks
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        for name in ("rope_cos", "rope_sin", "rope_index"):  # rotary tables, positions: derived, not in the state dict
+            self.register_buffer(name, None, persistent=False)
+        if not self.lm_head.weight.is_meta:  # (on the meta device: parallel.shard calls it once the model is sharded)
+            self.init_weights()
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    @torch.no_grad()
+    def init_weights(self, assign=torch.Tensor.copy_):
+        """Every parameter and buffer from scratch, drawn in CPU memory from init_seed in a fixed order: normal
+        matrices (GPT-2's residual projections get std/sqrt(2*n_layer)), zero biases, unit norm scales, the rotary
+        tables. assign(param, whole value) puts each in place: parallel.shard passes one that keeps this process's
+        shard, for a model built on the meta device, so a sharded model starts from one process's weights."""
+        cfg, g = self.config, torch.Generator().manual_seed(self.init_seed)
+        if cfg.tie_weights:  # (Module.to_empty unties them; FSDP keeps them tied)
+            self.transformer.wte.weight = self.lm_head.weight
+        for name, p in self.named_parameters():
+            std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else cfg.init_std
+            whole = torch.empty(p.shape, device="cpu").normal_(0.0, std, generator=g) if p.dim() >= 2 else (
+                torch.zeros(p.shape, device="cpu") if name.endswith("bias") else torch.ones(p.shape, device="cpu"))
+            assign(p, whole)
+        tables = *rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta), torch.arange(cfg.block_size)
+        self.rope_cos, self.rope_sin, self.rope_index = (t.to(self.lm_head.weight.device) for t in tables)
 
     def num_params(self, non_embedding=True):
         """Parameter count; by default without the position embedding (as nanoGPT reports it)."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding and self.transformer.wpe is not None:
-            n -= self.transformer.wpe.weight.numel()
-        return n
+        return n - (self.transformer.wpe.weight.numel() if non_embedding and self.transformer.wpe is not None else 0)
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward): 6 per weight plus attention (PaLM, appendix B)."""

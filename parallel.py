@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
 
 from common import DTYPES, is_sharded, save_checkpoint
 from configurator import die
@@ -35,17 +36,24 @@ TRAIN_STATE = "train.pt"  # beside the shards in a sharded (DCP) checkpoint fold
 
 def shard(model, dtype, device, inference=False):
     """fully_shard each block, then the root (the tied embedding and lm_head, the norms and positions as one unit),
-    over all processes. A model in CPU memory moves to `device` one block at a time as it is sharded, so no device
-    ever holds it whole (warm starts from gpt2-xl or hf: load on each process's CPU). In a mixed precision dtype the
-    parameters are cast for compute and gradients reduced in float32 (MixedPrecisionPolicy, instead of autocast). The
-    root keeps its parameters gathered after a forward (backward needs them at once) unless the model is only
-    evaluated (inference: train.py's EMA copy)."""
+    over all processes. A model built on the meta device (no memory) gets memory for this process's shards only and
+    the weights one process would draw (init_weights draws each whole in CPU memory, one at a time, and keeps this
+    process's rows), so no process ever holds the whole model. A model in CPU memory (a warm start from gpt2-xl or
+    hf:, loaded on each process's CPU) moves to `device` one block at a time as it is sharded. In a mixed precision
+    dtype the parameters are cast for compute and gradients reduced in float32 (MixedPrecisionPolicy, instead of
+    autocast). The root keeps its parameters gathered after a forward (backward needs them at once) unless the model
+    is only evaluated (inference: train.py's EMA copy)."""
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype] if dtype != "float32" else None,
                                   reduce_dtype=torch.float32)
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    return fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if inference else None)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if inference else None)
+    if model.lm_head.weight.is_meta:
+        model.to_empty(device=device)
+        model.init_weights(assign=lambda p, whole: p.copy_(distribute_tensor(
+            whole.to(p.device), p.device_mesh, p.placements, src_data_rank=None)))
+    return model
 
 
 def full(tensor):

@@ -5,6 +5,9 @@ recommends with its reasons: the tokens the budget buys, the passes over the dat
 The rules were fitted on runs recorded in BENCHMARKS.md ("The time-budget recommender") and checked on corpora they
 were not fitted on.
 
+Where the rules cannot tell its plan from config/shakespeare_char_cpu.py's own command (see `unsure`), --run=True
+trains both and says which did better, so the plan it runs is never worse than the recipe on the machine it runs on.
+
     python recommend.py --dataset=shakespeare_char --max_time=120
     python recommend.py --dataset=pydocs_bpe --max_time=600 --run=True
 """
@@ -21,7 +24,7 @@ import torch
 
 from common import autocast, pick_device, pick_dtype
 from configurator import ABOVE_ZERO, check, configure, die
-from dataset import check_bins, read_meta
+from dataset import check_bins, read_meta, read_metrics
 from model import GPT, config_from_preset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,6 +38,8 @@ priority = "quality"
 out_dir = ""  # the recommended run's out_dir; '' = out-<dataset>-<max_time>s
 run = False  # True: run the recommended command after printing it
 train_args = ""  # more train.py arguments for the command, e.g. "--compile=False --eval_iters=50"
+# with run=True, also train the recipe's own command and compare: auto (where the rules cannot tell) | always | never
+compare = "auto"
 # -----------------------------------------------------------------------------
 
 # The shapes to choose from, smallest first: (n_layer, n_head, n_embd, block_size, batch_size). The first is
@@ -50,6 +55,7 @@ MAX_PASSES = 10  # a character-level run without the tables stops after this man
 TOKEN_PASSES = 3  # a token-level run after this many: a BPE token's embedding memorises sooner than a character's
 SPEED_PASSES = 3  # priority=speed: the smallest shape, stopped where its val loss levels off
 NGRAM_MAX_VOCAB = 256  # the n-gram tables for character (or byte) vocabularies only; on larger ones they memorise
+UNSURE_PASSES = 15  # the recipe's tables at TABLE_PASSES to this many passes may still pay: the rules cannot tell
 
 
 def block_weights(shape):
@@ -158,6 +164,31 @@ def plan(speeds, train_tokens, budget, priority, char_vocab):
     return rung, seconds, iters, ngram, why
 
 
+def unsure(speeds, chosen, train_tokens, budget, priority, char_vocab):
+    """Whether the rules cannot tell the plan (chosen: rung, seconds, iters, ngram) from the recipe's own command
+    (rung 0 with its n-gram tables for the whole budget): a character vocabulary on which the recipe would make
+    more than TABLE_PASSES but at most UNSURE_PASSES passes, where the tables memorise on one machine and still pay
+    on a faster one (tiny Shakespeare, 120 s: the recipe beat the plan at 8 passes, 1.579 to 1.672, and lost at 11,
+    1.624 to 1.581; at 57 passes it lost by 0.58)."""
+    rung, _, iters, ngram = chosen
+    recipe_passes = speeds[0] * budget / train_tokens
+    return (char_vocab and priority == "quality" and not (rung == 0 and ngram and iters is None)
+            and TABLE_PASSES < recipe_passes <= UNSURE_PASSES)
+
+
+def final_val_loss(run_dir):
+    """The last val loss a finished run recorded in its metrics.csv (None when it recorded none)."""
+    path = os.path.join(run_dir, "metrics.csv")
+    losses = [r["val_loss"] for r in read_metrics(path) if r["val_loss"] is not None] if os.path.isfile(path) else []
+    return losses[-1] if losses else None
+
+
+def train(cmd):
+    """Run train.py as printed, with this checkout's train.py and recipe; its exit status."""
+    script, config, *rest = cmd
+    return subprocess.call([sys.executable, os.path.join(HERE, script), os.path.join(HERE, config), *rest])
+
+
 def command(rung, seconds, iters, ngram, device_name, run_dir):
     """train.py's arguments: config/shakespeare_char_cpu.py's recipe at this rung's shape, for `seconds` of training or,
     where a pass limit ends the run, `iters` iterations (the LR schedule then runs on iterations)."""
@@ -175,6 +206,8 @@ if __name__ == "__main__":
     check(globals(), dict(max_time=ABOVE_ZERO))
     if priority not in ("quality", "speed"):
         die(f"--priority={priority!r} is not one of quality, speed")
+    if compare not in ("auto", "always", "never"):
+        die(f"--compare={compare!r} is not one of auto, always, never")
     data_dir = os.path.join("data", dataset)
     meta = read_meta(data_dir)
     if "chat_template" in meta:
@@ -201,9 +234,27 @@ if __name__ == "__main__":
             f"{device_name}'s memory; free some, or try --device=cpu")
     rung, seconds, iters, ngram, why = plan(speeds, train_tokens, max_time, priority, char_vocab)
     cmd = command(rung, seconds, iters, ngram, device_name, run_dir)
+    recipe = command(0, max_time, None, True, device_name, run_dir + "-recipe")  # config/shakespeare_char_cpu.py's
+    cannot_tell = unsure(speeds, (rung, seconds, iters, ngram), train_tokens, max_time, priority, char_vocab)
+    race = compare != "never" and (cannot_tell or compare == "always" and not (rung == 0 and ngram and iters is None))
     print("python " + " ".join(shlex.quote(a) for a in cmd))
     for line in why:
         print(f"  # {line}")
+    if cannot_tell:
+        print(f"  # but the recipe's own command makes {speeds[0] * max_time / train_tokens:.0f} passes with its "
+              f"tables, where the rules cannot tell which does better on this machine; --run=True trains both:")
+    if race:
+        print("python " + " ".join(shlex.quote(a) for a in recipe))
     if run:
-        script, config, *rest = cmd  # run from here, as printed, with this checkout's train.py and recipe
-        sys.exit(subprocess.call([sys.executable, os.path.join(HERE, script), os.path.join(HERE, config), *rest]))
+        status = train(cmd)
+        if status or not race:
+            sys.exit(status)
+        status = train(recipe)
+        if status:
+            sys.exit(status)
+        ours, theirs = final_val_loss(run_dir), final_val_loss(run_dir + "-recipe")
+        if ours is None or theirs is None:
+            die(f"no val loss in {run_dir if ours is None else run_dir + '-recipe'}/metrics.csv to compare")
+        best = run_dir if ours <= theirs else run_dir + "-recipe"
+        print(f"val loss: the plan {ours:.4f} ({run_dir}), the recipe {theirs:.4f} ({run_dir}-recipe): "
+              f"keep {best}" + ("" if best == run_dir else " (the rules' plan did worse here)"))

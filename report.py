@@ -10,14 +10,13 @@ with weights_only=True, never built into a model). The plot needs matplotlib (op
     python report.py out-char-tiny/best.pt
 """
 
-import csv
 import os
 import sys
 
 from checkpoint import resolve_checkpoint
 from common import load_checkpoint
 from configurator import configure, die
-from dataset import atomic_write, check_writable, read_json
+from dataset import atomic_write, check_writable, read_json, read_metrics
 from model import config_from_dict
 
 # -----------------------------------------------------------------------------
@@ -29,28 +28,6 @@ plot = True  # False: the text report only
 def read_record(path):
     """A run folder's JSON file, {} when it has none (one line when it is damaged)."""
     return read_json(path, os.path.basename(path), "it is a record only: delete it") if os.path.isfile(path) else {}
-
-
-def read_metrics(path):
-    """metrics.csv's rows, their cells as numbers (None where empty); one line for a cell that is not a number."""
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.DictReader(f), 2):
-            try:
-                rows.append({k: float(v) if v else None for k, v in row.items() if k})
-            except (TypeError, ValueError):
-                bad = next((k, v) for k, v in row.items() if v and not is_number(v))
-                die(f"{path} line {n}: {bad[0]}={bad[1]!r} is not a number; the file is damaged (train.py writes "
-                    f"numbers only): fix or delete that line")
-    return [r for r in rows if r.get("iter") is not None]
-
-
-def is_number(text):
-    try:
-        float(text)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def read_run(spec):

@@ -136,7 +136,8 @@ signals = StopSignals()  # Ctrl-C and SIGTERM: at once before training starts; a
 ckpt_path = resolve_checkpoint(out_dir)  # ckpt.pt, or the sharded ckpt/ folder of parallel=fsdp
 if init_from == "auto":
     init_from = "resume" if os.path.exists(ckpt_path) else "scratch"
-record = None if init_from == "scratch" else load_source(ckpt_path if init_from == "resume" else init_from)
+record = None if init_from == "scratch" else load_source(ckpt_path if init_from == "resume" else init_from,
+                                                        weights=init_from != "resume")  # (sharded: loaded later)
 if init_from == "resume":
     config = resumed_config(record, config, explicit)
     globals().update(config)
@@ -177,10 +178,8 @@ device = common.pick_device(device)
 device_type = device.split(":")[0]
 common.pick_dtype(dtype, device)  # a bad --dtype stops here; auto is decided with the model's shape
 fsdp = ddp and parallel == "fsdp"  # shard parameters, gradients and optimizer state over the processes
-torch.manual_seed(seed)  # the same weights on every rank (FSDP shards each rank's copy in place)
-if device_type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+torch.manual_seed(seed)  # the same weights on every rank
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # (CUDA only)
 
 # data: token ids in memory-mapped bins, the tokenizer described by meta.json (checkpoints carry it)
 dataset = config["dataset"] = dataset.removeprefix("data/")  # --dataset=data/x means x
@@ -205,7 +204,7 @@ log.take_lock()  # one run per out_dir, until the process ends
 
 # the model: from scratch, resumed (weights here, optimizer state below), or warm-started from another's weights
 iter_num, best_val_loss, train_time = 0, float("inf"), 0.0
-build_on = "cpu" if fsdp else device  # fsdp: built in CPU memory; each block goes to the device as it is sharded
+build_on = device if not fsdp else "cpu" if record and record["model"] is not None else "meta"  # fsdp: see shard()
 if init_from == "resume":
     model = build_model(record, build_on, dropout=dropout)
     iter_num, best_val_loss, train_time = record["iter_num"], record["best_val_loss"], record["train_time"]
@@ -223,7 +222,8 @@ else:
     if model_config.vocab_size < meta["vocab_size"]:
         die(f"--init_from={init_from} has {model_config.vocab_size} token embeddings, fewer than data/{dataset}'s "
             f"{meta['vocab_size']} tokens; prepare the data with the tokenizer it was trained with")
-    model = GPT(model_config).to(build_on)
+    with torch.device(build_on):
+        model = GPT(model_config)
     if record is not None:
         log.print(load_weights(model, weights, strict_init, init_from))
 why = f" (auto: {model.config.n_embd} wide, {batch_size * block_size:,} tokens per micro-step)" * (dtype == "auto")
@@ -232,7 +232,7 @@ ctx = common.autocast(device, dtype) if not fsdp else nullcontext()  # fsdp: its
 ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)) if ema_decay else None  # copied, then sharded
 model, _ = (shard(model, dtype, device), ema and shard(ema.module, dtype, device, True)) if fsdp else (model, None)
 raw_model = model  # the module that is saved, evaluated and counted (FSDP2 shards it in place)
-torch.manual_seed(seed + rank) if rank else None  # each rank its own dropout
+torch.manual_seed(seed + rank)  # each rank its own dropout, the same however the model was built
 model_config = raw_model.config
 
 # optimizers: AdamW for everything, or Muon for the 2-D matrices inside the blocks and AdamW for the rest

@@ -83,6 +83,28 @@ def test_shapes_and_initial_loss(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_a_model_built_on_the_meta_device_gets_the_weights_of_one_built_in_memory(variant):
+    """parallel.shard's way (no memory until sharded, then init_weights): the same weights, tables and tie as a
+    model built in memory from the same seed; and GPT-2's init: std 0.02, residual projections 0.02/sqrt(2*n_layer),
+    zero biases, unit norm scales."""
+    model = build(variant)
+    with torch.device("meta"):
+        empty = build(variant)
+    assert empty.lm_head.weight.is_meta and empty.rope_cos is None
+    empty.to_empty(device="cpu")
+    empty.init_weights()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, empty.get_parameter(name)), name
+        std = 0.02 / math.sqrt(2 * 2) if name.endswith("c_proj.weight") else 0.02
+        if p.dim() == 2 and p.numel() > 1000:
+            assert abs(p.std().item() - std) < 0.15 * std, name
+        elif p.dim() == 1:
+            assert torch.equal(p, torch.zeros_like(p) if name.endswith("bias") else torch.ones_like(p)), name
+    assert all(torch.equal(getattr(model, b), getattr(empty, b)) for b in ("rope_cos", "rope_sin", "rope_index"))
+    assert (empty.lm_head.weight is empty.transformer.wte.weight) == model.config.tie_weights
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
 def test_one_step_changes_every_parameter(variant):
     model = build(variant)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -196,10 +196,10 @@ def test_signal_with_save_strategy_none_writes_nothing(workdir):
 def test_a_signal_during_an_evaluation_stops_without_waiting_for_it(workdir):
     # 10^6 evaluation batches would take many minutes; the run must stop within seconds, saving the step it is at
     proc = start(workdir, *BASE, "--max_iters=100000", "--eval_iters=1000000", "--out_dir=out-sig-eval")
-    while not (workdir / "out-sig-eval" / "run_meta.json").exists():
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    time.sleep(2.0)  # into the first evaluation
+    for line in proc.stdout:  # the start-up lines: the last one comes just before the first evaluation
+        if "tokens per step" in line:
+            break
+    time.sleep(0.5)  # into the evaluation
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143 and len(err.strip().splitlines()) == 1 and "stopped at iter 0 by SIGTERM" in err, err
@@ -212,7 +212,7 @@ def test_a_signal_during_an_evaluation_stops_without_waiting_for_it(workdir):
     for line in proc.stdout:  # the start-up lines: the last one comes just before the evaluation
         if "tokens per step" in line:
             break
-    time.sleep(1.0)  # into the evaluation
+    time.sleep(0.5)  # into the evaluation
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "nothing saved" in err and len(err.strip().splitlines()) == 1, err
