@@ -46,7 +46,7 @@ import urllib.request
 import torch
 from tokenizers import Tokenizer
 
-from common import DTYPES, autocast, gpu_peak, make_optimizers, pick_device
+from common import DTYPES, autocast, gpu_peak, make_optimizers, pick_device, pick_dtype
 from configurator import ABOVE_ZERO, POSITIVE, check, configure, die, parse_value
 from dataset import check_writable, make_out_dir
 from generate import compile_decode, generate
@@ -153,6 +153,8 @@ def bench_model():
             optimizer, impl, kind = opts.pop("optimizer", "adamw"), opts.pop("impl", "yocto"), opts.pop("quantize", "")
             torch.manual_seed(0)
             model = GPT(config_from_preset(opts.pop("model_type", "gpt"), **opts)).to(dev)
+            cfg = model.config  # auto: as train.py (step: the width and tokens per step) or sample.py would pick
+            dtype = pick_dtype(dtype, dev, *((cfg.n_embd, batch_size * cfg.block_size) if mode == "step" else ()))
             if dev.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             if mode == "sample":  # new_tokens greedy from one token; the first 8 tokens warm up (and compile)

@@ -218,6 +218,10 @@ if __name__ == "__main__":
     train_tokens = os.path.getsize(os.path.join(data_dir, "train.bin")) // np.dtype(meta["dtype"]).itemsize
     device_name = pick_device(device)
     run_dir = out_dir or f"out-{dataset}-{max_time:g}s"
+    taken = [d for d in (run_dir, run_dir + "-recipe")[:1 + (compare != "never")] for name in ("ckpt.pt", "ckpt")
+             if os.path.exists(os.path.join(d, name))]  # (the recipe's run goes beside the plan's, to compare)
+    if run and taken and "--overwrite=True" not in train_args:
+        die(f"{taken[0]} already holds a run; pick another --out_dir, or pass --train_args=--overwrite=True")
     char_vocab = meta["vocab_size"] <= NGRAM_MAX_VOCAB
     speeds = []
     for shape in LADDER:  # measured smallest first; a rung that cannot pay off at this budget ends the ladder

@@ -113,6 +113,7 @@ CASES = [  # (command, what the one line must name)
     (["report.py"], "OUT_DIR"),
     (R + ["--dataset=nothing_char"], "prepare_char.py"), (R + ["--dataset=badjson_char"], "meta.json"),
     (R + ["--priority=fast"], "priority"), (R + ["--max_time=0"], "max_time"), (R + ["--device=tpu"], "device"),
+    (R + ["--compare=sometimes"], "compare"), (R + ["--run=True", "--out_dir=out-tiny"], "out-tiny already holds"),
 ]
 
 
