@@ -100,9 +100,9 @@ def test_the_rules_cannot_tell_the_plan_from_the_recipe_where_its_tables_may_sti
 
 def test_run_trains_the_plan_and_the_recipe_and_says_which_did_better(workdir):
     """--run=True runs the printed commands as printed; with --compare=always (auto: where the rules cannot tell)
-    the recipe's own command too, and the verdict names the lower val loss. (train_args end both runs at 20 steps.)"""
+    the recipe's own command too, and the verdict names the lower val loss. (train_args end both runs at 10 steps.)"""
     proc = run("recommend.py", "--dataset=tiny_char", "--max_time=30", "--out_dir=out-race", "--run=True",
-               "--compare=always", "--train_args=--compile=False --eval_iters=2 --max_time=0 --max_iters=20",
+               "--compare=always", "--train_args=--compile=False --eval_iters=2 --max_time=0 --max_iters=10",
                cwd=workdir)
     assert "passes over" in proc.stdout and "tokens/s" in proc.stderr
     commands = [line for line in proc.stdout.splitlines() if line.startswith("python train.py")]
