@@ -52,7 +52,7 @@ from dataset import check_writable, make_out_dir
 from generate import compile_decode, generate
 from hf import hf_arch, hf_config, to_hf
 from model import GPT, MODEL_FIELDS, config_from_preset
-from quantize import quantized
+from quantize import for_decoding
 
 # -----------------------------------------------------------------------------
 mode = "train"  # train | prepare | corpus | step | sample | serve
@@ -78,7 +78,8 @@ peer = ""  # serve mode: a Hugging Face folder (convert.py --to=hf) whose transf
 TRAIN_OPTIMIZER = dict(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, muon_lr=0.02,
                        muon_momentum=0.95, muon_weight_decay=0.0, muon_ns_steps=5)
 # step/sample variants: not fields
-VARIANT_OPTIONS = ("model_type", "dtype", "compile", "optimizer", "use_cache", "batch", "impl", "quantize")
+VARIANT_OPTIONS = ("model_type", "dtype", "compile", "optimizer", "use_cache", "batch", "impl", "quantize", "layout",
+                   "cpp_wrapper")
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts it runs sit beside it; data/ is the working folder's
 
 
@@ -151,6 +152,7 @@ def bench_model():
             dtype = opts.pop("dtype", "float32")  # step: autocast, as train.py does; sample: the weights, as sample.py
             use_cache, compiled, batch = opts.pop("use_cache", True), opts.pop("compile", False), opts.pop("batch", 1)
             optimizer, impl, kind = opts.pop("optimizer", "adamw"), opts.pop("impl", "yocto"), opts.pop("quantize", "")
+            layout, cpp_wrapper = opts.pop("layout", "head"), opts.pop("cpp_wrapper", True)
             torch.manual_seed(0)
             model = GPT(config_from_preset(opts.pop("model_type", "gpt"), **opts)).to(dev)
             cfg = model.config  # auto: as train.py (step: the width and tokens per step) or sample.py would pick
@@ -158,8 +160,9 @@ def bench_model():
             if dev.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             if mode == "sample":  # new_tokens greedy from one token; the first 8 tokens warm up (and compile)
-                model = quantized(model.eval().to(DTYPES[dtype]), kind)
-                run = decoder(model, impl, compiled, use_cache)
+                torch._dynamo.reset()  # as in a new process: no shapes remembered from other variants' graphs
+                model = for_decoding(model.to(DTYPES[dtype]), kind, layout if impl == "yocto" else "")
+                run = decoder(model, impl, compiled, use_cache, cpp_wrapper)
                 prompt = torch.zeros(batch, 1, dtype=torch.long, device=dev)
                 t0 = time.perf_counter()
                 run(prompt, 8)
@@ -298,11 +301,11 @@ def bench_serve():
               f"(p95 at 16 clients ~{0.95 * 16 * t:.1f} s)")
 
 
-def decoder(model, impl, compiled, use_cache):
+def decoder(model, impl, compiled, use_cache, cpp_wrapper):
     """run(prompt (B, 1), n) -> the prompt and n greedy tokens after it: our generate(), or transformers' generate()
     on a twin with the same weights (hf.py's export mapping)."""
     if impl == "yocto":
-        decode = compile_decode(model) if compiled else None
+        decode = compile_decode(model, cpp_wrapper) if compiled else None
         return lambda prompt, n: generate(model, prompt, n, temperature=0, use_cache=use_cache, decode=decode)
     if impl != "transformers":
         die(f"--impl={impl!r}: yocto or transformers")
@@ -323,17 +326,21 @@ def decoder(model, impl, compiled, use_cache):
 
 
 def gemv_ms(model, sync, n=50):
-    """Milliseconds for one token's pass through every nn.Linear weight of the model as torch.mv and nothing else:
-    what batch-1 decoding costs at least, however little else it does (the weights stream from memory per token)."""
+    """Milliseconds for one token's pass through every nn.Linear weight of the model as a matrix-vector product and
+    nothing else, stored (out, in) or (in, out) in memory, whichever is faster: what batch-1 decoding costs at least,
+    however little else it does (the weights stream from memory per token)."""
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = [torch.randn(w.size(1), dtype=w.dtype, device=w.device) for w in weights]
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        for w, x in zip(weights, xs, strict=True):
-            torch.mv(w, x)
-    sync()
-    return (time.perf_counter() - t0) / n * 1000
+    best = math.inf
+    for ws in ([w.contiguous() for w in weights], [w.t().contiguous().t() for w in weights]):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            for w, x in zip(ws, xs, strict=True):
+                torch.mv(w, x)
+        sync()
+        best = min(best, (time.perf_counter() - t0) / n * 1000)
+    return best
 
 
 def make_corpus(out, mb):

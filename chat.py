@@ -19,7 +19,7 @@ from checkpoint import load_for_inference
 from common import SAMPLING_RULES, autocast, pick_device, pick_dtype
 from configurator import NON_NEGATIVE, check, configure, die
 from generate import controls, generate_stream
-from quantize import check_kind, quantized
+from quantize import check_kind, for_decoding
 from sft import fit_conversation, template_for
 from tokenizer import TextStream
 
@@ -201,7 +201,7 @@ def main():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     source = out_dir if init_from == "resume" else init_from
     model, tokenizer = load_for_inference(source, config["device"], ckpt, ema, block_size)
-    model = quantized(model, quantize)
+    model = for_decoding(model, quantize)
     try:
         tokenizer.encode(system_prompt + user_prefix + assistant_prefix)
     except ValueError as e:  # once, here, rather than every turn

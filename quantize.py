@@ -1,8 +1,11 @@
 """
-Weight-only int8 for decoding (sample.py, chat.py, serve.py --quantize=int8): every matrix of the blocks and the head
-stored as int8 with one scale per output row, multiplied by torch's int8 weight-only kernel with bfloat16 activations.
-Batch-1 decoding reads every weight once per token, so a quarter of float32's bytes is up to ~2x the tokens/s on a
-CPU (BENCHMARKS.md); the greedy tokens may differ from the float model's where two candidates are close.
+The weights as decoding reads them (sample.py, chat.py, serve.py). Batch-1 decoding reads every weight once per token,
+so its speed is how fast the matrices stream from memory. Two ways to stream them faster on a CPU:
+- float32 matrices stored transposed, (in, out) in memory: the layout the CPU's matrix product reads fastest at a few
+  rows (~10% more tokens/s at GPT-2 small, BENCHMARKS.md); the same values, so the same tokens. Always on a CPU.
+- --quantize=int8: every matrix of the blocks and the head stored as int8 with one scale per output row, multiplied by
+  torch's int8 weight-only kernel with bfloat16 activations: a quarter of float32's bytes, up to ~2x the tokens/s on
+  a CPU; the greedy tokens may differ from the float model's where two candidates are close.
 
     python sample.py --out_dir=out-char-tiny --quantize=int8
 """
@@ -38,11 +41,25 @@ def check_kind(kind):
         die(f"--quantize={kind!r} is not one of int8 (or '' for none)")
 
 
-def quantized(model, kind):
-    """The model with its nn.Linear layers as Int8Linear (kind "int8"), or as it is (kind ""); in eval mode only."""
-    if not kind:
-        return model
+def transposed(model, layout):
+    """The float32 head (layout "head"; with it a tied embedding) or every float32 matrix (layout "all") stored
+    (in, out) in memory, seen as the same (out, in) tensor: F.linear then multiplies by a contiguous (in, out) matrix,
+    which MKL streams faster than the (out, in) one at a few rows for some shapes. Values, names, shapes and ties stay
+    (each Parameter gets new data in place, one at a time); only the strides change."""
+    linears = [model.lm_head] if layout == "head" else [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for w in {id(m.weight): m.weight for m in linears}.values():
+        if w.dtype == torch.float32 and w.is_contiguous():
+            w.data = w.data.t().contiguous().t()
+    return model
+
+
+def for_decoding(model, kind, layout="head"):
+    """The model in eval mode, ready to decode: its nn.Linear layers as Int8Linear (kind "int8"), else on a CPU its
+    float32 head transposed in memory (layout "all": every matrix; "": none, for comparison)."""
+    model.eval()
     device = next(model.parameters()).device
+    if not kind:
+        return transposed(model, layout) if layout and device.type == "cpu" else model
     try:  # the kernel exists for this device (CPU and MPS; not every CUDA build)
         torch.ops.aten._weight_int8pack_mm(torch.ones(1, 32, dtype=torch.bfloat16, device=device),
                                            torch.ones(8, 32, dtype=torch.int8, device=device),
@@ -54,4 +71,4 @@ def quantized(model, kind):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, Int8Linear(child))
-    return model.eval()
+    return model

@@ -17,7 +17,7 @@ from checkpoint import load_for_inference
 from common import DTYPES, SAMPLING_RULES, pick_device, pick_dtype
 from configurator import NON_NEGATIVE, POSITIVE, check, configure, die
 from generate import compile_decode, controls, generate_stream
-from quantize import check_kind, quantized
+from quantize import check_kind, for_decoding
 from tokenizer import StreamDecoder, encode_prompt
 
 # -----------------------------------------------------------------------------
@@ -60,7 +60,7 @@ if __name__ == "__main__":
     dtype = pick_dtype(dtype, device)
     model, tokenizer = load_for_inference(out_dir if init_from == "resume" else init_from, device, ckpt, ema,
                                           block_size)
-    model = quantized(model.to(DTYPES[dtype]), quantize)  # fewer bytes to read per token
+    model = for_decoding(model.to(DTYPES[dtype]), quantize)  # faster to read per token
     ids = encode_prompt(tokenizer, prompt)
     if len(ids) >= model.config.block_size:
         print(f"note: the prompt is {len(ids)} tokens; only the last {model.config.block_size} are used",

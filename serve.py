@@ -29,7 +29,7 @@ from checkpoint import load_for_inference
 from common import DTYPES, pick_device, pick_dtype
 from configurator import NON_NEGATIVE, POSITIVE, check, configure, die
 from generate import KVCache, compile_decode, prefill, sample_next, step
-from quantize import check_kind, quantized
+from quantize import check_kind, for_decoding
 from sft import fit_conversation, template_for
 from tokenizer import TextStream, encode_prompt
 
@@ -477,7 +477,7 @@ if __name__ == "__main__":
     dtype = pick_dtype(dtype, device)
     source = out_dir if init_from == "resume" else init_from
     model, tokenizer = load_for_inference(source, device, ckpt, ema, block_size)
-    model = quantized(model.to(DTYPES[dtype]), quantize)
+    model = for_decoding(model.to(DTYPES[dtype]), quantize)
     config["model_name"] = model_name or os.path.basename(os.path.normpath(source.removeprefix("hf:")))
     try:  # the port, before the model loads into a server that could not listen
         with socket.create_server((host, port)):

@@ -53,13 +53,13 @@ def test_int8_weights_keep_the_model_and_sample(trained):
     (greedy: its text, which may part from the float model's where two tokens are close)."""
     from checkpoint import load_for_inference
     from conftest import run
-    from quantize import Int8Linear, quantized
+    from quantize import Int8Linear, for_decoding
     model, _ = load_for_inference(str(trained / "out-tiny"), "cpu")
     seeded = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (4, model.config.block_size), generator=seeded)
     with torch.no_grad():
         logits, loss = model(x, x)
-        q = quantized(model, "int8")
+        q = for_decoding(model, "int8")
         q_logits, q_loss = q(x, x)
     linears = [m for m in q.modules() if isinstance(m, Int8Linear)]
     assert len(linears) == 4 * model.config.n_layer + 1 and all(m.weight.dtype == torch.int8 for m in linears)
@@ -295,10 +295,19 @@ def test_sampling_controls_on_hand_made_logits():
 
 
 def test_compiled_decode_gives_the_eager_greedy_tokens():
+    """The compiled step (C++ wrapper) on the decoding layout (quantize.py: the head stored transposed) gives the
+    greedy tokens of the eager step on the model as built; the layout keeps every value, the tie and the shapes."""
+    from quantize import for_decoding
     model = build(dict(model_type="gpt_fast")).eval()
     prompt = torch.randint(0, 67, (2, 5))
     eager = generate(model, prompt, 20, temperature=0)
-    assert torch.equal(generate(model, prompt, 20, temperature=0, decode=compile_decode(model)), eager)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = for_decoding(model, "")
+    head = fast.lm_head.weight
+    assert head.stride() == (1, head.size(0)) and fast.transformer.wte.weight is head  # (in, out) in memory, tied
+    assert all(torch.equal(v, before[k]) for k, v in fast.state_dict().items())
+    assert torch.equal(generate(fast, prompt, 20, temperature=0), eager)
+    assert torch.equal(generate(fast, prompt, 20, temperature=0, decode=compile_decode(fast)), eager)
 
 
 @pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[1], VARIANTS[-1]], ids=str)
