@@ -1,7 +1,8 @@
 """
 Past one device's memory: FSDP2 (torch.distributed.fsdp.fully_shard, as torchtitan applies it) for train.py's
 parallel=fsdp, and sharded checkpoints with torch.distributed.checkpoint (DCP) that resume at any world size.
-Not run by itself.
+Not run by itself. FSDP, DTensor and DCP are imported where they are used: they take ~0.5 s to import, which every
+script that reads a checkpoint (through checkpoint.py) would pay on every start.
 """
 
 import os
@@ -15,18 +16,7 @@ except ImportError:
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-    set_state_dict,
-)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import distribute_tensor
 
 from common import DTYPES, is_sharded, save_checkpoint
 from configurator import die
@@ -43,6 +33,8 @@ def shard(model, dtype, device, inference=False):
     dtype the parameters are cast for compute and gradients reduced in float32 (MixedPrecisionPolicy, instead of
     autocast). The root keeps its parameters gathered after a forward (backward needs them at once) unless the model
     is only evaluated (inference: train.py's EMA copy)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import distribute_tensor
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype] if dtype != "float32" else None,
                                   reduce_dtype=torch.float32)
@@ -89,6 +81,8 @@ def save_sharded(folder, model, optimizers, ema, train_state, master):
     if master and os.path.isdir(tmp):
         shutil.rmtree(tmp)
     barrier()
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
     model_state, optim_state = get_state_dict(model, optimizers)
     state = dict(model=model_state, optimizers=optim_state) | (dict(ema=get_model_state_dict(ema)) if ema else {})
     try:
@@ -112,6 +106,12 @@ def save_sharded(folder, model, optimizers, ema, train_state, master):
 def load_sharded(folder, model, optimizers, ema=None):
     """Load a DCP checkpoint's weights and optimizer state (and EMA weights, given an AveragedModel) into this run's
     model and optimizers, however it is sharded now (any number of processes, or one without a process group)."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
     model_state, optim_state = get_state_dict(model, optimizers)
     state = dict(model=model_state, optimizers=optim_state) | (dict(ema=get_model_state_dict(ema)) if ema else {})
     try:
@@ -126,6 +126,7 @@ def load_sharded(folder, model, optimizers, ema=None):
 
 def load_whole(module, state):
     """A whole state dict (a ckpt.pt's) into a module, sharded or not."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=is_sharded(module)))
 
 
@@ -133,6 +134,7 @@ def load_whole_optimizers(model, optimizers, states):
     """Optimizer states saved whole (a ddp or one-process run's ckpt.pt: parameters by their index in each group)
     into this run's optimizers over sharded parameters: named by the parameters they belong to, then each process
     keeps its shards (set_optimizer_state_dict with full_state_dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     names = {p: n for n, p in model.named_parameters()}
     for opt, saved in zip(optimizers, states, strict=True):
         fqn = {}
@@ -145,6 +147,7 @@ def load_whole_optimizers(model, optimizers, states):
 
 def dcp_load(state, folder):
     """dcp.load, in one process without a process group as well (without the warning that this is what it does)."""
+    import torch.distributed.checkpoint as dcp
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
