@@ -52,7 +52,7 @@ from dataset import check_writable, make_out_dir
 from generate import compile_decode, generate
 from hf import hf_arch, hf_config, to_hf
 from model import GPT, MODEL_FIELDS, config_from_preset
-from quantize import for_decoding
+from quantize import LAYOUTS, for_decoding
 
 # -----------------------------------------------------------------------------
 mode = "train"  # train | prepare | corpus | step | sample | serve
@@ -67,7 +67,7 @@ results_csv = ""
 batch_size = 12  # step/sample modes: sequences per step (sample: 1 sequence of block_size tokens)
 steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
 # sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16,
-# --impl=transformers, --quantize=int8)
+# --impl=transformers, --quantize=int8, --layout=all or --layout= (quantize.py), --cpp_wrapper=False (generate.py))
 new_tokens = 500
 # step/sample modes: cpu | cuda | mps (step variants: --dtype=bfloat16, --compile=True, --optimizer=muon)
 device = "cpu"
@@ -143,6 +143,8 @@ def bench_model():
         if unknown := sorted(set(options(text)) - set(MODEL_FIELDS) - set(VARIANT_OPTIONS)):
             die(f"{unknown[0]!r} in {text!r} is neither a model field (model.py GPTConfig) nor one of "
                 f"{', '.join(VARIANT_OPTIONS)}")
+        if options(text).get("layout", "head") not in LAYOUTS:
+            die(f"--layout={options(text)['layout']!r} in {text!r} is not one of {', '.join(map(repr, LAYOUTS))}")
     results, startup, memory = {v: [] for v in variants}, {v: [] for v in variants}, {v: [] for v in variants}
     flops, floor = {}, []  # floor, sample mode: ms per token of the baseline model's matrix-vector products alone
     tokens, same = {}, {v: True for v in variants}  # sample mode: the tokens of each variant's first run

@@ -16,6 +16,7 @@ import torch.nn as nn
 from configurator import die
 
 KINDS = ("", "int8")
+LAYOUTS = ("head", "all", "")  # which float32 matrices decoding stores transposed on a CPU (bench.py compares)
 
 
 class Int8Linear(nn.Module):
