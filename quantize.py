@@ -1,8 +1,9 @@
 """
 The weights as decoding reads them (sample.py, chat.py, serve.py). Batch-1 decoding reads every weight once per token,
 so its speed is how fast the matrices stream from memory. Two ways to stream them faster on a CPU:
-- float32 matrices stored transposed, (in, out) in memory: the layout the CPU's matrix product reads fastest at a few
-  rows (~10% more tokens/s at GPT-2 small, BENCHMARKS.md); the same values, so the same tokens. Always on a CPU.
+- the float32 head (the largest matrix: a third of GPT-2 small's bytes) stored transposed, (in, out) in memory: the
+  layout the CPU's matrix product reads it fastest in at a few rows (4-7% more tokens/s at GPT-2 small, BENCHMARKS.md;
+  every matrix transposed loses at other widths); the same values, so the same tokens. Always on a CPU.
 - --quantize=int8: every matrix of the blocks and the head stored as int8 with one scale per output row, multiplied by
   torch's int8 weight-only kernel with bfloat16 activations: a quarter of float32's bytes, up to ~2x the tokens/s on
   a CPU; the greedy tokens may differ from the float model's where two candidates are close.
