@@ -67,7 +67,7 @@ results_csv = ""
 batch_size = 12  # step/sample modes: sequences per step (sample: 1 sequence of block_size tokens)
 steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
 # sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16,
-# --impl=transformers, --quantize=int8, --layout=all or --layout= (quantize.py), --cpp_wrapper=False (generate.py))
+# --impl=transformers, --quantize=int8, --layout=head|all|'' (quantize.py), --cpp_wrapper=False (generate.py))
 new_tokens = 500
 # step/sample modes: cpu | cuda | mps (step variants: --dtype=bfloat16, --compile=True, --optimizer=muon)
 device = "cpu"
@@ -143,7 +143,7 @@ def bench_model():
         if unknown := sorted(set(options(text)) - set(MODEL_FIELDS) - set(VARIANT_OPTIONS)):
             die(f"{unknown[0]!r} in {text!r} is neither a model field (model.py GPTConfig) nor one of "
                 f"{', '.join(VARIANT_OPTIONS)}")
-        if options(text).get("layout", "head") not in LAYOUTS:
+        if options(text).get("layout", LAYOUTS[0]) not in LAYOUTS:
             die(f"--layout={options(text)['layout']!r} in {text!r} is not one of {', '.join(map(repr, LAYOUTS))}")
     results, startup, memory = {v: [] for v in variants}, {v: [] for v in variants}, {v: [] for v in variants}
     flops, floor = {}, []  # floor, sample mode: ms per token of the baseline model's matrix-vector products alone
@@ -154,7 +154,7 @@ def bench_model():
             dtype = opts.pop("dtype", "float32")  # step: autocast, as train.py does; sample: the weights, as sample.py
             use_cache, compiled, batch = opts.pop("use_cache", True), opts.pop("compile", False), opts.pop("batch", 1)
             optimizer, impl, kind = opts.pop("optimizer", "adamw"), opts.pop("impl", "yocto"), opts.pop("quantize", "")
-            layout, cpp_wrapper = opts.pop("layout", "head"), opts.pop("cpp_wrapper", True)
+            layout, cpp_wrapper = opts.pop("layout", LAYOUTS[0]), opts.pop("cpp_wrapper", True)
             torch.manual_seed(0)
             model = GPT(config_from_preset(opts.pop("model_type", "gpt"), **opts)).to(dev)
             cfg = model.config  # auto: as train.py (step: the width and tokens per step) or sample.py would pick
@@ -329,12 +329,14 @@ def decoder(model, impl, compiled, use_cache, cpp_wrapper):
 
 def gemv_ms(model, sync, n=50):
     """Milliseconds for one token's pass through every nn.Linear weight of the model as a matrix-vector product and
-    nothing else, stored (out, in) or (in, out) in memory, whichever is faster: what batch-1 decoding costs at least,
-    however little else it does (the weights stream from memory per token)."""
-    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    nothing else, stored (out, in) or (in, out) in memory or each matrix wider out than in (in, out) (quantize.py's
+    layouts), whichever is fastest: what batch-1 decoding costs at least, however little else it does (the weights
+    stream from memory per token)."""
+    weights = [m.weight.detach().contiguous() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = [torch.randn(w.size(1), dtype=w.dtype, device=w.device) for w in weights]
     best = math.inf
-    for ws in ([w.contiguous() for w in weights], [w.t().contiguous().t() for w in weights]):
+    for flip in (lambda w: False, lambda w: True, lambda w: w.size(0) > w.size(1)):
+        ws = [w.t().contiguous().t() if flip(w) else w for w in weights]
         sync()
         t0 = time.perf_counter()
         for _ in range(n):

@@ -18,10 +18,12 @@ class KVCache:
     different lengths, and one row can be reset and refilled while the others go on. A step attends over the slots
     in use only, up to the longest row (`span`): reading the cache is most of a batched decode step's time on a CPU.
     Each layer has its own tensors, written in place (torch.compile then writes the new slots, not a copy of the
-    cache). Only n_kv_head heads are stored: grouped-query attention shrinks the cache by n_head / n_kv_head."""
+    cache). Only n_kv_head heads are stored: grouped-query attention shrinks the cache by n_head / n_kv_head. One
+    slot more than a row can fill is kept, never read: the span's view of the slots is then never the whole tensor,
+    which would be contiguous, and torch.compile would build one more graph for that one span (block_size)."""
 
     def __init__(self, cfg, batch_size, device, dtype=torch.float32):
-        shape = (batch_size, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+        shape = (batch_size, cfg.n_kv_head, cfg.block_size + 1, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) tokens stored in each row

@@ -1,9 +1,9 @@
 """
 The weights as decoding reads them (sample.py, chat.py, serve.py). Batch-1 decoding reads every weight once per token,
 so its speed is how fast the matrices stream from memory. Two ways to stream them faster on a CPU:
-- the float32 head (the largest matrix: a third of GPT-2 small's bytes) stored transposed, (in, out) in memory: the
-  layout the CPU's matrix product reads it fastest in at a few rows (4-7% more tokens/s at GPT-2 small, BENCHMARKS.md;
-  every matrix transposed loses at other widths); the same values, so the same tokens. Always on a CPU.
+- the float32 matrices wider out than in (the head, a third of GPT-2 small's bytes; attention's qkv; the MLP's
+  first) stored transposed, (in, out) in memory: the layout the CPU's matrix product reads them fastest in at a few
+  rows, while the others read faster as they are (BENCHMARKS.md); the same values, so the same tokens. Always on a CPU.
 - --quantize=int8: every matrix of the blocks and the head stored as int8 with one scale per output row, multiplied by
   torch's int8 weight-only kernel with bfloat16 activations: a quarter of float32's bytes, up to ~2x the tokens/s on
   a CPU; the greedy tokens may differ from the float model's where two candidates are close.
@@ -17,7 +17,7 @@ import torch.nn as nn
 from configurator import die
 
 KINDS = ("", "int8")
-LAYOUTS = ("head", "all", "")  # which float32 matrices decoding stores transposed on a CPU (bench.py compares)
+LAYOUTS = ("wide", "head", "all", "")  # which float32 matrices decoding stores transposed on a CPU (bench.py compares)
 
 
 class Int8Linear(nn.Module):
@@ -44,20 +44,25 @@ def check_kind(kind):
 
 
 def transposed(model, layout):
-    """The float32 head (layout "head"; with it a tied embedding) or every float32 matrix (layout "all") stored
-    (in, out) in memory, seen as the same (out, in) tensor: F.linear then multiplies by a contiguous (in, out) matrix,
-    which MKL streams faster than the (out, in) one at a few rows for some shapes. Values, names, shapes and ties stay
-    (each Parameter gets new data in place, one at a time); only the strides change."""
-    linears = [model.lm_head] if layout == "head" else [m for m in model.modules() if isinstance(m, nn.Linear)]
+    """The float32 matrices with more outputs than inputs (layout "wide"), the head alone ("head"; with it a tied
+    embedding) or every one ("all") stored (in, out) in memory, seen as the same (out, in) tensor: F.linear then
+    multiplies by a contiguous (in, out) matrix, which MKL streams faster than the (out, in) one at a few rows where
+    out > in. Values, names, shapes and ties stay (each Parameter gets new data in place, one at a time)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if layout == "head":
+        linears = [model.lm_head]
+    elif layout == "wide":
+        linears = [m for m in linears if m.out_features > m.in_features]
     for w in {id(m.weight): m.weight for m in linears}.values():
         if w.dtype == torch.float32 and w.is_contiguous():
             w.data = w.data.t().contiguous().t()
     return model
 
 
-def for_decoding(model, kind, layout="head"):
+def for_decoding(model, kind, layout="wide"):
     """The model in eval mode, ready to decode: its nn.Linear layers as Int8Linear (kind "int8"), else on a CPU its
-    float32 head transposed in memory (layout "all": every matrix; "": none, for comparison)."""
+    float32 matrices wider out than in transposed in memory (layout "head": the head alone; "all": every matrix;
+    "": none, for comparison)."""
     model.eval()
     device = next(model.parameters()).device
     if not kind:

@@ -153,6 +153,9 @@ def test_sdpa_equals_manual_attention(n_kv_head):
     mask = torch.ones(3, 10, dtype=torch.bool).tril(diagonal=7)  # 3 new queries after 7 cached keys
     assert torch.allclose(sdpa_attention(q[:, :, 7:], k, v, mask, 0.0), manual_attention(q[:, :, 7:], k, v, mask, 0.0),
                           atol=1e-5)
+    rows = torch.tensor([[True] * 6 + [False] * 4, [True] * 10])[:, None, None]  # a KV cache's (B, 1, 1, Tk): one query
+    one = q[:, :, :1]
+    assert torch.allclose(sdpa_attention(one, k, v, rows, 0.0), manual_attention(one, k, v, rows, 0.0), atol=1e-5)
 
 
 def test_whole_model_sdpa_equals_manual():
@@ -295,19 +298,26 @@ def test_sampling_controls_on_hand_made_logits():
 
 
 def test_compiled_decode_gives_the_eager_greedy_tokens():
-    """The compiled step (C++ wrapper) on the decoding layout (quantize.py: the head stored transposed) gives the
-    greedy tokens of the eager step on the model as built; the layout keeps every value, the tie and the shapes."""
+    """The compiled step (C++ wrapper; attention in explicit form over grouped query heads) on the decoding layout
+    (quantize.py: the wider-out matrices stored transposed) gives the greedy tokens of the eager step on the model as
+    built, past block_size (the cache full, then refilled) with two graphs, no more; the layout keeps every value, the
+    tie and the shapes."""
     from quantize import for_decoding
-    model = build(dict(model_type="gpt_fast")).eval()
+    model = build(dict(model_type="gpt_fast", n_kv_head=2)).eval()  # grouped-query attention in the compiled form
     prompt = torch.randint(0, 67, (2, 5))
-    eager = generate(model, prompt, 20, temperature=0)
+    eager = generate(model, prompt, 30, temperature=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast = for_decoding(model, "")
     head = fast.lm_head.weight
     assert head.stride() == (1, head.size(0)) and fast.transformer.wte.weight is head  # (in, out) in memory, tied
+    for m in fast.modules():
+        if isinstance(m, torch.nn.Linear):  # wider out than in: (in, out) in memory; the others as built
+            assert m.weight.stride() == ((1, m.out_features) if m.out_features > m.in_features else (m.in_features, 1))
     assert all(torch.equal(v, before[k]) for k, v in fast.state_dict().items())
-    assert torch.equal(generate(fast, prompt, 20, temperature=0), eager)
-    assert torch.equal(generate(fast, prompt, 20, temperature=0, decode=compile_decode(fast)), eager)
+    assert torch.equal(generate(fast, prompt, 30, temperature=0), eager)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        assert torch.equal(generate(fast, prompt, 30, temperature=0, decode=compile_decode(fast)), eager)
 
 
 @pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[1], VARIANTS[-1]], ids=str)
