@@ -47,8 +47,9 @@ import torch
 from tokenizers import Tokenizer
 
 from common import DTYPES, autocast, gpu_peak, make_optimizers, pick_device, pick_dtype
-from configurator import ABOVE_ZERO, POSITIVE, check, configure, die, parse_value
+from configurator import ABOVE_ZERO, POSITIVE, check, configure, parse_value
 from dataset import check_writable, make_out_dir
+from errors import die
 from generate import compile_decode, generate
 from hf import hf_arch, hf_config, to_hf
 from model import GPT, MODEL_FIELDS, config_from_preset

@@ -15,35 +15,26 @@ from contextlib import contextmanager
 
 import torch
 
-from checkpoint import load_for_inference
-from common import SAMPLING_RULES, autocast, pick_device, pick_dtype
-from configurator import NON_NEGATIVE, check, configure, die
-from generate import controls, generate_stream
-from quantize import check_kind, for_decoding
-from sft import fit_conversation, template_for
-from tokenizer import TextStream
+from chat_templates import fit_conversation, template_for
+from checkpoint import LOAD_SETTINGS, load_for_inference, source_of
+from configurator import check, configure, declare
+from errors import die
+from generate import (
+    DECODE_SETTINGS,
+    SAMPLING_RULES,
+    SAMPLING_SETTINGS,
+    Sequence,
+    compile_decode,
+    generate_stream,
+    sampling_of,
+)
 
 # -----------------------------------------------------------------------------
-out_dir = "out-char-tiny"  # the training run to chat with
-ckpt = ""  # checkpoint file in out_dir; '' = ckpt.pt, or best.pt if that is all there is
-# resume (out_dir's checkpoint) | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:FOLDER | a run or ckpt
-init_from = "resume"
-system_prompt = ""  # text kept at the top of every prompt (never cut)
-user_prefix = "User: "  # how a user turn starts in the transcript
-assistant_prefix = "Assistant: "  # how a reply starts in the transcript
+RULES = declare(globals(), LOAD_SETTINGS, SAMPLING_SETTINGS, DECODE_SETTINGS)  # out_dir, init_from, temperature, ...
 max_new_tokens = 200  # longest reply, in tokens
-temperature = 0.8  # 0 = greedy
-top_k = 200  # sample from the k likeliest tokens only (0 = all)
-top_p = 1.0  # nucleus sampling (1.0 = off)
-min_p = 0.0  # drop tokens less likely than min_p times the likeliest one (0 = off)
-repetition_penalty = 1.0  # > 1 makes tokens already in the conversation less likely (1.0 = off)
-no_repeat_ngram_size = 0  # n > 0: never repeat an n-gram of the conversation (0 = off)
-seed = 1337  # random seed
-device = ""  # cpu | cuda | mps; '' picks cuda > mps > cpu
-dtype = "auto"  # float32 | bfloat16 | float16 | auto
-ema = False  # chat with the run's moving average of the weights (trained with --ema_decay)
-block_size = 0  # a shorter context than the model's, for a smaller KV cache (0 = the model's)
-quantize = ""  # int8: weight-only int8 matrices, faster replies on a CPU (the greedy tokens may differ a little)
+system_prompt = ""  # text kept at the top of every prompt (never cut)
+user_prefix = "User: "  # how a user turn starts in the transcript (a model without a chat template)
+assistant_prefix = "Assistant: "  # how a reply starts in the transcript (a model without a chat template)
 # -----------------------------------------------------------------------------
 
 SETTABLE = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens",
@@ -65,6 +56,7 @@ class Chat:
 
     def __init__(self, model, tokenizer, settings, write):
         self.model, self.tokenizer, self.s, self.write = model, tokenizer, settings, write
+        self.decode = compile_decode(model) if settings["compile"] else None
         self.turns = []  # (user message, reply) pairs
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(settings["seed"])
         self.template = template_for(getattr(tokenizer, "meta", None), tokenizer, settings["user_prefix"],
@@ -110,24 +102,19 @@ class Chat:
         except ValueError as e:  # a template that refuses the turn
             print(f"(skipped: {e})", file=sys.stderr)
             return None
-        x = torch.tensor([ids], dtype=torch.long, device=self.generator.device)
-        self.write(self.s["assistant_prefix"] if self.s.get("interactive") else "")
-        stream, s, stopped, reply = TextStream(self.tokenizer, self.template.stop_strings), self.s, "", []
+        s, stopped = self.s, ""
+        reply = Sequence(ids, s["max_new_tokens"], sampling_of(s), self.template.stop_ids, self.tokenizer,
+                         self.template.stop_strings)
+        self.write(s["assistant_prefix"] if s.get("interactive") else "")
         try:
-            with torch.no_grad(), autocast(str(self.generator.device), s["dtype"]), keys_held(s.get("interactive")):
-                for token in generate_stream(self.model, x, s["max_new_tokens"], eos_id=self.template.stop_ids,
-                                             generator=self.generator, **controls(s)):
-                    reply.append(token.item())
-                    if token.item() in self.template.stop_ids:  # the end of the turn, which /history shows too
-                        break
-                    self.write(stream.push(token.item()))
-                    if stream.stopped:
-                        break
+            with keys_held(s.get("interactive")):
+                for _, _, text in generate_stream(self.model, [reply], self.decode, self.generator):
+                    self.write(text)
         except KeyboardInterrupt:  # Ctrl-C stops this reply only
             stopped = " (stopped)"
-        self.write(stream.flush() + stopped + "\n")
-        self.seen = ids + reply  # what /history shows: the context the model saw, and its reply
-        text = stream.text.strip()
+        self.write(reply.stream.flush() + stopped + "\n")
+        self.seen = reply.ids  # what /history shows: the context the model saw, and its reply (with its end token)
+        text = reply.text.strip()
         self.turns.append((message, text))
         return text
 
@@ -192,16 +179,12 @@ def keys_held(active):
 
 def main():
     config, _ = configure(globals())
-    check(config, dict(SAMPLING_RULES, block_size=NON_NEGATIVE))
-    check_kind(quantize)
-    config["device"] = pick_device(device)
-    config["dtype"] = pick_dtype(dtype, config["device"])
+    check(config, RULES)
     config["interactive"] = interactive = sys.stdin.isatty()
     if interactive:  # Ctrl-C raises KeyboardInterrupt even when started with SIGINT ignored (as from a script)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    source = out_dir if init_from == "resume" else init_from
-    model, tokenizer = load_for_inference(source, config["device"], ckpt, ema, block_size)
-    model = for_decoding(model, quantize)
+    source = source_of(config)
+    model, tokenizer = load_for_inference(config)
     try:
         tokenizer.encode(system_prompt + user_prefix + assistant_prefix)
     except ValueError as e:  # once, here, rather than every turn

@@ -1,26 +1,82 @@
 """
-Where a model comes from, in one place: a loader for every source a script accepts (a run folder or checkpoint of
-ours or nanoGPT's, OpenAI's GPT-2 from the hub, a Hugging Face folder), the model built from it, and what a resume
-or a warm start takes from it. train.py, sample.py, chat.py, report.py and convert.py use it. Not run by itself.
+Every read and write of a checkpoint, and where a model comes from, in one place: the atomic .pt write and the
+weights-only read, sharded (DCP) folders saved and restored, the sources a script accepts (a run folder or checkpoint
+of ours or nanoGPT's, OpenAI's GPT-2 from the hub, a Hugging Face folder) read into one Source, the model built from
+it, the settings and loading of the scripts that run a model, and what a resume puts back. Not run by itself.
+FSDP's and DCP's modules are imported where they are used: ~0.5 s that a script reading a whole checkpoint skips.
 """
 
 import os
-import pickle
+import random
+import shutil
 import sys
+import warnings
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from tokenizers import Tokenizer
+import torch.distributed as dist
 
-from common import is_sharded, load_checkpoint, restore_rng
-from configurator import die
-from dataset import read_json
-from hf import GPT2_META, HUB_MODELS, IGNORED, from_hf_folder, hub_folder
-from model import GPT, MODEL_FIELDS, PRESETS, GPTConfig, config_from_dict
-from parallel import TRAIN_STATE, dcp_load, load_sharded, load_whole, load_whole_optimizers
-from tokenizer import check_tokenizer, describe_vocab
+from configurator import NON_NEGATIVE
+from dataset import atomic_write, read_json
+from errors import die
+from hardware import DTYPE_HELP, DTYPES, pick_device, pick_dtype
+from hf import GPT2_META, HUB_MODELS, PIP_HF, from_hf_folder, hub_folder
+from model import GPT, MODEL_FIELDS, config_from_dict
+from nanogpt import from_nanogpt, strip_compiled
+from parallel import is_sharded
+from quantize import KINDS, for_decoding
+from tokenizer import check_tokenizer
+from warmstart import warm_start
 
+TRAIN_STATE = "train.pt"  # beside the shards in a sharded (DCP) checkpoint folder: config, counters, RNG, tokenizer
 KV_NOTE_BYTES = 2**30  # load_for_inference notes a KV cache larger than this, per sequence
 SOURCES = "a run folder, a checkpoint file, gpt2 | gpt2-medium | gpt2-large | gpt2-xl, hf:ORG/NAME or hf:FOLDER"
+# the settings of every script that loads a trained model (sample.py, chat.py, serve.py, eval.py): (default, rule, help)
+LOAD_SETTINGS = dict(
+    out_dir=("out-char-tiny", None, "the training run to load (init_from=resume)"),
+    ckpt=("", None, "checkpoint file in out_dir; '' = ckpt.pt, or best.pt if that is all there is"),
+    init_from=("resume", None, f"resume (out_dir's checkpoint) | {SOURCES}"),
+    ema=(False, None, "the run's moving average of the weights (trained with --ema_decay)"),
+    block_size=(0, NON_NEGATIVE, "a shorter context than the model's, for a smaller KV cache (0 = the model's)"),
+    device=("", None, "cpu | cuda | cuda:N | mps; '' picks cuda > mps > cpu"),
+    dtype=("auto", None, DTYPE_HELP + "; the weights are converted to it"),
+    quantize=("", (lambda v: v in KINDS, "int8 or ''"),
+              "int8: weight-only int8 matrices, faster decoding on a CPU (the greedy tokens may differ a little)"))
+
+
+@dataclass
+class Source:
+    """A model read from anywhere (load_source): what builds it, and for a training run's checkpoint what resumes it."""
+    model_config: dict  # GPTConfig's fields
+    model: dict | None  # the weights in our names; None: a sharded checkpoint's, still in its shards
+    meta: dict | None = None  # the tokenizer (as a dataset's meta.json), None when unknown
+    path: str = ""  # the file or folder it was read from
+    ema: dict | None = None  # a run's moving average of the weights (an AveragedModel's state dict)
+    state: dict | None = None  # a run's training state: config, optimizers, scaler, rng, iter_num, best_val_loss, ...
+    shards: tuple = field(default_factory=tuple)  # what a sharded folder keeps in its shards: model, optimizers, ema
+
+
+# -----------------------------------------------------------------------------
+# .pt files: written atomically, read as plain data only
+
+
+def save_checkpoint(obj, path):
+    """torch.save, atomically (dataset.atomic_write): the checkpoint already at path stays until the new one is
+    whole, and a failed save says so."""
+    kept = "the previous checkpoint is kept, resume from it" if os.path.isfile(path) else "nothing was saved"
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True, keep_note=kept)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint with weights_only=True (tensors, numbers, strings, lists, dicts only)."""
+    if not os.path.isfile(path):
+        die(f"checkpoint {path} not found; train one first (python train.py ...) or check --out_dir")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or objects beyond plain data: never unpickled
+        die(f"{path} is not a readable checkpoint ({type(e).__name__}): it is truncated, corrupt, or holds more than "
+            f"tensors and plain data, which are never unpickled; use another checkpoint")
 
 
 def resolve_checkpoint(out_dir, name=""):
@@ -33,36 +89,14 @@ def resolve_checkpoint(out_dir, name=""):
     return found[0] if found else os.path.join(out_dir, "ckpt.pt")
 
 
-def from_sharded(folder, weights=True):
-    """A sharded (DCP) checkpoint folder as a record: its training state, and the weights gathered whole (or not:
-    train.py's resume loads them into its model as it is sharded, parallel.load_sharded)."""
-    record = load_checkpoint(os.path.join(folder, TRAIN_STATE))
-    if not weights:
-        return dict(record, path=folder)
-    state = build_model(dict(record, model={}), "cpu", strict=False).state_dict()
-    ema = {"module." + k: v.clone() for k, v in state.items()} | dict(n_averaged=torch.tensor(0))
-    try:
-        dcp_load(dict(model=state) | (dict(ema=ema) if record.get("ema") == "sharded" else {}), folder)
-    except Exception as e:  # missing or damaged shards
-        die(f"{folder} is not a readable sharded checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-    return dict(record, model=state, path=folder) | (dict(ema=ema) if record.get("ema") == "sharded" else {})
-
-
-def strip_compiled(state):
-    """A state dict without torch.compile's `_orig_mod.` prefix."""
-    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-
-
 def load_source(spec, meta_path="", name="", weights=True):
-    """The record of the model `spec` names: gpt2* (the hub), hf:FOLDER or a Hugging Face folder, a run folder
-    (its checkpoint `name`, see resolve_checkpoint) or a checkpoint file, ours or nanoGPT's. A record holds
-    model_config, model (a state dict in our names) and meta (the tokenizer, or None), and for a training run's
-    checkpoint its training state too (optimizers, iter_num, rng, ema, config). weights=False leaves a sharded
-    checkpoint's weights on disk (model None)."""
-    if spec in HUB_MODELS:  # OpenAI's GPT-2: tiktoken's tokens, as our gpt2 datasets
-        return dict(from_hf_folder(hub_folder(spec)), meta=dict(GPT2_META))
-    if spec.startswith("hf:") or os.path.isfile(os.path.join(spec, "config.json")):
-        return from_hf_folder(hub_folder(spec))
+    """The Source `spec` names: gpt2* (the hub), hf:FOLDER or a Hugging Face folder, a run folder (its checkpoint
+    `name`, see resolve_checkpoint) or a checkpoint file, ours or nanoGPT's. weights=False leaves a sharded
+    checkpoint's weights in its shards (model None: train.py loads them into its model as it is sharded)."""
+    if spec in HUB_MODELS or spec.startswith("hf:") or os.path.isfile(os.path.join(spec, "config.json")):
+        folder = hub_folder(spec)
+        config, weights, meta = from_hf_folder(folder, read_hf_weights(folder))
+        return Source(config, weights, dict(GPT2_META) if spec in HUB_MODELS else meta, folder)
     if not os.path.exists(spec):
         die(f"{spec} not found; give {SOURCES} (train one first: python train.py ...)")
     path = resolve_checkpoint(spec, name) if os.path.isdir(spec) and not os.path.isfile(
@@ -71,73 +105,136 @@ def load_source(spec, meta_path="", name="", weights=True):
         return from_sharded(path, weights)
     ckpt = load_checkpoint(path)
     if "model_args" in ckpt:
-        return from_nanogpt(ckpt, path, meta_path)
+        return Source(*from_nanogpt(ckpt, path, meta_path), path)
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
         die(f"{path} is neither a yoctoGPT nor a nanoGPT checkpoint (it has no model_config or model_args)")
-    return dict(ckpt, model=strip_compiled(ckpt["model"]), meta=ckpt.get("meta"), path=path)
+    state = {k: v for k, v in ckpt.items() if k not in ("model", "model_config", "meta", "ema")}
+    return Source(ckpt["model_config"], strip_compiled(ckpt["model"]), ckpt.get("meta"), path, ckpt.get("ema"),
+                  state if "optimizers" in ckpt else None)
+
+
+def from_sharded(folder, weights=True):
+    """A sharded (DCP) checkpoint folder as a Source: its training state, and the weights gathered whole (or left in
+    the shards)."""
+    saved = load_checkpoint(os.path.join(folder, TRAIN_STATE))
+    shards = tuple(saved.get("shards", ()))
+    state = {k: v for k, v in saved.items() if k not in ("model", "model_config", "meta", "ema", "shards")}
+    record = Source(saved["model_config"], None, saved.get("meta"), folder, None, state, shards)
+    if not weights:
+        return record
+    record.model = build_model(record, "cpu", strict=False).state_dict()
+    ema = {"module." + k: v.clone() for k, v in record.model.items()} | dict(n_averaged=torch.tensor(0))
+    try:
+        dcp_load(dict(model=record.model) | (dict(ema=ema) if "ema" in shards else {}), folder)
+    except Exception as e:  # missing or damaged shards
+        die(f"{folder} is not a readable sharded checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    record.ema = ema if "ema" in shards else None
+    return record
+
+
+def read_hf_weights(folder):
+    """Every tensor of a Hugging Face folder: model.safetensors (or its shards), else pytorch_model.bin."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    files = [os.path.join(folder, "model.safetensors")]
+    if os.path.isfile(index):
+        weight_map = read_json(index, "safetensors index", "download the model folder again").get("weight_map", {})
+        files = sorted({os.path.join(folder, v) for v in weight_map.values()})
+    if not os.path.isfile(files[0]):
+        bin_path = os.path.join(folder, "pytorch_model.bin")
+        if os.path.isfile(bin_path):
+            return load_checkpoint(bin_path)
+        die(f"{folder} has no model.safetensors (or pytorch_model.bin)")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        die(f"reading {files[0]} needs safetensors: {PIP_HF}")
+    tensors = {}
+    for path in files:
+        try:
+            tensors.update(load_file(path))
+        except Exception as e:  # truncated or not safetensors
+            die(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:160]})")
+    return tensors
+
+
+# -----------------------------------------------------------------------------
+# the model built from a source, and the scripts that run one
 
 
 def build_model(record, device, strict=True, **overrides):
-    """The model, any variant, rebuilt from a record's stored config (fields overridden, e.g. dropout), with its
+    """The model, any variant, rebuilt from a Source's stored config (fields overridden, e.g. dropout), with its
     weights (none: a sharded checkpoint's, loaded later), on device (meta: no memory, for parallel.shard)."""
     try:
         with torch.device(device):
-            model = GPT(config_from_dict({**record["model_config"], **overrides}))
-        if record["model"] is not None:
-            model.load_state_dict(record["model"], strict=strict)
+            model = GPT(config_from_dict({**record.model_config, **overrides}))
+        if record.model is not None:
+            model.load_state_dict(record.model, strict=strict)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         die(f"the checkpoint does not match this model code ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     return model
 
 
 def load_model(spec, device, name="", ema=False, block_size=0):
-    """(model in eval mode, meta, record) for any source; ema=True takes a run's moving average of the weights
+    """(model in eval mode, Source) for any source; ema=True takes a run's moving average of the weights
     (train.py --ema_decay); block_size > 0 shortens the context (and the KV cache) below the model's."""
     record = load_source(spec, name=name)
     if ema:
-        if not record.get("ema"):
+        if not record.ema:
             die(f"{spec} holds no EMA weights; train with --ema_decay=0.999 (say), or drop --ema")
-        record["model"] = {k.removeprefix("module."): v for k, v in record["ema"].items() if k != "n_averaged"}
+        record.model = {k.removeprefix("module."): v for k, v in record.ema.items() if k != "n_averaged"}
     if block_size:
         try:
-            config, record["model"] = warm_start(record, dict(block_size=block_size))
+            config, record.model = warm_start(record, dict(block_size=block_size))
         except ValueError as e:
             die(str(e))
-        record["model_config"] = vars(config)
-    return build_model(record, device).eval(), record["meta"], record
+        record.model_config = vars(config)
+    return build_model(record, device).eval(), record
 
 
-def load_for_inference(spec, device, name="", ema=False, block_size=0):
-    """(model in eval mode, tokenizer): all sample.py and chat.py need; the tokenizer carries the checkpoint's meta
-    (a chat template, for a model fine-tuned on conversations or imported with its own). A note on stderr when the
-    KV cache of one sequence would take over KV_NOTE_BYTES."""
-    model, meta, _ = load_model(spec, device, name, ema, block_size)
+def source_of(settings):
+    """The model a script's LOAD_SETTINGS name: out_dir's checkpoint for init_from=resume, else init_from."""
+    return settings["out_dir"] if settings["init_from"] == "resume" else settings["init_from"]
+
+
+def load_for_inference(settings):
+    """(model ready to decode, tokenizer) from a script's LOAD_SETTINGS: on its device, in its dtype (the weights
+    converted), quantized if asked; the tokenizer carries the checkpoint's meta (a chat template). A note on stderr
+    when the KV cache of one sequence would take over KV_NOTE_BYTES."""
+    device = settings["device"] = pick_device(settings["device"])
+    dtype = settings["dtype"] = pick_dtype(settings["dtype"], device)
+    spec = source_of(settings)
+    model, record = load_model(spec, device, settings["ckpt"], settings["ema"], settings["block_size"])
     cfg = model.config
-    cache = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * cfg.block_size * next(model.parameters()).element_size()
+    cache = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * cfg.block_size * DTYPES[dtype].itemsize
     if cache > KV_NOTE_BYTES:
         print(f"note: the KV cache takes {cache / 2**30:.1f} GiB per sequence at the model's block_size="
               f"{cfg.block_size}; --block_size={min(cfg.block_size // 4, 4096)} lowers it", file=sys.stderr)
     try:
-        tokenizer = check_tokenizer(meta or {})
+        tokenizer = check_tokenizer(record.meta or {})
     except ValueError as e:
         die(f"{spec} carries no usable tokenizer ({e}); re-train with this version, or import the model with its "
             f"tokenizer (convert.py --src=FOLDER with its tokenizer.json)")
-    tokenizer.meta = meta  # its chat template and stop ids, for chat.py
-    return model, tokenizer
+    tokenizer.meta = record.meta  # its chat template and stop ids
+    return for_decoding(model.to(DTYPES[dtype]), settings["quantize"]), tokenizer
+
+
+# -----------------------------------------------------------------------------
+# a resumed run: its settings, its optimizer, scaler, RNG and EMA states
 
 
 def resumed_config(record, config, explicit):
     """A resumed run continues as it was: every setting not given now comes from the checkpoint (out_dir never: a
     run writes only where it was started), and one given that would change the architecture or the data stops it."""
-    if "optimizers" not in record:
-        die(f"{record['path']} holds a model but no training state (convert.py or nanoGPT wrote it); warm-start "
-            f"from it instead: --init_from={record['path']} --out_dir=NEW")
+    if record.state is None:
+        die(f"{record.path} holds a model but no training state (convert.py or nanoGPT wrote it); warm-start "
+            f"from it instead: --init_from={record.path} --out_dir=NEW")
     keep = explicit | {"init_from", "device", "eval_only", "overwrite", "out_dir"}
-    config = {k: record["config"][k] if k in record["config"] and k not in keep else v for k, v in config.items()}
+    saved = record.state["config"]
+    config = {k: saved[k] if k in saved and k not in keep else v for k, v in config.items()}
     for key in sorted(explicit & (set(MODEL_FIELDS) | {"model_type", "dataset"}) - {"dropout"}):
-        saved = record["config"][key] if key in ("model_type", "dataset") else record["model_config"][key]
-        if config[key] is not None and config[key] != saved:
-            die(f"--{key}={config[key]!r} differs from the checkpoint's {saved!r}; a resumed run keeps its "
+        was = saved[key] if key in ("model_type", "dataset") else record.model_config[key]
+        if config[key] is not None and config[key] != was:
+            die(f"--{key}={config[key]!r} differs from the checkpoint's {was!r}; a resumed run keeps its "
                 f"architecture and data: drop the setting or start a new --out_dir")
     return dict(config, init_from="resume")
 
@@ -145,138 +242,139 @@ def resumed_config(record, config, explicit):
 def restore_training(record, model, optimizers, scaler, ema, rank, device_type, optimizer):
     """Put a resumed run's optimizer, grad-scaler, RNG and EMA states back (a sharded checkpoint's weights and
     optimizer state too, however this run is sharded; a whole checkpoint's into a sharded run, too)."""
-    if record["optimizers"] == "sharded":
-        load_sharded(record["path"], model, optimizers, ema if record.get("ema") == "sharded" else None)
+    state = record.state
+    if record.shards:
+        load_sharded(record.path, model, optimizers, ema if "ema" in record.shards else None)
     try:
-        states = [] if record["optimizers"] == "sharded" else record["optimizers"]  # (sharded: loaded above)
+        states = [] if record.shards else state["optimizers"]  # (sharded: loaded above)
         assert not states or len(optimizers) == len(states)
         if states and is_sharded(model):  # a whole ckpt.pt into parallel=fsdp
             load_whole_optimizers(model, optimizers, states)
         else:
-            for opt, state in zip(optimizers, states, strict=False):
-                opt.load_state_dict(state)
+            for opt, saved in zip(optimizers, states, strict=False):
+                opt.load_state_dict(saved)
     except (AssertionError, ValueError, KeyError, RuntimeError):
-        die(f"the optimizer state in {record['path']} does not fit optimizer={optimizer!r}; resume with the optimizer "
-            f"the run was trained with ({record['config']['optimizer']!r}), or warm-start a new run: "
-            f"--init_from={record['path']} --out_dir=NEW")
-    scaler.load_state_dict(record["scaler"])
-    restore_rng(record["rng"], rank, device_type)
-    if ema is not None and record.get("ema") not in (None, "sharded"):  # a run that already kept one (sharded: above)
-        load_whole(ema, record["ema"])
-    elif ema is not None and not record.get("ema"):  # a new moving average starts at the resumed weights
+        die(f"the optimizer state in {record.path} does not fit optimizer={optimizer!r}; resume with the optimizer "
+            f"the run was trained with ({state['config']['optimizer']!r}), or warm-start a new run: "
+            f"--init_from={record.path} --out_dir=NEW")
+    scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"], rank, device_type)
+    if ema is not None and record.ema is not None and not record.shards:  # a run that already kept one
+        load_whole(ema, record.ema)
+    elif ema is not None and record.ema is None and "ema" not in record.shards:  # a new average from these weights
         for average, p in zip(ema.module.parameters(), model.parameters(), strict=True):
             average.detach().copy_(p.detach())
 
 
+def rng_states(ddp, world_size, device_type):
+    """Every process's RNG states (python, numpy, torch, cuda), gathered for the checkpoint."""
+    torch_states = [torch.get_rng_state()]
+    cuda_states = [torch.cuda.get_rng_state()] if device_type == "cuda" else None
+    if ddp:  # each rank has its own dropout stream
+        torch_states = [None] * world_size
+        dist.all_gather_object(torch_states, torch.get_rng_state())
+        if cuda_states is not None:
+            cuda_states = [None] * world_size
+            dist.all_gather_object(cuda_states, torch.cuda.get_rng_state())
+    py, npy = random.getstate(), np.random.get_state()
+    return dict(python=[py[0], list(py[1]), py[2]], numpy=[npy[0], npy[1].tolist(), *npy[2:]],
+                torch=torch_states, cuda=cuda_states)
+
+
+def restore_rng(rng, rank, device_type):
+    """Put back this rank's RNG states from rng_states()."""
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state(tuple(np.array(v, dtype=np.uint32) if i == 1 else v for i, v in enumerate(rng["numpy"])))
+    torch.set_rng_state(rng["torch"][rank % len(rng["torch"])])
+    if device_type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
+
+
 # -----------------------------------------------------------------------------
-# nanoGPT's checkpoints and vocabularies
+# sharded checkpoints (DCP): any world size resumes them
 
 
-class PlainUnpickler(pickle.Unpickler):
-    """Reads only dicts, lists, tuples, strings and numbers: any class or function in the pickle is refused
-    before it is looked up, so nothing in the file runs."""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"it refers to {module}.{name}, and only plain data is read")
-
-
-def read_vocab(path):
-    """Our meta from a nanoGPT meta.pkl (stoi/itos, read without running code) or a meta.json."""
-    if path.endswith(".json"):
-        return read_json(path, "vocabulary (meta.json)", "give the meta.json of the checkpoint's dataset")
+def save_sharded(folder, model, optimizers, ema, train_state, master):
+    """A DCP checkpoint folder, written whole or not at all: every process writes its shards of the weights, the
+    optimizer states and the EMA weights (ema: an AveragedModel or None), and rank 0 the training state, into
+    folder.tmp, then rank 0 swaps it in; a crash at any moment leaves the previous one readable (folder, or
+    folder.old while the swap is under way)."""
+    tmp, old = folder + ".tmp", folder + ".old"
+    if master and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    barrier()
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    model_state, optim_state = get_state_dict(model, optimizers)
+    state = dict(model=model_state, optimizers=optim_state) | (dict(ema=get_model_state_dict(ema)) if ema else {})
     try:
-        with open(path, "rb") as f:
-            data = PlainUnpickler(f).load()
-        itos = data["itos"]
-        return dict(tokenizer="char", vocab=[itos[i] for i in range(len(itos))], vocab_size=len(itos), dtype="uint16")
-    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as e:
-        die(f"{path} is not a usable vocabulary: {e}")
+        with warnings.catch_warnings():  # (one process without a process group: saved as such, and said so)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    except Exception as e:  # a full disk, a read-only folder
+        die(f"could not write {tmp} ({type(e).__name__}: {str(e)[:160]}); free some space or make the folder "
+            f"writable" + (": the previous checkpoint is kept" if os.path.isdir(folder) else ""))
+    if master:
+        save_checkpoint(train_state, os.path.join(tmp, TRAIN_STATE))
+        if os.path.isdir(folder):
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isfile(folder + ".pt"):  # the whole checkpoint of a ddp run this one resumed: superseded now
+            os.remove(folder + ".pt")
+    barrier()
 
 
-def from_nanogpt(ckpt, path, meta_path=""):
-    """A nanoGPT checkpoint (model_args, weights maybe under _orig_mod.) in our terms; the vocabulary from
-    meta_path, data/<its dataset>/meta.pkl or meta.pkl/meta.json beside it; GPT-2's when it has GPT-2's size."""
-    args = ckpt["model_args"]
-    cfg = GPTConfig(**{k: args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")})
-    state = {k: v for k, v in strip_compiled(ckpt["model"]).items() if not k.endswith(IGNORED)}
-    folder = os.path.dirname(os.path.abspath(path))
-    dataset = (ckpt.get("config") or {}).get("dataset", "")
-    places = ([meta_path] if meta_path else []) + [os.path.join("data", dataset, "meta.pkl")] * bool(dataset) + \
-        [os.path.join(folder, name) for name in ("meta.pkl", "meta.json")]
-    found = next((p for p in places if os.path.isfile(p)), None)
-    if meta_path and found != meta_path:
-        die(f"--meta={meta_path} not found")
-    if found:
-        vocab = read_vocab(found)
-    elif cfg.vocab_size in (50257, 50304):  # nanoGPT's own rule: no meta.pkl means GPT-2's tokens
-        vocab = dict(GPT2_META)
-    else:
-        die(f"no vocabulary for the nanoGPT checkpoint {path}: looked for {', '.join(places)}; pass "
-            f"--meta=path/to/meta.pkl (nanoGPT's prepare.py writes it beside the dataset) to convert.py --src={path}")
-    return dict(model_config=vars(cfg), model=state, meta=vocab)
+def load_sharded(folder, model, optimizers, ema=None):
+    """Load a DCP checkpoint's weights and optimizer state (and EMA weights, given an AveragedModel) into this run's
+    model and optimizers, however it is sharded now (any number of processes, or one without a process group)."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+    model_state, optim_state = get_state_dict(model, optimizers)
+    state = dict(model=model_state, optimizers=optim_state) | (dict(ema=get_model_state_dict(ema)) if ema else {})
+    try:
+        dcp_load(state, folder)
+    except Exception as e:
+        die(f"{folder} does not match this run ({type(e).__name__}: {str(e).splitlines()[0][:160]}); resume with "
+            f"the architecture and optimizer it was trained with")
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"])
+    if ema:
+        set_model_state_dict(ema, state["ema"])
 
 
-def extends_vocab(old, new):
-    """True when the vocabulary of `new` (a dataset's meta) keeps every token of `old` (a model's) at its id and
-    adds more after them (prepare_char --vocab_from, chat tokens added to an older BPE)."""
-    if not old or old.get("tokenizer") != new.get("tokenizer") or new["vocab_size"] <= old["vocab_size"]:
-        return False
-    if old["tokenizer"] == "char":
-        return new["vocab"][:len(old["vocab"])] == old["vocab"]
-    if old["tokenizer"] == "bpe" and "tokenizer_json" in old and "tokenizer_json" in new:
-        ours, theirs = (Tokenizer.from_str(m["tokenizer_json"]).get_vocab() for m in (old, new))
-        return all(theirs.get(token) == i for token, i in ours.items())
-    return False
+def load_whole(module, state):
+    """A whole state dict (a ckpt.pt's) into a module, sharded or not."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=is_sharded(module)))
 
 
-VOCAB_KEYS = ("tokenizer", "vocab_size", "vocab", "tokenizer_json")  # what makes two vocabularies the same
+def load_whole_optimizers(model, optimizers, states):
+    """Optimizer states saved whole (a ddp or one-process run's ckpt.pt: parameters by their index in each group)
+    into this run's optimizers over sharded parameters: named by the parameters they belong to, then each process
+    keeps its shards (set_optimizer_state_dict with full_state_dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = {p: n for n, p in model.named_parameters()}
+    for opt, saved in zip(optimizers, states, strict=True):
+        fqn = {}
+        for saved_group, group in zip(saved["param_groups"], opt.param_groups, strict=True):
+            fqn.update(zip(saved_group["params"], [names[p] for p in group["params"]], strict=True))
+        whole = dict(state={fqn[i]: s for i, s in saved["state"].items()},
+                     param_groups=[dict(g, params=[fqn[i] for i in g["params"]]) for g in saved["param_groups"]])
+        set_optimizer_state_dict(model, opt, whole, options=StateDictOptions(full_state_dict=True))
 
 
-def vocab_fits(model_meta, data_meta, where, dataset):
-    """Check that a model (a checkpoint's or a warm start's meta) reads a dataset's tokens; True when the dataset's
-    vocabulary extends the model's (the embeddings grow), False when it is the same; one line and exit otherwise."""
-    if not model_meta or all(model_meta.get(k) == data_meta.get(k) for k in VOCAB_KEYS):
-        return False
-    if where == "resume":
-        die(f"data/{dataset} has a different vocabulary from the one the checkpoint was trained with; "
-            f"re-prepare the same data or start a new --out_dir")
-    if extends_vocab(model_meta, data_meta):
-        return True
-    die(f"--init_from={where} reads {describe_vocab(model_meta)} but data/{dataset} holds {describe_vocab(data_meta)}; "
-        f"prepare the data with its tokenizer"
-        + (" (python prepare_bpe.py --input=... --tokenizer=gpt2)" if model_meta["tokenizer"] == "gpt2" else ""))
+def dcp_load(state, folder):
+    """dcp.load, in one process without a process group as well (without the warning that this is what it does)."""
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
 
 
-def warm_start(source, overrides):
-    """(GPTConfig, state dict) to start a run (or a shorter context) from `source`: its architecture with the given
-    fields overridden (dropout, and block_size lowered as nanoGPT crops it; learned positions cannot grow; a larger
-    vocab_size adds embedding rows, each the mean of the learned ones, for the tokens an extended vocabulary adds)."""
-    fields = {k: v for k, v in source["model_config"].items() if k in MODEL_FIELDS}
-    overrides = dict(overrides)
-    if "model_type" in overrides:
-        fields.update(PRESETS[overrides.pop("model_type")])
-    fields.update(overrides)
-    state = dict(source["model"])
-    for key in ("transformer.wte.weight", "lm_head.weight"):
-        if key in state and len(state[key]) < fields["vocab_size"]:
-            rows = state[key]
-            state[key] = torch.cat([rows, rows.mean(0, keepdim=True).expand(fields["vocab_size"] - len(rows), -1)])
-    wpe = state.get("transformer.wpe.weight")
-    if wpe is not None and fields["block_size"] != len(wpe):
-        if fields["block_size"] > len(wpe):
-            raise ValueError(f"block_size={fields['block_size']} is longer than the {len(wpe)} positions the "
-                             f"starting model learned; use --block_size={len(wpe)} or less")
-        state["transformer.wpe.weight"] = wpe[:fields["block_size"]]
-    return GPTConfig(**fields), state
-
-
-def load_weights(model, weights, strict, name):
-    """Load a warm start's weights into model; with strict=False only those that fit. Returns the report line."""
-    own = model.state_dict()
-    fits = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-    missing, unexpected = [k for k in own if k not in fits], [k for k in weights if k not in fits]
-    if (missing or unexpected) and strict:
-        die(f"{name} does not match this model (missing or reshaped: {missing[:3]}, unexpected: {unexpected[:3]}); "
-            f"use the same architecture, or --strict_init=False to load what fits")
-    model.load_state_dict(fits, strict=False)
-    return f"warm start from {name}: {len(fits)} tensors loaded; missing keys {missing}; unexpected keys {unexpected}"
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()

@@ -23,21 +23,14 @@ import os
 import re
 import sys
 
+from errors import die
+
 SIMPLE_TYPES = (bool, int, float, str, tuple, list, type(None))
 KINDS = dict(bool="True or False", int="an integer", float="a number", str="a string", tuple="a tuple", list="a list")
 # nanoGPT's settings that have another name (or none) here, for the unknown-setting message
 NANOGPT_NAMES = {"always_save_checkpoint": ("save_strategy", "use --save_strategy=latest (True) or best (False)"),
                  "start": ("prompt", "use --prompt (FILE:path works too)"),
                  "backend": ("device", "nothing is needed (DDP picks nccl on CUDA, gloo on CPU)")}
-
-
-def die(msg):
-    """Stop a user-facing script with one clear line on stderr and exit status 1. Text passed on from
-    elsewhere (an exception, a file) loses its ANSI escapes and control characters and stays on one line."""
-    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone says it; the others just stop
-        sys.exit(1)
-    msg = re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]", "", str(msg))
-    sys.exit("error: " + " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", msg).split()))
 
 
 # rules for check(): (test, what the value must be)
@@ -50,10 +43,12 @@ SEED = (lambda v: isinstance(v, int) and 0 <= v < 2**63, "an integer in [0, 2**6
 
 
 def check(settings, rules, source="--"):
-    """Stop with one line at the first numeric setting that breaks its rule ({name: (test, must)}); None passes."""
+    """Stop with one line at the first setting that breaks its rule ({name: (test, must)}): a number (finite) or a
+    string; None passes."""
     for name, (ok, must) in rules.items():
         value = settings[name]
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+        number = isinstance(value, (int, float)) and math.isfinite(value)
+        if value is not None and not (ok(value) if isinstance(value, str) else number and ok(value)):
             die(f"{source}{name}={value!r} must be {must}")
 
 
@@ -115,11 +110,24 @@ def _comments(path):
     return comments
 
 
+def declare(scope, *blocks):
+    """Add shared settings to a script's, as if written in it: each block maps a name to (default, rule for check()
+    or None, comment for --help), e.g. checkpoint.LOAD_SETTINGS. Returns their rules, for check()."""
+    rules = {}
+    for block in blocks:
+        for name, (default, rule, comment) in block.items():
+            scope[name] = default
+            scope.setdefault("_shared_comments", {})[name] = comment
+            if rule is not None:
+                rules[name] = rule
+    return rules
+
+
 def print_help(scope, settings):
     doc = (scope.get("__doc__") or "").strip()
     if doc:
         print(doc, end="\n\n")
-    comments = _comments(scope.get("__file__", ""))
+    comments = {**scope.get("_shared_comments", {}), **_comments(scope.get("__file__", ""))}
     width = min(40, max(len(f"{k}={v!r}") for k, v in settings.items()))
     print("settings (--key=value, after any config/*.py files), with the values in effect:")
     for k, v in settings.items():

@@ -11,10 +11,10 @@ vLLM, llama.cpp's converter) load as it is. The loaders live in checkpoint.py, t
 
 import os
 
-from checkpoint import load_source, resolve_checkpoint
-from common import save_checkpoint
-from configurator import configure, die
+from checkpoint import load_source, resolve_checkpoint, save_checkpoint
+from configurator import configure
 from dataset import check_writable, make_out_dir, write_vocab
+from errors import die
 from hf import export_hf
 from model import config_from_dict
 from tokenizer import describe_vocab
@@ -32,16 +32,16 @@ overwrite = False  # replace an existing out_dir/ckpt.pt (import) or a non-empty
 
 def import_run(source):
     """Write out_dir/ckpt.pt (and meta.json, tokenizer.json) for a source, so every script takes it as a run."""
-    cfg = config_from_dict(source["model_config"])
-    record = dict(model=source["model"], model_config=vars(cfg), meta=source["meta"], config=dict(out_dir=out_dir),
+    cfg = config_from_dict(source.model_config)
+    record = dict(model=source.model, model_config=vars(cfg), meta=source.meta, config=dict(out_dir=out_dir),
                   iter_num=0, best_val_loss=float("inf"), train_time=0.0, converted_from=src)
     make_out_dir(out_dir)
     save_checkpoint(record, os.path.join(out_dir, "ckpt.pt"))
-    if source["meta"]:
-        write_vocab(out_dir, source["meta"])
+    if source.meta:
+        write_vocab(out_dir, source.meta)
     else:
         print("note: the source has no tokenizer; it trains (init_from) but sample.py and chat.py need one")
-    print(f"wrote {out_dir}/ckpt.pt: {cfg.describe()}, {describe_vocab(source['meta'])}")
+    print(f"wrote {out_dir}/ckpt.pt: {cfg.describe()}, {describe_vocab(source.meta)}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ train.bin / val.bin and meta.json atomically, and reading and checking them agai
 train.py and recommend.py use it. Not run by itself.
 """
 
-import csv
 import hashlib
 import json
 import os
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from configurator import die
+from errors import die
 from tokenizer import check_tokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -125,28 +124,6 @@ def read_json(path, what, fix="make it again"):
         die(f"{path} is not a readable {what} ({type(e).__name__}: {e}); {fix}")
 
 
-def read_metrics(path):
-    """metrics.csv's rows, their cells as numbers (None where empty); one line for a cell that is not a number."""
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.DictReader(f), 2):
-            try:
-                rows.append({k: float(v) if v else None for k, v in row.items() if k})
-            except (TypeError, ValueError):
-                bad = next((k, v) for k, v in row.items() if v and not is_number(v))
-                die(f"{path} line {n}: {bad[0]}={bad[1]!r} is not a number; the file is damaged (train.py writes "
-                    f"numbers only): fix or delete that line")
-    return [r for r in rows if r.get("iter") is not None]
-
-
-def is_number(text):
-    try:
-        float(text)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
 def read_meta(data_dir):
     """A prepared dataset's meta.json, checked, or one line saying how to make it."""
     path = os.path.join(data_dir, "meta.json")
@@ -199,9 +176,9 @@ def check_bins(data_dir, meta, block_size, fix="lower --block_size"):
 
 
 def open_split(data_dir, meta, split):
-    """What common.get_batch reads of a split: its bin's path and dtype, and for conversations the memory maps of
+    """What training.get_batch reads of a split: its bin's path and dtype, and for conversations the memory maps of
     the loss mask and the conversation starts (None for plain text)."""
-    # noqa: E731
+  
     part = lambda name, dtype: np.memmap(os.path.join(data_dir, f"{split}_{name}.bin"), dtype=dtype, mode="r")
     chat = "chat_template" in meta
     return dict(split=split, path=os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"],

@@ -11,18 +11,15 @@ pip install lm-eval), or bits per byte on any text (no harness needed), comparab
 import json
 import os
 
-from checkpoint import load_for_inference
-from common import DTYPES, pick_device, pick_dtype
-from configurator import NON_NEGATIVE, POSITIVE, check, configure, die
+from chat_templates import template_for
+from checkpoint import LOAD_SETTINGS, load_for_inference
+from configurator import NON_NEGATIVE, POSITIVE, check, configure, declare
 from dataset import atomic_write, check_writable, decode_text
+from errors import die
 from harness import YoctoLM, main_scores, run_tasks, table, text_scores
-from sft import template_for
 
 # -----------------------------------------------------------------------------
-out_dir = "out-char-tiny"  # the training run to evaluate
-ckpt = ""  # checkpoint file in out_dir; '' = ckpt.pt, or best.pt if that is all there is
-init_from = "resume"  # resume (out_dir's checkpoint) | gpt2 ... gpt2-xl | hf:ORG/NAME | hf:FOLDER | a run or ckpt
-ema = False  # evaluate the run's moving average of the weights (trained with --ema_decay)
+RULES = declare(globals(), LOAD_SETTINGS)  # out_dir, ckpt, init_from, ema, block_size, device, dtype, quantize
 tasks = ""  # harness tasks, comma-separated (e.g. hellaswag,arc_easy,piqa,lambada_openai)
 limit = 0  # evaluate only the first N items of each task (0 = all)
 num_fewshot = -1  # examples in each prompt (-1 = the task's default)
@@ -32,14 +29,11 @@ output = ""  # write the harness's results (and per-item samples) as JSON here
 text = ""  # a UTF-8 text file: loss per token and bits per byte of the model on it (no harness)
 stride = 0  # --text: tokens between windows (0 = block_size // 2); each token is scored once
 batch_size = 16  # sequences per forward
-block_size = 0  # a shorter context than the model's (0 = the model's)
-device = ""  # cpu | cuda | mps; '' picks cuda > mps > cpu
-dtype = "auto"  # float32 | bfloat16 | float16 | auto (bfloat16 on GPUs, float32 on CPU)
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     config, explicit = configure(globals())
-    check(config, dict(limit=NON_NEGATIVE, stride=NON_NEGATIVE, batch_size=POSITIVE, block_size=NON_NEGATIVE,
+    check(config, dict(RULES, limit=NON_NEGATIVE, stride=NON_NEGATIVE, batch_size=POSITIVE,
                        num_fewshot=(lambda v: v >= -1, ">= 0, or -1 for the task's default")))
     if bool(text) == bool(tasks):
         die("give --tasks=NAME[,NAME...] (the harness) or --text=FILE (bits per byte on a text), one of them")
@@ -54,11 +48,7 @@ if __name__ == "__main__":
             die(f"--text={text} is empty; give a text with some content")
     if output:
         check_writable(os.path.dirname(os.path.abspath(output)), "--output's folder")
-    device = pick_device(device)
-    dtype = pick_dtype(dtype, device)
-    model, tokenizer = load_for_inference(out_dir if init_from == "resume" else init_from, device, ckpt, ema,
-                                          block_size)
-    model = model.to(DTYPES[dtype])  # bfloat16/float16 weights on GPUs; the scores are computed in float32
+    model, tokenizer = load_for_inference(config)  # (log-probabilities are computed in float32 whatever the dtype)
     if text:
         if hasattr(tokenizer, "known") and tokenizer.known(body)[1]:
             die(f"--text={text} has characters the model's vocabulary lacks: "

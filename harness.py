@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from configurator import die
+from errors import die
 from generate import generate_stream
 from tokenizer import TextStream
 

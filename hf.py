@@ -12,11 +12,10 @@ import re
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from common import load_checkpoint
-from configurator import die
+from chat_templates import jinja
 from dataset import atomic_write, make_out_dir, read_json, token_dtype, write_json
+from errors import die
 from model import GPTConfig, config_from_dict
-from sft import jinja
 from tokenizer import BOS, EOS, check_tokenizer, describe_vocab, gpt2_encoding, load_tokenizer
 
 HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -219,7 +218,7 @@ def tiktoken_tokenizer(enc):
     """tiktoken's byte-level BPE (GPT-2's) as a tokenizers.Tokenizer: the vocabulary in GPT-2's characters and
     each token's merge recovered by running BPE on its bytes with the lower ranks only."""
     ranks, char = enc._mergeable_ranks, bytes_to_unicode()
-    text = lambda b: "".join(char[x] for x in b)  # noqa: E731
+    text = lambda b: "".join(char[x] for x in b)
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         parts = [bytes([b]) for b in token]
@@ -355,32 +354,8 @@ def hub_folder(spec):
             f"(it is cached under HF_HOME), or download the folder elsewhere and pass hf:FOLDER")
 
 
-def read_hf_weights(folder):
-    """Every tensor of a Hugging Face folder: model.safetensors (or its shards), else pytorch_model.bin."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    files = [os.path.join(folder, "model.safetensors")]
-    if os.path.isfile(index):
-        weight_map = read_json(index, "safetensors index", "download the model folder again").get("weight_map", {})
-        files = sorted({os.path.join(folder, v) for v in weight_map.values()})
-    if not os.path.isfile(files[0]):
-        bin_path = os.path.join(folder, "pytorch_model.bin")
-        if os.path.isfile(bin_path):
-            return load_checkpoint(bin_path)
-        die(f"{folder} has no model.safetensors (or pytorch_model.bin)")
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        die(f"reading {files[0]} needs safetensors: {PIP_HF}")
-    tensors = {}
-    for path in files:
-        try:
-            tensors.update(load_file(path))
-        except Exception as e:  # truncated or not safetensors
-            die(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:160]})")
-    return tensors
-
-
-def from_hf_folder(folder):
+def from_hf_folder(folder, tensors):
+    """(model_config, weights in our names, meta) of a Hugging Face folder, given its tensors."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         die(f"{folder} is not a Hugging Face model folder (no config.json)")
@@ -390,20 +365,19 @@ def from_hf_folder(folder):
         cfg = GPTConfig(**fields)
     except (KeyError, TypeError, AttributeError, ValueError) as e:  # a field missing or of the wrong kind
         die(f"{path} is not a usable model config.json ({type(e).__name__}: {e})")
-    state = from_hf(cfg, read_hf_weights(folder), arch, folder)
-    return dict(model_config=vars(cfg), model=state, meta=meta_from_hf(folder, arch, cfg.vocab_size))
+    return vars(cfg), from_hf(cfg, tensors, arch, folder), meta_from_hf(folder, arch, cfg.vocab_size)
 
 
 def export_hf(record, dest):
     """Write dest: config.json, model.safetensors, generation_config.json, tokenizer files."""
-    cfg = config_from_dict(record["model_config"])
+    cfg = config_from_dict(record.model_config)
     arch = hf_arch(cfg)
     try:
         from safetensors.torch import save
     except ImportError:
         die(f"export writes model.safetensors, which needs safetensors: {PIP_HF}")
-    tensors = to_hf(cfg, record["model"], arch)
-    meta_ = record.get("meta") or {}
+    tensors = to_hf(cfg, record.model, arch)
+    meta_ = record.meta or {}
     make_out_dir(dest, "--dest")
     config = hf_config(cfg, arch, meta_)
     write_json(os.path.join(dest, "config.json"), config)

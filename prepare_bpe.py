@@ -28,10 +28,12 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from configurator import POSITIVE, check, configure, die
+from chat_templates import CHAT_TOKENS, make_template, template_for
+from configurator import POSITIVE, check, configure
 from dataset import atomic_write, check_out_dir, find_documents, make_out_dir, read_json, token_dtype, write_json
+from errors import die
 from hf import hub_folder, tokenizer_meta
-from sft import CHAT_TOKENS, is_chat_input, make_template, read_conversations, template_for, write_chat_dataset
+from sft import is_chat_input, read_conversations, write_chat_dataset
 from tokenizer import BOS, EOS, UNK, BPETokenizer, TiktokenTokenizer, check_tokenizer, gpt2_encoding
 
 # -----------------------------------------------------------------------------
@@ -243,17 +245,17 @@ if __name__ == "__main__":
         n_docs = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         name, source = Path(input).stem, os.path.abspath(input)
         n_bytes = sum(os.path.getsize(f) for f in files)
-        make_rows = lambda: parquet_rows(files, column)  # noqa: E731
+        make_rows = lambda: parquet_rows(files, column)
     elif is_chat_input(input):  # conversations: the tokenizer learns from their messages' text
         name, source, conversations = read_conversations(input)
         docs = [m["content"] for c in conversations for m in c]
         n_docs, n_bytes = len(conversations), sum(len(d.encode("utf-8")) for d in docs)
-        make_rows = lambda: None  # noqa: E731
+        make_rows = lambda: None
     else:
         name, source, docs = find_documents(input)
         n_docs = len(docs)
         n_bytes = sum(len(d.encode("utf-8")) if isinstance(d, str) else os.path.getsize(d) for d in docs)
-        make_rows = lambda: None  # noqa: E731
+        make_rows = lambda: None
         if n_bytes == 0:
             die(f"--input={input} is empty; give a text with some content")
 
@@ -327,7 +329,7 @@ if __name__ == "__main__":
         with open(tmp["train"], "wb") as train_out, open(tmp["val"], "wb") as val_out, \
                 tqdm(total=n_bytes, unit="B", unit_scale=True, desc="encoding", disable=None) as bar:
             outs = dict(train=train_out, val=val_out)
-            split_of = lambda i: "val" if i in val_set else "train"  # noqa: E731
+            split_of = lambda i: "val" if i in val_set else "train"
             encoded = encode_documents(tok, documents(docs, make_rows()), split_of, bos, eos, chunk_bytes)
             for split_name, ids, nb in encoded:
                 outs[split_name].write(np.asarray(ids, dtype=dtype).data)  # (tofile can lose a write error)

@@ -15,9 +15,11 @@ import unicodedata
 
 import numpy as np
 
-from configurator import POSITIVE, check, configure, die
+from chat_templates import CHAR_END, TEXT_MARKERS, make_template
+from configurator import POSITIVE, check, configure
 from dataset import check_out_dir, find_documents, read_document, read_json, sha256, write_dataset
-from sft import CHAR_END, TEXT_MARKERS, is_chat_input, make_template, read_conversations, write_chat_dataset
+from errors import die
+from sft import is_chat_input, read_conversations, write_chat_dataset
 from tokenizer import CharTokenizer
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ so its speed is how fast the matrices stream from memory. Two ways to stream the
 import torch
 import torch.nn as nn
 
-from configurator import die
+from errors import die
 
 KINDS = ("", "int8")
 LAYOUTS = ("wide", "head", "all", "")  # which float32 matrices decoding stores transposed on a CPU (bench.py compares)

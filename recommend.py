@@ -22,10 +22,12 @@ import time
 import numpy as np
 import torch
 
-from common import autocast, pick_device, pick_dtype
-from configurator import ABOVE_ZERO, check, configure, die
-from dataset import check_bins, read_meta, read_metrics
+from configurator import ABOVE_ZERO, check, configure
+from dataset import check_bins, read_meta
+from errors import die
+from hardware import autocast, pick_device, pick_dtype
 from model import GPT, config_from_preset
+from runlog import read_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

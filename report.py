@@ -13,11 +13,12 @@ with weights_only=True, never built into a model). The plot needs matplotlib (op
 import os
 import sys
 
-from checkpoint import resolve_checkpoint
-from common import load_checkpoint
-from configurator import configure, die
-from dataset import atomic_write, check_writable, read_json, read_metrics
+from checkpoint import load_checkpoint, resolve_checkpoint
+from configurator import configure
+from dataset import atomic_write, check_writable, read_json
+from errors import die
 from model import config_from_dict
+from runlog import read_metrics
 
 # -----------------------------------------------------------------------------
 out = ""  # the PNG to write; '' = curves.png in the first run's folder

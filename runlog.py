@@ -1,6 +1,7 @@
 """
-A training run's bookkeeping, kept out of train.py's loop: the out_dir lock, run_meta.json, metrics.csv, Weights &
-Biases, checkpoint saves, log lines, and the stop signals. Not run by itself.
+A training run's bookkeeping, kept out of train.py's loop: the out_dir lock, run_meta.json, metrics.csv (written
+here, and read back here for report.py and recommend.py), Weights & Biases, log lines, and the stop signals.
+Not run by itself.
 """
 
 import csv
@@ -17,9 +18,8 @@ try:
 except ImportError:
     fcntl = None
 
-from common import save_checkpoint
-from configurator import die
 from dataset import atomic_write, read_json, write_json, write_vocab
+from errors import die
 
 
 class RunLog:
@@ -73,10 +73,6 @@ class RunLog:
                 f"last checkpoint")
         if self.wandb:
             self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["iter"])
-
-    def save(self, state, name):
-        if self.writes and state is not None:
-            save_checkpoint(state, os.path.join(self.out_dir, name))
 
     def close(self):
         for f in (self.metrics_file, self.lock):
@@ -174,3 +170,25 @@ def start_wandb(project, name, config):
         die("wandb_log=True needs wandb: pip install wandb (or run with --wandb_log=False)")
     wandb.init(project=project, name=name, config=config)
     return wandb
+
+
+def read_metrics(path):
+    """metrics.csv's rows, their cells as numbers (None where empty); one line for a cell that is not a number."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for n, row in enumerate(csv.DictReader(f), 2):
+            try:
+                rows.append({k: float(v) if v else None for k, v in row.items() if k})
+            except (TypeError, ValueError):
+                bad = next((k, v) for k, v in row.items() if v and not is_number(v))
+                die(f"{path} line {n}: {bad[0]}={bad[1]!r} is not a number; the file is damaged (train.py writes "
+                    f"numbers only): fix or delete that line")
+    return [r for r in rows if r.get("iter") is not None]
+
+
+def is_number(text):
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -27,7 +27,8 @@ import torch
 
 from checkpoint import load_for_inference
 from common import DTYPES, pick_device, pick_dtype
-from configurator import NON_NEGATIVE, POSITIVE, check, configure, die
+from configurator import NON_NEGATIVE, POSITIVE, check, configure
+from errors import die
 from generate import KVCache, compile_decode, prefill, sample_next, step
 from quantize import check_kind, for_decoding
 from sft import fit_conversation, template_for

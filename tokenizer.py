@@ -9,7 +9,7 @@ import os
 import tiktoken
 from tokenizers import Tokenizer
 
-from configurator import die
+from errors import die
 
 BOS, EOS = "<|bos|>", "<|eos|>"  # document boundaries in our trained BPE
 UNK = "<|unk|>"  # a word outside a word-level vocabulary

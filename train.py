@@ -2,7 +2,7 @@
 Train a GPT: one flat loop with mixed precision, gradient accumulation, AdamW or Muon, a cosine or
 warmup-stable-decay LR schedule, exact resume, and DDP when launched by torchrun.
 
-    python train.py config/char_tiny.py                      # the quick start, ~1 minute on a CPU
+    python train.py config/char_tiny.py                      # the quick start (CPU)
     python train.py config/char_tiny.py --device=mps --batch_size=32
     python train.py config/char_tiny.py --init_from=resume --max_iters=3000
     python train.py config/finetune_shakespeare.py            # fine-tune OpenAI's GPT-2 (init_from=gpt2)
@@ -21,23 +21,27 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-import common
 from checkpoint import (
     build_model,
     load_source,
-    load_weights,
     resolve_checkpoint,
     restore_training,
     resumed_config,
-    vocab_fits,
-    warm_start,
+    rng_states,
+    save_checkpoint,
+    save_sharded,
 )
-from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT, check, configure, die
+from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT, check, configure
 from dataset import check_bins, open_split, read_dataset
+from errors import die
+from hardware import autocast, gpu_peak, pick_device, pick_dtype
 from harness import task_manager, task_scores
 from model import GPT, MODEL_FIELDS, config_from_preset
-from parallel import full, memory_held, save_sharded, shard, sync_gradients
+from optimizers import lr_factor, make_optimizers
+from parallel import full, memory_held, shard
 from runlog import RunLog, StopSignals, lock_out_dir
+from training import Batches, Trainer, evaluate, mean_over_ranks, split_batch
+from warmstart import load_weights, vocab_fits, warm_start
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -115,8 +119,9 @@ min_lr = 6e-5  # the AdamW LR at the end of the schedule (Muon's ends at the sam
 warmdown_frac = 0.2  # wsd: share of the run spent decaying
 # system
 device = ""  # cpu | cuda | cuda:N | mps; '' picks cuda > mps > cpu
-# float32 | bfloat16 | float16 | auto: bfloat16 on GPUs that have it, and on CPUs with bf16 units (AMX, AVX-512 BF16)
-# for models >= 192 wide on >= 2,048 tokens per micro-step, where it measured faster; float32 otherwise (kept on resume)
+# the precision the model computes in: float32 | bfloat16 | float16 (autocast: the weights and optimizer state stay
+# float32) | auto: bfloat16 on GPUs that have it, and on CPUs with bf16 units for models and micro-batches large
+# enough that it measured faster (hardware.py); float32 otherwise (kept on resume)
 dtype = "auto"
 compile = False  # torch.compile the model (faster steps, slower start)
 auto_microbatch = False  # on out-of-memory (CUDA), halve batch_size and double the micro-steps, then go on
@@ -142,7 +147,7 @@ if init_from == "resume":
     config = resumed_config(record, config, explicit)
     globals().update(config)
 elif record is not None and "block_size" not in explicit:
-    block_size = config["block_size"] = record["model_config"]["block_size"]
+    block_size = config["block_size"] = record.model_config["block_size"]
 
 # checks that need no data or model: every rule on the settings, here in one place
 choices = dict(optimizer=("adamw", "muon"), lr_schedule=("cosine", "wsd"),
@@ -174,10 +179,11 @@ if ddp:
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
 master = rank == 0  # only rank 0 prints and writes files
-device = common.pick_device(device)
+device = pick_device(device)
 device_type = device.split(":")[0]
-common.pick_dtype(dtype, device)  # a bad --dtype stops here; auto is decided with the model's shape
+pick_dtype(dtype, device)  # a bad --dtype stops here; auto is decided with the model's shape
 fsdp = ddp and parallel == "fsdp"  # shard parameters, gradients and optimizer state over the processes
+sharded_saves = parallel == "fsdp"  # checkpoints as DCP folders (one process too: any world size resumes them)
 torch.manual_seed(seed)  # the same weights on every rank
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # (CUDA only)
 
@@ -185,7 +191,7 @@ torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  
 dataset = config["dataset"] = dataset.removeprefix("data/")  # --dataset=data/x means x
 data_dir = os.path.join("data", dataset)
 meta, tokenizer = read_dataset(data_dir)
-grown = vocab_fits(record and record["meta"], meta, init_from, dataset)  # True: the dataset adds tokens
+grown = vocab_fits(record and record.meta, meta, init_from, dataset)  # True: the dataset adds tokens
 splits = {split: open_split(data_dir, meta, split) for split in ("train", "val")}
 
 # batch arithmetic: the tokens per optimizer step are fixed (total_batch_size, or gradient_accumulation_steps
@@ -193,10 +199,10 @@ splits = {split: open_split(data_dir, meta, split) for split in ("train", "val")
 # micro-batches of at most batch_size, so a config runs unchanged on 1, 2 or 8 processes
 try:
     tokens = total_batch_size or gradient_accumulation_steps * batch_size * block_size
-    batch_size, accum_steps = common.split_batch(tokens, batch_size, block_size, world_size)
+    micro_batch, accum_steps = split_batch(tokens, batch_size, block_size, world_size)
 except ValueError as e:
     die(str(e))
-tokens_per_iter = batch_size * block_size * world_size * accum_steps
+tokens_per_iter = micro_batch * block_size * world_size * accum_steps
 check_bins(data_dir, meta, block_size)
 writes = master and not eval_only  # rank 0 writes; --eval_only writes nothing
 log = RunLog(out_dir, master, writes, ddp)
@@ -204,10 +210,10 @@ log.take_lock()  # one run per out_dir, until the process ends
 
 # the model: from scratch, resumed (weights here, optimizer state below), or warm-started from another's weights
 iter_num, best_val_loss, train_time = 0, float("inf"), 0.0
-build_on = device if not fsdp else "cpu" if record and record["model"] is not None else "meta"  # fsdp: see shard()
+build_on = device if not fsdp else "cpu" if record and record.model is not None else "meta"  # fsdp: see shard()
 if init_from == "resume":
     model = build_model(record, build_on, dropout=dropout)
-    iter_num, best_val_loss, train_time = record["iter_num"], record["best_val_loss"], record["train_time"]
+    iter_num, best_val_loss, train_time = (record.state[k] for k in ("iter_num", "best_val_loss", "train_time"))
 else:
     try:
         if record is None:
@@ -226,9 +232,9 @@ else:
         model = GPT(model_config)
     if record is not None:
         log.print(load_weights(model, weights, strict_init, init_from))
-why = f" (auto: {model.config.n_embd} wide, {batch_size * block_size:,} tokens per micro-step)" * (dtype == "auto")
-dtype = config["dtype"] = common.pick_dtype(dtype, device, model.config.n_embd, batch_size * block_size)
-ctx = common.autocast(device, dtype) if not fsdp else nullcontext()  # fsdp: its MixedPrecisionPolicy instead
+why = f" (auto: {model.config.n_embd} wide, {micro_batch * block_size:,} tokens per micro-step)" * (dtype == "auto")
+dtype = config["dtype"] = pick_dtype(dtype, device, model.config.n_embd, micro_batch * block_size)
+ctx = autocast(device, dtype) if not fsdp else nullcontext()  # fsdp: its MixedPrecisionPolicy instead
 ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)) if ema_decay else None  # copied, then sharded
 model, _ = (shard(model, dtype, device), ema and shard(ema.module, dtype, device, True)) if fsdp else (model, None)
 raw_model = model  # the module that is saved, evaluated and counted (FSDP2 shards it in place)
@@ -236,7 +242,7 @@ torch.manual_seed(seed + rank)  # each rank its own dropout, the same however th
 model_config = raw_model.config
 
 # optimizers: AdamW for everything, or Muon for the 2-D matrices inside the blocks and AdamW for the rest
-optimizers, muon_names, adam_names = common.make_optimizers(raw_model, config, fused=device_type == "cuda")
+optimizers, muon_names, adam_names = make_optimizers(raw_model, config, fused=device_type == "cuda")
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # a no-op unless float16
 if init_from == "resume":
     restore_training(record, raw_model, optimizers, scaler, ema, rank, device_type, optimizer)
@@ -252,44 +258,47 @@ if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 
-batches = lambda s, step, k: common.get_batch(splits[s], step, k, batch_size, block_size, seed, device)  # noqa: E731
+batches = Batches(splits, block_size, seed, device)
+trainer = Trainer(model, raw_model, optimizers, scaler, ctx, batches, micro_batch, accum_steps, rank, label_smoothing,
+                  grad_clip, auto_microbatch, log.print)
 token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=device)  # UTF-8 bytes per token id
 
 
 def evaluation(model_, names=("train", "val")):
     """evaluate() on this run's batches; None when a signal comes during it (one process)."""
-    return common.evaluate(model_, batches, names, eval_iters, ctx, token_bytes, rank, world_size,
+    return evaluate(model_, batches, trainer.batch_size, names, eval_iters, ctx, token_bytes, rank, world_size,
                     stopped=lambda: bool(signals.received) and not ddp)
 
 
 def training_state():
-    """The checkpoint: weights, optimizer, RNG and EMA states and counters; every rank joins the RNG gather."""
+    """The checkpoint: weights, optimizer, RNG and EMA states and counters (weights and optimizer and EMA states in
+    DCP shards with sharded_saves: `shards` lists them); every rank joins the RNG gather."""
     if save_strategy == "none" or eval_only:
         return None
-    sharded = parallel == "fsdp"  # weights and optimizer state go to DCP shards (parallel.save_sharded)
-    return dict(model=None if sharded else raw_model.state_dict(),
-                ema=("sharded" if sharded else ema.state_dict()) if ema else None,
+    whole = not sharded_saves
+    return dict(model=raw_model.state_dict() if whole else None, ema=ema.state_dict() if ema and whole else None,
+                shards=() if whole else ("model", "optimizers") + ("ema",) * bool(ema),
                 model_config=vars(model_config), config=config, scaler=scaler.state_dict(),
-                optimizers="sharded" if sharded else [opt.state_dict() for opt in optimizers],
+                optimizers=[opt.state_dict() for opt in optimizers] if whole else None,
                 iter_num=iter_num, best_val_loss=best_val_loss, train_time=train_time,
-                rng=common.rng_states(ddp, world_size, device_type), meta=meta,
+                rng=rng_states(ddp, world_size, device_type), meta=meta,
                 sampler=dict(seed=seed, note="batches are a function of (seed, iter_num); nothing else to save"))
 
 
 def save(name):
-    """Every rank calls it: checkpoint `name` (ckpt or best) as name.pt, or as a sharded folder with parallel=fsdp.
-    False when nothing is saved (save_strategy=none, eval_only)."""
+    """Every rank calls it: checkpoint `name` (ckpt or best) as name.pt, or as a sharded folder. False when nothing
+    is saved (save_strategy=none, eval_only)."""
     state = training_state()
-    if state is not None and parallel == "fsdp":
+    if state is not None and sharded_saves:
         save_sharded(os.path.join(out_dir, name), raw_model, optimizers, ema, state, writes)
-    elif state is not None:
-        log.save(state, name + ".pt")
+    elif state is not None and writes:
+        save_checkpoint(state, os.path.join(out_dir, name + ".pt"))
     return state is not None
 
 
 # outputs: meta.json, run_meta.json, metrics.csv (rows after a resumed checkpoint are dropped), wandb
 n_params = raw_model.num_params()
-gpu_name, peak = common.gpu_peak(device)
+gpu_name, peak = gpu_peak(device)
 peak = (peak_flops or peak) * world_size  # all processes together
 sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)  # honest step times on a GPU
 log.start(iter_num, meta, dict(config=config, model_config=vars(model_config), parameters=n_params, device=device,
@@ -301,45 +310,7 @@ log.start(iter_num, meta, dict(config=config, model_config=vars(model_config), p
            dict(config, model_config=vars(model_config))) if wandb_log else None)
 log.print(f"{model_type}: {model_config.describe()}")
 log.print(f"{n_params / 1e6:.2f}M parameters | {device} {dtype}{why} | {world_size} process(es) x {accum_steps} "
-          f"micro-steps x {batch_size} x {block_size} = {tokens_per_iter:,} tokens per step")
-
-
-# the training step
-def forward_backward():
-    """Accumulate gradients over accum_steps micro-batches (syncing across processes on the last one);
-    return the mean loss over the micro-steps."""
-    loss_sum = torch.zeros((), device=device)
-    for micro_step in range(accum_steps):
-        x, y = batches("train", iter_num, rank * accum_steps + micro_step)
-        sync_gradients(model, micro_step == accum_steps - 1)  # reduce once per step, not per micro-step
-        with ctx:
-            _, loss = model(x, y, label_smoothing=label_smoothing, return_logits=False)  # no (B, T, vocab) logits
-        scaler.scale(loss / accum_steps).backward()
-        loss_sum += loss.detach()
-    return loss_sum / accum_steps
-
-
-def zero_grads():
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-
-
-def gradients():
-    """forward_backward(); with auto_microbatch, an out-of-memory error halves the micro-batch, doubles the
-    micro-steps (the same tokens per step in half the memory) and tries again."""
-    global batch_size, accum_steps
-    while True:
-        try:
-            return forward_backward()
-        except torch.OutOfMemoryError:
-            if not auto_microbatch or batch_size == 1:
-                common.out_of_memory(batch_size, block_size)
-            zero_grads()
-            batch_size, accum_steps = batch_size // 2, accum_steps * 2
-            if device_type == "cuda":
-                torch.cuda.empty_cache()
-            log.print(f"out of memory: auto_microbatch retries with batch_size={batch_size} x {accum_steps} "
-                      f"micro-steps")
+          f"micro-steps x {micro_batch} x {block_size} = {tokens_per_iter:,} tokens per step")
 
 
 # compile before the clock starts, so max_time and ms/iter count training only: one forward/backward whose
@@ -349,11 +320,11 @@ if (compile or auto_microbatch) and iter_num < max_iters and not eval_only:
     t_compile = time.time()
     with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []):
         try:
-            gradients()
+            trainer.gradients(iter_num)
         except Exception as e:  # inductor needs a working C++ compiler on CPU, Triton on CUDA
             first_line = (str(e).strip().splitlines() or [""])[0][:300]
             die(f"torch.compile failed ({type(e).__name__}: {first_line}); run with --compile=False")
-    zero_grads()
+    trainer.zero_grads()
     if compile:
         log.print(f"compiled the training step in {time.time() - t_compile:.1f} s (start-up, outside max_time)")
 
@@ -363,7 +334,7 @@ start_iter, evals_since_best, t0 = iter_num, 0, time.time()
 bar = tqdm(total=max_time or max_iters, initial=train_time if max_time else iter_num, unit="s" if max_time else "it",
            dynamic_ncols=True, disable=not (master and sys.stdout.isatty()))  # seconds when the budget is time
 while True:
-    last_step = iter_num >= max_iters or (max_time > 0 and common.mean_over_ranks(train_time, device) >= max_time)
+    last_step = iter_num >= max_iters or (max_time > 0 and mean_over_ranks(train_time, device) >= max_time)
 
     # evaluate, log and save
     if (iter_num % eval_interval == 0 and iter_num != start_iter) or last_step or iter_num == 0 or eval_only:
@@ -395,18 +366,8 @@ while True:
 
     # forward, backward, update
     t_step = time.time()
-    lr_mult = common.lr_factor(iter_num, train_time, config)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr_mult
-    loss = gradients()
-    for opt in optimizers:
-        scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip else float("inf"))
-    for opt in optimizers:
-        scaler.step(opt)
-    scaler.update()
-    zero_grads()
+    lr_mult = lr_factor(iter_num, train_time, config)
+    loss, grad_norm = trainer.step(iter_num, lr_mult)
     if ema is not None:
         ema.update_parameters(raw_model)
     iter_num += 1
@@ -417,7 +378,7 @@ while True:
 
     # log
     if iter_num % log_interval == 0:
-        loss_value = common.mean_over_ranks(loss.item(), device)  # the mean over micro-steps and ranks
+        loss_value = mean_over_ranks(loss.item(), device)  # the mean over micro-steps and ranks
         tok_per_s = tokens_per_iter / step_time
         flops = raw_model.flops_per_token() * tok_per_s * world_size  # achieved by all processes together
         speed = f"MFU {flops / peak:.1%}" if peak else f"{flops / 1e9:,.1f} GFLOP/s"

@@ -197,8 +197,8 @@ def test_rope_is_relative():
     """Shifting the positions of q and k together leaves their dot products unchanged."""
     cos, sin = rope_tables(8, 40, 10000.0)
     q, k = torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
-    rotate = lambda x, s: apply_rope(x, cos[s:s + 5], sin[s:s + 5])  # noqa: E731
-    scores = lambda s: rotate(q, s) @ rotate(k, s).transpose(-1, -2)  # noqa: E731
+    rotate = lambda x, s: apply_rope(x, cos[s:s + 5], sin[s:s + 5])
+    scores = lambda s: rotate(q, s) @ rotate(k, s).transpose(-1, -2)
     assert torch.allclose(scores(0), scores(17), atol=1e-5)
     assert not torch.allclose(apply_rope(q, cos[:5], sin[:5]), apply_rope(q, cos[17:22], sin[17:22]))
 

@@ -131,7 +131,7 @@ def test_bad_input_is_one_line_and_changes_no_file(safe, argv, word):
 
 
 def test_die_keeps_one_clean_line():
-    from configurator import die
+    from errors import die
     with pytest.raises(SystemExit) as e:
         die("bad \x1b[31mred\x1b[0m value\nsecond line\r\x07")
     assert e.value.code == "error: bad red value second line"
@@ -181,7 +181,7 @@ def test_signal_saves_says_one_line_and_resumes_exactly(workdir, sig, code):
     run("train.py", *args, f"--max_iters={end}", f"--out_dir={name}-straight", cwd=workdir)
     a, b = (torch.load(workdir / d / "ckpt.pt", weights_only=True) for d in (name, f"{name}-straight"))
     assert a["iter_num"] == b["iter_num"] == end and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    losses = lambda folder: [(r["iter"], r["loss"]) for r in rows(folder)]  # noqa: E731
+    losses = lambda folder: [(r["iter"], r["loss"]) for r in rows(folder)]
     assert losses(workdir / name) == losses(workdir / f"{name}-straight")
 
 
