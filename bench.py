@@ -3,10 +3,6 @@ Benchmarks, as medians of several runs with ratios against a baseline measured i
 
 mode=train: each variant of train.py's arguments is run `runs` times (round-robin, so machine noise
 spreads evenly); the table has val loss, bits per byte, training and wall time, ms/iter and tok/s.
-mode=prepare: prepare_bpe.py's throughput (MB/s) and peak memory on a corpus, against the tokenizer's
-own encode_batch_fast on the same text in memory (the ceiling).
-mode=corpus: write a folder of *.txt documents of about `corpus_mb` MB for mode=prepare: the UTF-8 .py files
-of this Python installation (stdlib and site-packages), repeated to size.
 mode=step / mode=sample: in-process timings of model variants (GPTConfig fields as --key=value, the shape
 from `args`): one training step (forward, backward, AdamW) on random tokens, or KV-cached greedy decoding at batch 1
 (--impl=transformers: transformers' generate() on the same weights, the peer; each variant's tokens are checked
@@ -15,8 +11,6 @@ against the baseline's).
     python bench.py --args="config/char_tiny.py --eval_iters=200"
     python bench.py --args="config/shakespeare_char_cpu.py" --variants="['', '--optimizer=adamw']" --runs=3
     python bench.py --args="config/char_tiny.py" --grid="{'learning_rate': [1e-3, 3e-3], 'batch_size': [8, 16]}"
-    python bench.py --mode=corpus --corpus_mb=100 --args=corpus/
-    python bench.py --mode=prepare --args="--input=corpus/ --tokenizer=data/pydocs_bpe/tokenizer.json"
     python bench.py --mode=step --variants="['', '--mlp=relu2', '--n_kv_head=1', '--model_type=gpt_fast']"
     python bench.py --mode=sample --args="--n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --vocab_size=50257" \
         --variants="['', '--impl=transformers', '--compile=True', '--dtype=bfloat16']" --new_tokens=64
@@ -44,21 +38,20 @@ import time
 import urllib.request
 
 import torch
-from tokenizers import Tokenizer
 
-from common import DTYPES, autocast, gpu_peak, make_optimizers, pick_device, pick_dtype
-from configurator import ABOVE_ZERO, POSITIVE, check, configure, parse_value
-from dataset import check_writable, make_out_dir
+from configurator import POSITIVE, check, configure, parse_value
 from errors import die
-from generate import compile_decode, generate
+from generate import compile_decode, generate, generate_uncached
+from hardware import DTYPES, autocast, gpu_peak, pick_device, pick_dtype
 from hf import hf_arch, hf_config, to_hf
 from model import GPT, MODEL_FIELDS, config_from_preset
-from quantize import LAYOUTS, for_decoding
+from optimizers import make_optimizers
+from quantize import for_decoding
+from training import Trainer
 
 # -----------------------------------------------------------------------------
-mode = "train"  # train | prepare | corpus | step | sample | serve
-args = "config/char_tiny.py"  # train.py (or prepare_bpe.py) arguments shared by every variant; corpus: the folder
-corpus_mb = 100  # corpus mode: size of the corpus to write
+mode = "train"  # train | step | sample | serve
+args = "config/char_tiny.py"  # train.py (step/sample: model fields; serve: serve.py) arguments shared by every variant
 variants = [""]  # extra train.py arguments per variant; the first is the baseline
 runs = 3  # runs per variant; the table shows medians
 # train mode: a sweep, e.g. "{'learning_rate': [1e-3, 3e-3], 'batch_size': [16, 32]}": its product are the variants
@@ -68,7 +61,7 @@ results_csv = ""
 batch_size = 12  # step/sample modes: sequences per step (sample: 1 sequence of block_size tokens)
 steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
 # sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16,
-# --impl=transformers, --quantize=int8, --layout=head|all|'' (quantize.py), --cpp_wrapper=False (generate.py))
+# --impl=transformers, --quantize=int8)
 new_tokens = 500
 # step/sample modes: cpu | cuda | mps (step variants: --dtype=bfloat16, --compile=True, --optimizer=muon)
 device = "cpu"
@@ -79,8 +72,7 @@ peer = ""  # serve mode: a Hugging Face folder (convert.py --to=hf) whose transf
 TRAIN_OPTIMIZER = dict(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, muon_lr=0.02,
                        muon_momentum=0.95, muon_weight_decay=0.0, muon_ns_steps=5)
 # step/sample variants: not fields
-VARIANT_OPTIONS = ("model_type", "dtype", "compile", "optimizer", "use_cache", "batch", "impl", "quantize", "layout",
-                   "cpp_wrapper")
+VARIANT_OPTIONS = ("model_type", "dtype", "compile", "optimizer", "use_cache", "batch", "impl", "quantize")
 HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts it runs sit beside it; data/ is the working folder's
 
 
@@ -118,17 +110,6 @@ def one_run(extra):
                 tok_per_s=statistics.median(float(r["tok_per_s"]) for r in steps) if steps else float("nan"))
 
 
-def run_measured(cmd):
-    """Run cmd; return (wall seconds, peak RSS in MB of that process) or stop on failure."""
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status:
-        die(f"{' '.join(cmd)} failed: {err.strip().splitlines()[-1] if err.strip() else status}")
-    return time.time() - t0, usage.ru_maxrss / 1024
-
-
 def options(text):
     """--key=value arguments as a dict of parsed values."""
     pairs = (a[2:].split("=", 1) for a in shlex.split(text) if a.startswith("--") and "=" in a)
@@ -144,8 +125,6 @@ def bench_model():
         if unknown := sorted(set(options(text)) - set(MODEL_FIELDS) - set(VARIANT_OPTIONS)):
             die(f"{unknown[0]!r} in {text!r} is neither a model field (model.py GPTConfig) nor one of "
                 f"{', '.join(VARIANT_OPTIONS)}")
-        if options(text).get("layout", LAYOUTS[0]) not in LAYOUTS:
-            die(f"--layout={options(text)['layout']!r} in {text!r} is not one of {', '.join(map(repr, LAYOUTS))}")
     results, startup, memory = {v: [] for v in variants}, {v: [] for v in variants}, {v: [] for v in variants}
     flops, floor = {}, []  # floor, sample mode: ms per token of the baseline model's matrix-vector products alone
     tokens, same = {}, {v: True for v in variants}  # sample mode: the tokens of each variant's first run
@@ -155,7 +134,6 @@ def bench_model():
             dtype = opts.pop("dtype", "float32")  # step: autocast, as train.py does; sample: the weights, as sample.py
             use_cache, compiled, batch = opts.pop("use_cache", True), opts.pop("compile", False), opts.pop("batch", 1)
             optimizer, impl, kind = opts.pop("optimizer", "adamw"), opts.pop("impl", "yocto"), opts.pop("quantize", "")
-            layout, cpp_wrapper = opts.pop("layout", LAYOUTS[0]), opts.pop("cpp_wrapper", True)
             torch.manual_seed(0)
             model = GPT(config_from_preset(opts.pop("model_type", "gpt"), **opts)).to(dev)
             cfg = model.config  # auto: as train.py (step: the width and tokens per step) or sample.py would pick
@@ -164,44 +142,41 @@ def bench_model():
                 torch.cuda.reset_peak_memory_stats()
             if mode == "sample":  # new_tokens greedy from one token; the first 8 tokens warm up (and compile)
                 torch._dynamo.reset()  # as in a new process: no shapes remembered from other variants' graphs
-                model = for_decoding(model.to(DTYPES[dtype]), kind, layout if impl == "yocto" else "")
-                run = decoder(model, impl, compiled, use_cache, cpp_wrapper)
+                model = model.to(DTYPES[dtype]) if impl != "yocto" else for_decoding(model.to(DTYPES[dtype]), kind)
+                run = decoder(model, impl, compiled, use_cache)
                 prompt = torch.zeros(batch, 1, dtype=torch.long, device=dev)
                 t0 = time.perf_counter()
                 run(prompt, 8)
                 sync()
                 startup[v].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                out = run(prompt, new_tokens).cpu()
+                out = run(prompt, new_tokens)
                 sync()
                 results[v].append(batch * new_tokens / (time.perf_counter() - t0))
                 base = tokens.setdefault(variants[0], out)  # every row: the baseline's first row's tokens
-                same[v] &= out.shape[1:] == base.shape[1:] and bool((out == base[:1]).all())
+                same[v] &= all(row == base[0] for row in out)
                 del run
                 if v == variants[0]:
                     floor.append(gemv_ms(model, sync))
                 continue
-            # one training step as train.py takes it: AdamW (fused on CUDA), or Muon on the blocks' matrices
-            ctx, fused = autocast(dev, dtype), dev.startswith("cuda")
-            optims = make_optimizers(model, dict(TRAIN_OPTIMIZER, optimizer=optimizer), fused)[0]
-            step_model = torch.compile(model) if compiled else model
+            # train.py's own step (training.Trainer): AdamW (fused on CUDA) or Muon, GradScaler, clipping
+            optims = make_optimizers(model, dict(TRAIN_OPTIMIZER, optimizer=optimizer), dev.startswith("cuda"))[0]
             x = torch.randint(0, model.config.vocab_size, (batch_size, model.config.block_size), device=dev)
+            trainer = Trainer(torch.compile(model) if compiled else model, model, optims,
+                              torch.amp.GradScaler(dev.split(":")[0], enabled=dtype == "float16"),
+                              autocast(dev, dtype),
+                              lambda split, it, k, b, x=x: (x, x), batch_size, 1, grad_clip=1.0)
             for i in range(5 + steps):
                 if i == 5:
                     sync()
                     t0 = time.perf_counter()
-                with ctx:
-                    _, loss = step_model(x, x, return_logits=False)  # as train.py: no (B, T, vocab) logits
-                loss.backward()
-                for opt in optims:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                trainer.step(i, 1.0)
             sync()
             results[v].append((time.perf_counter() - t0) / steps * 1000)
             flops[v] = model.flops_per_token()  # training FLOPs per token, for MFU
             if dev.startswith("cuda"):
                 memory[v].append(torch.cuda.max_memory_allocated() / 2**30)
-            del model, step_model, optims, x, loss
+            del model, trainer, optims, x
     unit = "tokens/s" if mode == "sample" else "ms/step"
     base = statistics.median(results[variants[0]])
     gpu, peak = gpu_peak(dev)
@@ -304,12 +279,15 @@ def bench_serve():
               f"(p95 at 16 clients ~{0.95 * 16 * t:.1f} s)")
 
 
-def decoder(model, impl, compiled, use_cache, cpp_wrapper):
-    """run(prompt (B, 1), n) -> the prompt and n greedy tokens after it: our generate(), or transformers' generate()
-    on a twin with the same weights (hf.py's export mapping)."""
+def decoder(model, impl, compiled, use_cache):
+    """run(prompt (B, 1), n) -> n greedy tokens after each row's prompt (B lists): the engine's generate() (or
+    nanoGPT's loop without the cache), or transformers' generate() on a twin with the same weights (hf.py's
+    export mapping)."""
+    if impl == "yocto" and not use_cache:
+        return lambda prompt, n: generate_uncached(model, prompt, n, temperature=0)
     if impl == "yocto":
-        decode = compile_decode(model, cpp_wrapper) if compiled else None
-        return lambda prompt, n: generate(model, prompt, n, temperature=0, use_cache=use_cache, decode=decode)
+        decode = compile_decode(model) if compiled else None
+        return lambda prompt, n: generate(model, prompt, n, temperature=0, decode=decode)
     if impl != "transformers":
         die(f"--impl={impl!r}: yocto or transformers")
     try:
@@ -325,105 +303,33 @@ def decoder(model, impl, compiled, use_cache, cpp_wrapper):
     if compiled:
         twin.forward = torch.compile(twin.forward)
     return lambda prompt, n: twin.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                           min_new_tokens=n, do_sample=False, use_cache=use_cache, pad_token_id=0)
+                                           min_new_tokens=n, do_sample=False, use_cache=use_cache,
+                                           pad_token_id=0)[:, prompt.size(1):].tolist()
 
 
 def gemv_ms(model, sync, n=50):
     """Milliseconds for one token's pass through every nn.Linear weight of the model as a matrix-vector product and
-    nothing else, stored (out, in) or (in, out) in memory or each matrix wider out than in (in, out) (quantize.py's
-    layouts), whichever is fastest: what batch-1 decoding costs at least, however little else it does (the weights
-    stream from memory per token)."""
-    weights = [m.weight.detach().contiguous() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    nothing else, each stored as decoding stores it (quantize.for_decoding): what batch-1 decoding costs at least,
+    however little else it does (the weights stream from memory per token)."""
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = [torch.randn(w.size(1), dtype=w.dtype, device=w.device) for w in weights]
-    best = math.inf
-    for flip in (lambda w: False, lambda w: True, lambda w: w.size(0) > w.size(1)):
-        ws = [w.t().contiguous().t() if flip(w) else w for w in weights]
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            for w, x in zip(ws, xs, strict=True):
-                torch.mv(w, x)
-        sync()
-        best = min(best, (time.perf_counter() - t0) / n * 1000)
-    return best
-
-
-def make_corpus(out, mb):
-    """A folder of ~mb MB of UTF-8 text documents: this Python's own .py files, in order, repeated to size."""
-    import sysconfig
-    roots = sorted({sysconfig.get_paths()[k] for k in ("stdlib", "purelib")})
-    sources = []
-    paths = {os.path.join(d, f) for root in roots for d, _, fs in os.walk(root) for f in fs if f.endswith(".py")}
-    for path in sorted(paths):
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            if data.strip() and b"\x00" not in data and data.decode("utf-8"):
-                sources.append(data)
-        except UnicodeDecodeError:
-            continue
-    make_out_dir(out, "--args")
-    n = size = 0
-    while size < mb * 1e6:
-        data = sources[n % len(sources)]
-        with open(os.path.join(out, f"{n:07d}.txt"), "wb") as f:
-            f.write(data)
-        n, size = n + 1, size + len(data)
-    print(f"wrote {n:,} documents, {size / 1e6:.1f} MB to {out}")
-
-
-def bench_prepare():
-    """prepare_bpe.py end to end vs the raw tokenizer's encode_batch_fast over the same documents in memory."""
-    opts = {k: str(v) for k, v in options(args).items()}
-    files = sorted(os.path.join(opts["input"], f) for f in os.listdir(opts["input"]) if f.endswith(".txt"))
-    nbytes = sum(os.path.getsize(f) for f in files)
-    tok = Tokenizer.from_file(opts["tokenizer"])
-    prep, raw, rss = [], [], []
-    for _ in range(runs):  # all prepare runs first: a child's peak RSS counts this process's peak at spawn time
-        with tempfile.TemporaryDirectory() as out:
-            wall, peak = run_measured([sys.executable, os.path.join(HERE, "prepare_bpe.py"), *shlex.split(args),
-                                       f"--out_dir={out}"])
-        prep.append(nbytes / 1e6 / wall)
-        rss.append(peak)
-        print(f"prepare {prep[-1]:.2f} MB/s, peak RSS {peak:.0f} MB", file=sys.stderr)
-    texts = [open(f, encoding="utf-8").read() for f in files]
-    for _ in range(runs):
-        t0, batch, size = time.time(), [], 0
-        for t in texts + [None]:
-            if t is None or size >= 4_000_000:
-                tok.encode_batch_fast(batch, add_special_tokens=False)
-                batch, size = [], 0
-            if t is not None:
-                batch.append(t)
-                size += len(t)
-        raw.append(nbytes / 1e6 / (time.time() - t0))
-        print(f"raw encode_batch_fast {raw[-1]:.2f} MB/s", file=sys.stderr)
-    p, r = statistics.median(prep), statistics.median(raw)
-    print(f"prepare_bpe.py {args} — {nbytes / 1e6:.0f} MB, medians of {runs} runs")
-    print("| corpus | prepare_bpe MB/s | raw encode_batch_fast MB/s | ratio | peak RSS MB (max) |")
-    print("|---|---|---|---|---|")
-    print(f"| {nbytes / 1e6:.0f} MB | {p:.2f} | {r:.2f} | {p / r:.0%} | "
-          f"{statistics.median(rss):.0f} ({max(rss):.0f}) |")
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for w, x in zip(weights, xs, strict=True):
+            torch.mv(w, x)
+    sync()
+    return (time.perf_counter() - t0) / n * 1000
 
 
 if __name__ == "__main__":
     configure(globals())
-    if mode not in ("train", "prepare", "corpus", "step", "sample", "serve"):
-        die(f"--mode={mode!r} is not one of train, prepare, corpus, step, sample, serve")
-    check(globals(), dict(runs=POSITIVE, batch_size=POSITIVE, steps=POSITIVE, new_tokens=POSITIVE,
-                          corpus_mb=ABOVE_ZERO))
+    if mode not in ("train", "step", "sample", "serve"):
+        die(f"--mode={mode!r} is not one of train, step, sample, serve (prepare_bpe.py: bench_prepare.py)")
+    check(globals(), dict(runs=POSITIVE, batch_size=POSITIVE, steps=POSITIVE, new_tokens=POSITIVE))
     if not variants or not all(isinstance(v, str) for v in variants):
         die(f"--variants={variants!r} must be a non-empty list of strings of train.py arguments, "
             f"e.g. \"['', '--n_layer=2']\"")
-    if mode == "corpus":
-        check_writable(args, "--args (the corpus folder)")
-        if os.path.isdir(args) and os.listdir(args):
-            die(f"--args={args} already holds files; corpus mode writes a new folder: pick an empty or new one")
-        make_corpus(args, corpus_mb)
-        raise SystemExit
-    if mode == "prepare":
-        bench_prepare()
-        raise SystemExit
     if mode in ("step", "sample"):
         bench_model()
         raise SystemExit

@@ -56,7 +56,7 @@ class Chat:
 
     def __init__(self, model, tokenizer, settings, write):
         self.model, self.tokenizer, self.s, self.write = model, tokenizer, settings, write
-        self.decode = compile_decode(model) if settings["compile"] else None
+        self.decode = compile_decode(model) if settings.get("compile") else None
         self.turns = []  # (user message, reply) pairs
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(settings["seed"])
         self.template = template_for(getattr(tokenizer, "meta", None), tokenizer, settings["user_prefix"],

@@ -43,6 +43,7 @@ LOAD_SETTINGS = dict(
     dtype=("auto", None, DTYPE_HELP + "; the weights are converted to it"),
     quantize=("", (lambda v: v in KINDS, "int8 or ''"),
               "int8: weight-only int8 matrices, faster decoding on a CPU (the greedy tokens may differ a little)"))
+LOAD_DEFAULTS = {name: default for name, (default, _, _) in LOAD_SETTINGS.items()}
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """
 Scoring a model, whatever its tokenizer: lm-evaluation-harness's LM interface over our model (the harness's own task
-logic, its numbers), and bits per byte on any text. eval.py and train.py (eval_tasks) use it. Not run by itself.
+logic, its numbers), and bits per byte on any text. Not run by itself.
 """
 
 import logging
@@ -9,8 +9,7 @@ import math
 import torch
 
 from errors import die
-from generate import generate_stream
-from tokenizer import TextStream
+from generate import Sequence, generate_stream
 
 try:  # optional at run time: eval.py says what to install before anything needs it
     from lm_eval.api.model import TemplateLM
@@ -99,15 +98,11 @@ class YoctoLM(TemplateLM):
             until = kwargs.get("until") or []
             until, most = [until] if isinstance(until, str) else list(until), int(kwargs.get("max_gen_toks", 256))
             ids = self.tok_encode(context)[-max(self.max_length - most, 1):] or [self.prefix_token_id]
-            stream, text = TextStream(self.tokenizer, until), ""
-            for token in generate_stream(self.model, torch.tensor([ids]), most, eos_id=self.tokenizer.eos_id,
-                                         temperature=0):
-                if token.item() == self.tokenizer.eos_id:
-                    break
-                text += stream.push(token.item())
-                if stream.stopped:
-                    break
-            out.append(text + stream.flush())
+            stop_ids = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
+            reply = Sequence(ids, most, dict(temperature=0), stop_ids, self.tokenizer, until)
+            for _ in generate_stream(self.model, [reply]):
+                pass
+            out.append(reply.text)
             self.cache_hook.add_partial("generate_until", (context, kwargs), out[-1])
         return out
 

@@ -1,12 +1,13 @@
 """
-The weights as decoding reads them (sample.py, chat.py, serve.py). Batch-1 decoding reads every weight once per token,
-so its speed is how fast the matrices stream from memory. Two ways to stream them faster on a CPU:
+The weights as decoding reads them (every script that loads a model through checkpoint.load_for_inference). Batch-1
+decoding reads every weight once per token, so its speed is how fast the matrices stream from memory. Two ways to
+stream them faster on a CPU (BENCHMARKS.md has the measurements):
 - the float32 matrices wider out than in (the head, a third of GPT-2 small's bytes; attention's qkv; the MLP's
   first) stored transposed, (in, out) in memory: the layout the CPU's matrix product reads them fastest in at a few
-  rows, while the others read faster as they are (BENCHMARKS.md); the same values, so the same tokens. Always on a CPU.
+  rows, while the others read faster as they are; the same values, so the same tokens. Always on a CPU.
 - --quantize=int8: every matrix of the blocks and the head stored as int8 with one scale per output row, multiplied by
-  torch's int8 weight-only kernel with bfloat16 activations: a quarter of float32's bytes, up to ~2x the tokens/s on
-  a CPU; the greedy tokens may differ from the float model's where two candidates are close.
+  torch's int8 weight-only kernel with bfloat16 activations: a quarter of float32's bytes, so faster tokens on a CPU;
+  the greedy tokens may differ from the float model's where two candidates are close.
 
     python sample.py --out_dir=out-char-tiny --quantize=int8
 """
@@ -17,7 +18,6 @@ import torch.nn as nn
 from errors import die
 
 KINDS = ("", "int8")
-LAYOUTS = ("wide", "head", "all", "")  # which float32 matrices decoding stores transposed on a CPU (bench.py compares)
 
 
 class Int8Linear(nn.Module):
@@ -25,7 +25,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear):
         super().__init__()
-        w = linear.weight.detach().float()
+        w = linear.weight.detach().float().contiguous()  # (out, in) in memory, as the kernel reads it
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,) one per output row: the row's largest is 127
         self.register_buffer("weight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(torch.bfloat16))
@@ -37,36 +37,24 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def check_kind(kind):
-    """The scripts' check of --quantize, with their other settings' (before a model loads)."""
-    if kind not in KINDS:
-        die(f"--quantize={kind!r} is not one of int8 (or '' for none)")
-
-
-def transposed(model, layout):
-    """The float32 matrices with more outputs than inputs (layout "wide"), the head alone ("head"; with it a tied
-    embedding) or every one ("all") stored (in, out) in memory, seen as the same (out, in) tensor: F.linear then
-    multiplies by a contiguous (in, out) matrix, which MKL streams faster than the (out, in) one at a few rows where
-    out > in. Values, names, shapes and ties stay (each Parameter gets new data in place, one at a time)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if layout == "head":
-        linears = [model.lm_head]
-    elif layout == "wide":
-        linears = [m for m in linears if m.out_features > m.in_features]
+def transposed(model):
+    """The float32 matrices with more outputs than inputs stored (in, out) in memory, seen as the same (out, in)
+    tensor: F.linear then multiplies by a contiguous (in, out) matrix, which MKL streams faster than the (out, in)
+    one at a few rows where out > in. Values, names, shapes and ties stay (each Parameter gets new data in place)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features > m.in_features]
     for w in {id(m.weight): m.weight for m in linears}.values():
         if w.dtype == torch.float32 and w.is_contiguous():
             w.data = w.data.t().contiguous().t()
     return model
 
 
-def for_decoding(model, kind, layout="wide"):
+def for_decoding(model, kind):
     """The model in eval mode, ready to decode: its nn.Linear layers as Int8Linear (kind "int8"), else on a CPU its
-    float32 matrices wider out than in transposed in memory (layout "head": the head alone; "all": every matrix;
-    "": none, for comparison)."""
+    float32 matrices wider out than in transposed in memory."""
     model.eval()
     device = next(model.parameters()).device
     if not kind:
-        return transposed(model, layout) if layout and device.type == "cpu" else model
+        return transposed(model) if device.type == "cpu" else model
     try:  # the kernel exists for this device (CPU and MPS; not every CUDA build)
         torch.ops.aten._weight_int8pack_mm(torch.ones(1, 32, dtype=torch.bfloat16, device=device),
                                            torch.ones(8, 32, dtype=torch.int8, device=device),

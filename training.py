@@ -128,6 +128,7 @@ class Trainer:
         loss_sum, n = 0.0, self.accum_steps
         for k in range(n):
             x, y = self.draw("train", it, self.rank * n + k, self.batch_size)
+            self.shape = x.shape  # (B, T), for the out-of-memory line
             sync_gradients(self.model, k == n - 1)  # reduce once per step, not per micro-step
             with self.ctx:
                 _, loss = self.model(x, y, label_smoothing=self.label_smoothing, return_logits=False)  # no logits
@@ -142,7 +143,7 @@ class Trainer:
                 return self.accumulate(it)
             except torch.OutOfMemoryError:
                 if not self.auto_microbatch or self.batch_size == 1:
-                    out_of_memory(self.batch_size, self.draw.block_size)
+                    out_of_memory(*self.shape)
                 self.zero_grads()
                 self.batch_size, self.accum_steps = self.batch_size // 2, self.accum_steps * 2
                 if torch.cuda.is_available():

@@ -89,3 +89,9 @@ def trained(workdir):
         run("train.py", "--dataset=tiny_char", "--out_dir=out-tiny", "--max_iters=60", "--eval_interval=60", *TINY,
             cwd=workdir)
     return workdir
+
+
+def load(out_dir, **settings):
+    """(model, tokenizer) of a run folder on the CPU, as sample.py loads it (checkpoint.load_for_inference)."""
+    from checkpoint import LOAD_DEFAULTS, load_for_inference
+    return load_for_inference(dict(LOAD_DEFAULTS, out_dir=str(out_dir), device="cpu", **settings))

@@ -65,8 +65,8 @@ def test_the_context_keeps_the_system_prompt_and_the_newest_turns():
 
 def test_long_history_is_cut_to_the_block(trained):
     """Many turns: every prompt still fits block_size minus the reply, the system prompt stays first."""
-    from checkpoint import load_for_inference
-    model, tok = load_for_inference(str(trained / "out-tiny"), "cpu")
+    from conftest import load
+    model, tok = load(str(trained / "out-tiny"))
     settings = chat_settings(system_prompt="S", max_new_tokens=8, temperature=0.0)
     chat = Chat(model, tok, settings, write=lambda s: None)
     for i in range(6):
@@ -86,9 +86,12 @@ class ScriptedModel(torch.nn.Module):
         self.tok, self.text = tok, text
         self.config = type("C", (), {"block_size": block_size})
 
-    def generate_stream(self, x, max_new_tokens, **kw):
-        for i in self.tok.encode(self.text)[:max_new_tokens]:
-            yield torch.tensor([i])
+    def generate_stream(self, sequences, decode=None, generator=None):
+        reply = sequences[0]
+        for i in self.tok.encode(self.text):
+            yield reply, i, reply.add(i)
+            if reply.finish:
+                return
 
 
 @pytest.fixture(autouse=True)

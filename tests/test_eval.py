@@ -78,9 +78,9 @@ def samples(result, task):
 def test_the_harness_scores_us_as_it_scores_the_exported_model(models, tasks, name):
     """Our adapter and the harness's own `hf` model on the export: the same accuracy and per-item log-likelihoods
     (to 1e-4 in float32), on multiple choice and on rolling perplexity."""
-    from checkpoint import load_for_inference
+    from conftest import load
     from harness import YoctoLM, prefix_id, run_tasks, task_manager
-    model, tokenizer = load_for_inference(str(models / f"out-eval-{name}"), "cpu")
+    model, tokenizer = load(str(models / f"out-eval-{name}"))
     ours = run_tasks(YoctoLM(model, tokenizer, batch_size=4), ["local_mc", "local_ppl"], include_path=str(tasks),
                      samples=True)
     manager = task_manager(["local_mc"], str(tasks))  # the same task index (building one takes seconds)

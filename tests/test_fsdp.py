@@ -47,11 +47,12 @@ def straight(workdir):
     return dict(fsdp=workdir / "out-fsdp-adamw", one=workdir / "out-one-adamw", printed=out)
 
 
-@pytest.mark.parametrize("optimizer,tol", [("adamw", 1e-5), ("muon", 2e-5)])
+@pytest.mark.parametrize("optimizer,tol", [("adamw", 1e-5), ("muon", 1e-4)])
 def test_two_sharded_processes_train_like_one(workdir, straight, optimizer, tol):
     """20 steps (Muon: 8), accumulation and clipping on: the losses of one process on the same total batch. (Muon's
     Newton-Schulz runs in bfloat16, where a last-bit difference in a reduced float32 gradient can flip a rounding:
-    the losses agree to 2e-5 (over 12 steps, 1e-5 on 11); on equal gradients the steps are equal bit for bit, below.)"""
+    over 8 steps the losses agree to 2e-5 on an Intel Xeon and parted by a little more on an AMD EPYC, so 1e-4; on
+    equal gradients the steps are equal bit for bit, below.)"""
     if optimizer == "muon":
         args = [*ARGS, "--optimizer=muon", "--max_iters=8"]
         torchrun(workdir, *args, "--parallel=fsdp", "--out_dir=out-fsdp-muon")
@@ -66,7 +67,7 @@ def muon_on_shards(rank, folder):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from common import ShardedMuon
+    from optimizers import ShardedMuon
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
     torch.manual_seed(0)
     whole = [torch.randn(96, 32), torch.randn(33, 40)]  # 33 rows: shards of unequal size
@@ -108,18 +109,18 @@ def test_sharded_checkpoints_resume_exactly_at_the_same_and_another_world_size(w
     assert len(evals) == 2 and all(abs(float(r["val_loss_ema"]) - float(r["val_loss"])) < 1e-5 for r in evals)
     assert run("sample.py", "--out_dir=out-fsdp-split", "--ema=True", "--max_new_tokens=20", cwd=workdir).stdout.strip()
     saved = load_source(str(workdir / "out-fsdp-split"))
-    assert saved["ema"]["n_averaged"] == 10 and all(torch.allclose(saved["ema"]["module." + k], v, atol=1e-5)
-                                                    for k, v in saved["model"].items())
+    assert saved.ema["n_averaged"] == 10 and all(torch.allclose(saved.ema["module." + k], v, atol=1e-5)
+                                                 for k, v in saved.model.items())
     shutil.copytree(workdir / "out-fsdp-split", workdir / "out-hop")
     torchrun(workdir, "--init_from=resume", "--max_iters=20", "--out_dir=out-fsdp-split")
     run("train.py", "--init_from=resume", "--max_iters=20", "--out_dir=out-hop", cwd=workdir, env=ENV)  # 1 process
     close(losses(workdir / "out-hop"), losses(straight["one"]), 1e-5)
     a, b = load_source(str(straight["fsdp"])), load_source(str(workdir / "out-fsdp-split"))
-    assert a["iter_num"] == b["iter_num"] == 20 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert b["ema"]["n_averaged"] == load_source(str(workdir / "out-hop"))["ema"]["n_averaged"] == 20  # went on
+    assert a.state["iter_num"] == b.state["iter_num"] == 20 and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    assert b.ema["n_averaged"] == load_source(str(workdir / "out-hop")).ema["n_averaged"] == 20  # went on
     run("convert.py", "--src=out-hop", "--out_dir=out-hop-whole", cwd=workdir)  # one consolidated ckpt.pt
     whole = load_source(str(workdir / "out-hop-whole"))
-    assert all(torch.equal(whole["model"][k], v) for k, v in load_source(str(workdir / "out-hop"))["model"].items())
+    assert all(torch.equal(whole.model[k], v) for k, v in load_source(str(workdir / "out-hop")).model.items())
 
 
 def test_a_one_process_checkpoint_resumes_sharded(workdir, straight):
@@ -159,4 +160,4 @@ def test_sigterm_to_the_group_saves_one_consistent_sharded_checkpoint(workdir):
     assert err.count("exitcode  : 143") >= 1 and "exitcode  : 1 " not in err  # every rank: 143
     from checkpoint import load_source
     saved = load_source(str(workdir / "out-fsdp-sig"))  # every shard read back: one consistent checkpoint
-    assert saved["iter_num"] == int(err.split("stopped at iter ")[1].split()[0])
+    assert saved.state["iter_num"] == int(err.split("stopped at iter ")[1].split()[0])

@@ -131,7 +131,8 @@ def test_bench_refuses_an_unknown_variant_field_and_a_corpus_folder_that_holds_f
     one_line(run("bench.py", "--mode=step", "--variants=['', '--n_layers=3']", cwd=tmp_path, ok=False), "n_layers")
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "0000000.txt").write_text("mine")
-    one_line(run("bench.py", "--mode=corpus", "--corpus_mb=1", "--args=corpus", cwd=tmp_path, ok=False), "holds")
+    one_line(run("bench_prepare.py", "--mode=corpus", "--corpus_mb=1", "--args=corpus", cwd=tmp_path, ok=False),
+             "holds")
     assert os.listdir(tmp_path / "corpus") == ["0000000.txt"]
     assert (tmp_path / "corpus" / "0000000.txt").read_text() == "mine"
 

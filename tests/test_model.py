@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from generate import KVCache, compile_decode, generate, generate_stream, prefill, sample_next, step
+from generate import KVCache, compile_decode, generate, generate_uncached, prefill, sample_next, step
 from model import GPT, PRESETS, GPTConfig, apply_rope, config_from_preset, manual_attention, rope_tables, sdpa_attention
 
 TINY = dict(vocab_size=67, block_size=24, n_layer=2, n_head=4, n_embd=32)
@@ -51,10 +51,9 @@ def test_int8_weights_keep_the_model_and_sample(trained):
     """--quantize=int8 (quantize.py): every matrix int8 with a scale per row, the loss of the float model to 5e-3, its
     logits to 1% of their range on average and its likeliest token nearly everywhere, and sample.py decodes with it
     (greedy: its text, which may part from the float model's where two tokens are close)."""
-    from checkpoint import load_for_inference
-    from conftest import run
+    from conftest import load, run
     from quantize import Int8Linear, for_decoding
-    model, _ = load_for_inference(str(trained / "out-tiny"), "cpu")
+    model, _ = load(str(trained / "out-tiny"))
     seeded = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (4, model.config.block_size), generator=seeded)
     with torch.no_grad():
@@ -121,14 +120,14 @@ def test_kv_cached_greedy_generation_equals_uncached(variant):
     model = build(variant)
     prompt = torch.randint(0, 67, (2, 5))
     cached = generate(model, prompt, 19, temperature=0)
-    uncached = generate(model, prompt, 19, temperature=0, use_cache=False)
-    assert cached.shape == (2, 24) and torch.equal(cached, uncached)
+    uncached = generate_uncached(model, prompt, 19, temperature=0)  # nanoGPT's loop: the whole context every token
+    assert [len(row) for row in cached] == [19, 19] and cached == uncached
 
 
 def test_generation_past_block_size_slides_the_window():
     model = build(VARIANTS[0])
-    out = generate(model, torch.zeros(1, 3, dtype=torch.long), 60, temperature=1.0, top_k=10, top_p=0.9)
-    assert out.shape == (1, 63) and out.max() < 67
+    out = generate(model, torch.zeros(1, 3, dtype=torch.long), 60, temperature=1.0, top_k=10, top_p=0.9)[0]
+    assert len(out) == 60 and max(out) < 67
 
 
 def test_sampling_options():
@@ -136,12 +135,12 @@ def test_sampling_options():
     model = build(VARIANTS[0])
     prompt = torch.randint(0, 67, (1, 4))
     gen = lambda s, **kw: generate(model, prompt, 15, generator=torch.Generator().manual_seed(s), **kw)
-    assert torch.equal(gen(1), gen(1)) and not torch.equal(gen(1), gen(2))
+    assert gen(1) == gen(1) and gen(1) != gen(2)
     greedy = generate(model, prompt, 15, temperature=0)
-    assert torch.equal(gen(3, top_k=1), greedy) and torch.equal(gen(4, top_p=1e-6), greedy)
-    eos = greedy[0, 6].item()
-    stopped = generate(model, prompt, 15, temperature=0, eos_id=eos)
-    assert stopped.size(1) <= 7 and stopped[0, -1].item() == eos
+    assert gen(3, top_k=1) == greedy and gen(4, top_p=1e-6) == greedy
+    eos = greedy[0][2]
+    stopped = generate(model, prompt, 15, temperature=0, stop_ids=[eos])
+    assert stopped[0] == greedy[0][:greedy[0].index(eos) + 1]  # up to its first stop id, kept
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
@@ -277,10 +276,11 @@ def test_batched_greedy_equals_separate_runs_and_eos_stops_only_its_row():
     prompts = torch.randint(0, 67, (3, 4))
     batched = generate(model, prompts, 40, temperature=0)
     for i in range(3):
-        assert torch.equal(batched[i:i + 1], generate(model, prompts[i:i + 1], 40, temperature=0))
-    eos = int(batched[0, 6])  # row 0 says it early; the others go on to the end (or to their own eos)
-    stopped = generate(model, prompts, 40, temperature=0, eos_id=eos)
-    assert stopped.shape[1] > 7 and torch.equal(stopped, batched[:, :stopped.shape[1]])
+        assert batched[i] == generate(model, prompts[i:i + 1], 40, temperature=0)[0]
+    eos = batched[0][2]  # row 0 says it early; the others go on to the end (or to their own eos)
+    stopped = generate(model, prompts, 40, temperature=0, stop_ids=[eos])
+    assert stopped[0] == batched[0][:batched[0].index(eos) + 1]
+    assert [row[:len(s)] for row, s in zip(batched, stopped, strict=True)] == stopped and max(map(len, stopped)) > 3
 
 
 def test_sampling_controls_on_hand_made_logits():
@@ -314,10 +314,10 @@ def test_compiled_decode_gives_the_eager_greedy_tokens():
         if isinstance(m, torch.nn.Linear):  # wider out than in: (in, out) in memory; the others as built
             assert m.weight.stride() == ((1, m.out_features) if m.out_features > m.in_features else (m.in_features, 1))
     assert all(torch.equal(v, before[k]) for k, v in fast.state_dict().items())
-    assert torch.equal(generate(fast, prompt, 30, temperature=0), eager)
+    assert generate(fast, prompt, 30, temperature=0) == eager
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
-        assert torch.equal(generate(fast, prompt, 30, temperature=0, decode=compile_decode(fast)), eager)
+        assert generate(fast, prompt, 30, temperature=0, decode=compile_decode(fast)) == eager
 
 
 @pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[1], VARIANTS[-1]], ids=str)
@@ -327,10 +327,9 @@ def test_prompts_of_different_lengths_share_a_batch_and_give_their_alone_tokens(
     model = build(variant).eval()
     torch.manual_seed(1)
     prompts = [torch.randint(0, 67, (n,)).tolist() for n in (1, 7, 30)]
-    batched = torch.stack(list(generate_stream(model, prompts, 40, temperature=0)), dim=1)  # (3, 40)
+    batched = generate(model, prompts, 40, temperature=0)  # one engine, a row each
     for i, p in enumerate(prompts):
-        alone = generate(model, torch.tensor([p]), 40, temperature=0)[0, len(p):]
-        assert batched[i].tolist() == alone.tolist(), i
+        assert batched[i] == generate(model, [p], 40, temperature=0)[0], i
 
 
 def test_a_row_is_reset_and_refilled_while_the_others_go_on():

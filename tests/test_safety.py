@@ -104,7 +104,7 @@ CASES = [  # (command, what the one line must name)
     (PB + ["--input=text.txt", "--val_fraction=0"], "val_fraction"),
     (PB + ["--input=tokens.parquet", "--tokenizer=data/text_bpe/tokenizer.json", "--out_dir=data/tok_bpe"], "70000"),
     (B + ["--runs=0"], "runs"), (B + ["--variants=[]"], "variants"), (B + ["--mode=fly"], "mode"),
-    (B + ["--mode=step", "--steps=0"], "steps"), (B + ["--mode=corpus", "--corpus_mb=0"], "corpus_mb"),
+    (B + ["--mode=step", "--steps=0"], "steps"), (["bench_prepare.py", "--mode=corpus", "--corpus_mb=0"], "corpus_mb"),
     (["convert.py", "--out_dir=x"], "nothing to do"), (["convert.py", "--src=nowhere", "--out_dir=x"], "nowhere"),
     (["convert.py", "--out_dir=out-tiny", "--to=onnx", "--dest=y"], "to"),
     (["convert.py", "--src=hf:hf-broken", "--out_dir=x"], "config.json"),

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from chat import Chat
-from common import draw_windows
 from conftest import TINY, run
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
+from training import draw_windows
 
 PAIRS = {"cat": "meow", "dog": "woof", "cow": "moo", "owl": "hoot", "bee": "buzz", "duck": "quack"}
 

@@ -94,16 +94,16 @@ def test_atomic_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     says so in one line."""
     import errno
 
-    import common
+    import checkpoint
     path = str(tmp_path / "ckpt.pt")
-    common.save_checkpoint({"x": torch.ones(3)}, path)
+    checkpoint.save_checkpoint({"x": torch.ones(3)}, path)
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(SystemExit, match="No space left on device.*previous checkpoint is kept"):
-        common.save_checkpoint({"x": torch.zeros(3)}, path)
+        checkpoint.save_checkpoint({"x": torch.zeros(3)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 

@@ -91,7 +91,7 @@ def test_total_batch_size_sets_accumulation(workdir):
 @pytest.mark.parametrize("config", sorted(os.listdir(os.path.join(ROOT, "config"))))
 def test_every_shipped_config_splits_its_batch_over_1_2_and_8_processes(config):
     """The tokens per step stay those of the config; each process's share divides into micro-batches."""
-    from common import split_batch
+    from training import split_batch
     scope = dict(batch_size=12, block_size=1024, gradient_accumulation_steps=40, total_batch_size=0)
     exec(open(os.path.join(ROOT, "config", config)).read(), {}, values := {})
     scope.update({k: v for k, v in values.items() if k in scope})
@@ -211,18 +211,18 @@ def test_dtype_auto_on_a_cpu_picks_bf16_only_where_it_measured_faster(workdir, m
     """On a CPU with bf16 matrix units, auto is bfloat16 for models >= 192 wide on >= 2,048 tokens per micro-step
     (faster there), float32 for narrower models, fewer tokens, inference, or a CPU without the units; a run prints
     the choice and keeps it on resume."""
-    import common
-    monkeypatch.setattr(common, "cpu_bf16", lambda: True)
-    assert common.pick_dtype("auto", "cpu", 384, 4096) == "bfloat16"
-    assert common.pick_dtype("auto", "cpu", 128, 4096) == common.pick_dtype("auto", "cpu", 384, 768) == "float32"
-    assert common.pick_dtype("auto", "cpu") == "float32" and common.pick_dtype("float32", "cpu", 384, 4096) == "float32"
+    import hardware
+    monkeypatch.setattr(hardware, "cpu_bf16", lambda: True)
+    assert hardware.pick_dtype("auto", "cpu", 384, 4096) == "bfloat16"
+    assert hardware.pick_dtype("auto", "cpu", 128, 4096) == hardware.pick_dtype("auto", "cpu", 384, 768) == "float32"
+    assert hardware.pick_dtype("auto", "cpu") == hardware.pick_dtype("float32", "cpu", 384, 4096) == "float32"
     args = ["--dataset=tiny_char", "--out_dir=out-auto-bf16", "--n_layer=1", "--n_head=2", "--n_embd=192",
             "--block_size=64", "--batch_size=32", "--gradient_accumulation_steps=1", "--eval_iters=2", "--device=cpu",
             "--max_iters=2", "--eval_interval=2"]
     out = run("train.py", *args, cwd=workdir).stdout
     assert "cpu bfloat16 (auto: 192 wide, 2,048 tokens per micro-step)" in out
     assert torch.load(workdir / "out-auto-bf16" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "bfloat16"
-    monkeypatch.setattr(common, "cpu_bf16", lambda: False)
-    assert common.pick_dtype("auto", "cpu", 768, 8192) == "float32"
+    monkeypatch.setattr(hardware, "cpu_bf16", lambda: False)
+    assert hardware.pick_dtype("auto", "cpu", 768, 8192) == "float32"
     assert "cpu bfloat16" in run("train.py", "--out_dir=out-auto-bf16", "--init_from=resume", "--max_iters=3",
                                  cwd=workdir).stdout  # the run keeps its dtype on resume, on any machine
