@@ -116,7 +116,8 @@ def test_sharded_checkpoints_resume_exactly_at_the_same_and_another_world_size(w
     run("train.py", "--init_from=resume", "--max_iters=20", "--out_dir=out-hop", cwd=workdir, env=ENV)  # 1 process
     close(losses(workdir / "out-hop"), losses(straight["one"]), 1e-5)
     a, b = load_source(str(straight["fsdp"])), load_source(str(workdir / "out-fsdp-split"))
-    assert a.state["iter_num"] == b.state["iter_num"] == 20 and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    assert a.state["iter_num"] == b.state["iter_num"] == 20
+    assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
     assert b.ema["n_averaged"] == load_source(str(workdir / "out-hop")).ema["n_averaged"] == 20  # went on
     run("convert.py", "--src=out-hop", "--out_dir=out-hop-whole", cwd=workdir)  # one consolidated ckpt.pt
     whole = load_source(str(workdir / "out-hop-whole"))
