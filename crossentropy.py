@@ -2,7 +2,7 @@
 The training loss without the (B, T, vocab) logits: the head's matmul and the cross-entropy taken a chunk of tokens at
 a time, each chunk's gradient computed at once (as Liger-Kernel's fused linear cross-entropy does), so only one
 chunk's float32 logits ever exist. At GPT-2's vocabulary and 16 x 1024 tokens that is 3.3 GB of logits (and as much
-again for their gradient) not held. model.py's forward uses it when only the loss is asked for (train.py).
+again for their gradient) not held; the model's forward takes it when only the loss is asked for.
 
     python -c "import torch, crossentropy as ce; h, w = torch.randn(8, 4, requires_grad=True), torch.randn(10, 4); \
 print(ce.chunked_cross_entropy(h, w, torch.arange(8)))"

@@ -1,7 +1,7 @@
 """
 The files a dataset and a run folder are made of, in one torch-free module: finding the input documents, writing
-train.bin / val.bin and meta.json atomically, and reading and checking them again. The prepare scripts, sft.py,
-train.py and recommend.py use it. Not run by itself.
+train.bin / val.bin and meta.json atomically (the atomic write every other file goes through too), and reading and
+checking them again. Not run by itself.
 """
 
 import hashlib

@@ -1,9 +1,8 @@
 """
-Conversations for supervised fine-tuning (SFT) and chat: JSON Lines in, the chat template, the per-token loss
-mask, and the built-in pydocs_chat corpus (questions about Python answered with its reference docs' words).
-
-prepare_bpe.py and prepare_char.py call it for .jsonl input (a file, or a folder of them) or --input=pydocs_chat;
-chat.py renders a conversation with the same `render`, so in chat the model sees exactly what it was trained on.
+Conversations for supervised fine-tuning (SFT): JSON Lines in (a file, or a folder of them), each rendered with the
+model's chat template (chat_templates.py, the same rendering chat.py and serve.py use, so in chat the model sees
+exactly what it was trained on) into token bins with a per-token loss mask; and the built-in pydocs_chat corpus
+(questions about Python answered with its reference docs' words). The prepare scripts read .jsonl input through it.
 
     python prepare_bpe.py --input=pydocs_chat && python train.py config/sft_pydocs.py
     python chat.py --out_dir=out-sft-pydocs
@@ -16,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from chat_templates import ROLES
 from dataset import token_dtype, write_dataset
 from errors import die
-
-ROLES = ("system", "user", "assistant")
 
 
 def is_chat_input(spec):

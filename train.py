@@ -260,7 +260,7 @@ if ddp and not fsdp:
 
 batches = Batches(splits, block_size, seed, device)
 trainer = Trainer(model, raw_model, optimizers, scaler, ctx, batches, micro_batch, accum_steps, rank, label_smoothing,
-                  grad_clip, auto_microbatch, log.print)
+                  grad_clip, auto_microbatch, log.print, ema)
 token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64, device=device)  # UTF-8 bytes per token id
 
 
@@ -367,9 +367,7 @@ while True:
     # forward, backward, update
     t_step = time.time()
     lr_mult = lr_factor(iter_num, train_time, config)
-    loss, grad_norm = trainer.step(iter_num, lr_mult)
-    if ema is not None:
-        ema.update_parameters(raw_model)
+    loss, grad_norm = trainer.step(iter_num, lr_mult)  # (and the EMA of the weights moves on)
     iter_num += 1
     sync()
     step_time = time.time() - t_step

@@ -116,11 +116,12 @@ class Trainer:
     the evaluation draws its batches at trainer.batch_size too. draw(split, step, k, batch_size) gives (x, y)."""
 
     def __init__(self, model, raw_model, optimizers, scaler, ctx, draw, batch_size, accum_steps, rank=0,
-                 label_smoothing=0.0, grad_clip=0.0, auto_microbatch=False, log=print):
+                 label_smoothing=0.0, grad_clip=0.0, auto_microbatch=False, log=print, ema=None):
         self.model, self.raw_model, self.optimizers, self.scaler, self.ctx = model, raw_model, optimizers, scaler, ctx
         self.draw, self.batch_size, self.accum_steps, self.rank = draw, batch_size, accum_steps, rank
         self.label_smoothing, self.grad_clip, self.auto_microbatch, self.log = (label_smoothing, grad_clip,
                                                                                auto_microbatch, log)
+        self.ema = ema  # an AveragedModel of raw_model's weights (train.py --ema_decay), or None
 
     def accumulate(self, it):
         """Gradients of step `it` over accum_steps micro-batches (reduced across processes on the last one only);
@@ -157,7 +158,8 @@ class Trainer:
 
     def step(self, it, lr_mult):
         """One optimizer step at `lr_mult` times each group's peak LR: gradients, unscaled (float16), clipped to
-        grad_clip (0: off), every optimizer stepped. Returns (mean loss, gradient norm before clipping)."""
+        grad_clip (0: off), every optimizer stepped, the moving average of the weights updated. Returns (mean loss,
+        gradient norm before clipping)."""
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_mult
@@ -169,6 +171,8 @@ class Trainer:
             self.scaler.step(opt)
         self.scaler.update()
         self.zero_grads()
+        if self.ema is not None:
+            self.ema.update_parameters(self.raw_model)
         return loss, norm
 
 

@@ -1,5 +1,5 @@
-# The quick start: a small character model of Python's reference docs, a minute or two on a CPU
-# (1.29 val loss after 500 steps, ~2 minutes on a 2-core AMD EPYC VM).
+# The quick start: a small character model of Python's reference docs, trained in minutes on a CPU
+# (its val loss and time on a named CPU: BENCHMARKS.md, "char_tiny").
 #   python prepare_char.py && python train.py config/char_tiny.py && python sample.py --out_dir=out-char-tiny
 out_dir = "out-char-tiny"
 dataset = "pydocs_char"
@@ -10,13 +10,13 @@ log_interval = 50
 batch_size = 8
 gradient_accumulation_steps = 1
 block_size = 256
-# RoPE, ReLU², no biases: 1.29 where the GPT-2 block (learned positions) reaches 1.58 at this context
+# RoPE, ReLU², no biases: a lower val loss than the GPT-2 block at this context (BENCHMARKS.md, "char_tiny")
 model_type = "gpt_fast"
 n_layer = 4
 n_head = 4
 n_embd = 128
 dropout = 0.0
-# Muon on the block matrices reaches ~1.25 here where AdamW alone reaches ~1.50 in the same time
+# Muon on the block matrices, AdamW on the rest (embeddings, norms)
 optimizer = "muon"
 muon_lr = 0.02
 learning_rate = 2e-3

@@ -95,3 +95,16 @@ def load(out_dir, **settings):
     """(model, tokenizer) of a run folder on the CPU, as sample.py loads it (checkpoint.load_for_inference)."""
     from checkpoint import LOAD_DEFAULTS, load_for_inference
     return load_for_inference(dict(LOAD_DEFAULTS, out_dir=str(out_dir), device="cpu", **settings))
+
+
+def greedy_text(out_dir, prompt, max_new_tokens, **settings):
+    """What `sample.py --temperature=0` prints for a prompt: the prompt, the engine's greedy continuation of it (in
+    this process, on the model as sample.py loads it; up to EOS), then a newline."""
+    from generate import Sequence, generate_stream
+    from tokenizer import encode_prompt
+    model, tok = load(out_dir, **settings)
+    reply = Sequence(encode_prompt(tok, prompt), max_new_tokens, dict(temperature=0),
+                     [tok.eos_id] if tok.eos_id is not None else [], tok)
+    for _ in generate_stream(model, [reply]):
+        pass
+    return prompt + reply.text + "\n"

@@ -96,11 +96,11 @@ def test_hub_ids_load_from_the_cache_with_their_logits(hub, tmp_path):
     scales gives transformers' logits."""
     run("convert.py", "--src=hf:test-org/tiny-qwen3@main", f"--out_dir={tmp_path / 'qwen'}", cwd=tmp_path,
         env=hub["env"])
-    from checkpoint import build_model, load_checkpoint
+    from checkpoint import build_model, load_checkpoint, load_source
     saved = load_checkpoint(str(tmp_path / "qwen" / "ckpt.pt"))
     assert saved["model_config"]["head_dim"] == 16 and saved["model_config"]["qk_norm_scale"]
     assert saved["meta"]["chat_template"] == LLAMA3 and saved["meta"]["stop_ids"] == [3]
-    model = build_model(saved, "cpu").eval()
+    model = build_model(load_source(str(tmp_path / "qwen")), "cpu").eval()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(hub["folders"]["test-org/tiny-qwen3"])).eval()
     x = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 
+import nanogpt_ref
 import pytest
 import torch
 
@@ -93,8 +94,8 @@ def test_import_hugging_face_folder_same_logits_then_warm_start_and_resume(workd
     hf = tiny_hf(kind, vocab_size=120)
     hf.save_pretrained(workdir / f"hf-src-{kind}")
     run("convert.py", f"--src=hf:hf-src-{kind}", f"--out_dir=out-imp-{kind}", cwd=workdir)
-    from checkpoint import build_model, load_checkpoint
-    model = build_model(load_checkpoint(str(workdir / f"out-imp-{kind}" / "ckpt.pt")), "cpu").eval()
+    from checkpoint import build_model, load_source
+    model = build_model(load_source(str(workdir / f"out-imp-{kind}")), "cpu").eval()
     x = torch.randint(0, 120, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model(x, x)[0] - hf(x).logits).abs().max().item() <= 1e-4
@@ -138,13 +139,12 @@ def test_init_from_gpt2_uses_the_hub_cache_and_says_what_is_wrong_offline(workdi
 
 
 def nanogpt_run(folder, meta_pkl, vocab_size, dataset="nano"):
-    """A nanoGPT out_dir made here: its ckpt.pt layout (model_args, torch.compile's _orig_mod. prefix, the
-    causal-mask buffers of its non-flash attention) and meta.pkl in data/<dataset>/. Returns the model."""
-    from model import GPT, GPTConfig
+    """A nanoGPT out_dir made here from the reference implementation (tests/nanogpt_ref.py, no code of ours): its
+    ckpt.pt layout (model_args, torch.compile's _orig_mod. prefix, the causal-mask buffers of its non-flash
+    attention) and meta.pkl in data/<dataset>/. Returns (weights, model_args) for nanogpt_ref."""
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=vocab_size, dropout=0.0)
-    torch.manual_seed(3)
-    model = GPT(GPTConfig(**args)).eval()
-    state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    weights = nanogpt_ref.init_state(args, seed=3)
+    state = {"_orig_mod." + k: v for k, v in weights.items()}
     for i in range(2):
         state[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.ones(32, 32).tril().view(1, 1, 32, 32)
     os.makedirs(folder / "out-nano", exist_ok=True)
@@ -153,23 +153,23 @@ def nanogpt_run(folder, meta_pkl, vocab_size, dataset="nano"):
     os.makedirs(folder / "data" / dataset, exist_ok=True)
     with open(folder / "data" / dataset / "meta.pkl", "wb") as f:
         pickle.dump(meta_pkl, f)
-    return model
+    return weights, args
 
 
 def test_nanogpt_checkpoint_samples_converts_and_warm_starts(workdir):
     meta = json.loads((workdir / "data" / "tiny_char" / "meta.json").read_text())
     chars = meta["vocab"]
-    model = nanogpt_run(workdir, dict(vocab_size=len(chars), itos=dict(enumerate(chars)),
-                                      stoi={c: i for i, c in enumerate(chars)}), len(chars))
+    weights, args = nanogpt_run(workdir, dict(vocab_size=len(chars), itos=dict(enumerate(chars)),
+                                              stoi={c: i for i, c in enumerate(chars)}), len(chars))
     proc = run("sample.py", "--out_dir=out-nano", "--prompt=The ", "--temperature=0", "--max_new_tokens=20",
                cwd=workdir)
-    ids = generate(model, torch.tensor([[chars.index(c) for c in "The "]]), 20, temperature=0)[0]
-    assert proc.stdout.startswith("The " + "".join(chars[i] for i in ids))  # nanoGPT's weights and vocabulary
+    ids = nanogpt_ref.greedy(weights, args, [chars.index(c) for c in "The "], 20)  # nanoGPT's model's tokens
+    assert proc.stdout == "The " + "".join(chars[i] for i in ids) + "\n"  # its weights and vocabulary, as saved
     run("chat.py", "--out_dir=out-nano", "--max_new_tokens=5", cwd=workdir, input="hello\n")
     run("convert.py", "--src=out-nano", "--out_dir=out-nano-conv", cwd=workdir)
     proc = run("sample.py", "--out_dir=out-nano-conv", "--prompt=The ", "--temperature=0", "--max_new_tokens=20",
                cwd=workdir)
-    assert proc.stdout.startswith("".join(chars[i] for i in ids))
+    assert proc.stdout == "The " + "".join(chars[i] for i in ids) + "\n"
     base = [a for a in TINY if a.split("=")[0] not in ("--n_layer", "--n_head", "--n_embd", "--block_size")]
     proc = run("train.py", *base, "--dataset=tiny_char", "--init_from=out-nano/ckpt.pt", "--max_iters=3",
                "--eval_interval=3", "--out_dir=out-from-nano", cwd=workdir)

@@ -51,7 +51,7 @@ def test_int8_weights_keep_the_model_and_sample(trained):
     """--quantize=int8 (quantize.py): every matrix int8 with a scale per row, the loss of the float model to 5e-3, its
     logits to 1% of their range on average and its likeliest token nearly everywhere, and sample.py decodes with it
     (greedy: its text, which may part from the float model's where two tokens are close)."""
-    from conftest import load, run
+    from conftest import greedy_text, load, run
     from quantize import Int8Linear, for_decoding
     model, _ = load(str(trained / "out-tiny"))
     seeded = torch.Generator().manual_seed(0)
@@ -66,7 +66,7 @@ def test_int8_weights_keep_the_model_and_sample(trained):
     assert (q_logits.argmax(-1) == logits.argmax(-1)).float().mean() > 0.9  # the likeliest token, nearly everywhere
     out = run("sample.py", "--out_dir=out-tiny", "--quantize=int8", "--temperature=0", "--max_new_tokens=30",
               "--prompt=The ", cwd=trained).stdout
-    assert out.startswith("The ") and len(out) > 20
+    assert out == greedy_text(trained / "out-tiny", "The ", 30, quantize="int8") and len(out) == len("The ") + 31
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
