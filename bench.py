@@ -116,6 +116,36 @@ def options(text):
     return {k: parse_value(v) for k, v in pairs}
 
 
+def time_sample(run, batch, dev, sync):
+    """(tokens/s over new_tokens, seconds for the first 8 tokens (compiling included), the tokens) of one decoder."""
+    torch._dynamo.reset()  # as in a new process: no shapes remembered from other variants' graphs
+    prompt = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+    t0 = time.perf_counter()
+    run(prompt, 8)
+    sync()
+    warm, t0 = time.perf_counter() - t0, time.perf_counter()
+    out = run(prompt, new_tokens)
+    sync()
+    return batch * new_tokens / (time.perf_counter() - t0), warm, out
+
+
+def time_step(model, dtype, optimizer, compiled, dev, sync):
+    """Milliseconds per step of train.py's own step (training.Trainer: AdamW, fused on CUDA, or Muon; the grad
+    scaler; clipping) on random tokens, after 5 warm-up steps."""
+    optims = make_optimizers(model, dict(TRAIN_OPTIMIZER, optimizer=optimizer), dev.startswith("cuda"))[0]
+    x = torch.randint(0, model.config.vocab_size, (batch_size, model.config.block_size), device=dev)
+    trainer = Trainer(torch.compile(model) if compiled else model, model, optims,
+                      torch.amp.GradScaler(dev.split(":")[0], enabled=dtype == "float16"), autocast(dev, dtype),
+                      lambda split, it, k, b: (x, x), batch_size, 1, grad_clip=1.0)
+    for i in range(5 + steps):
+        if i == 5:
+            sync()
+            t0 = time.perf_counter()
+        trainer.step(i, 1.0)
+    sync()
+    return (time.perf_counter() - t0) / steps * 1000
+
+
 def bench_model():
     """Median step time (ms) or sampling speed (tokens/s) of each variant against the first."""
     dev = pick_device(device)
@@ -141,42 +171,20 @@ def bench_model():
             if dev.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             if mode == "sample":  # new_tokens greedy from one token; the first 8 tokens warm up (and compile)
-                torch._dynamo.reset()  # as in a new process: no shapes remembered from other variants' graphs
                 model = model.to(DTYPES[dtype]) if impl != "yocto" else for_decoding(model.to(DTYPES[dtype]), kind)
-                run = decoder(model, impl, compiled, use_cache)
-                prompt = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-                t0 = time.perf_counter()
-                run(prompt, 8)
-                sync()
-                startup[v].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                out = run(prompt, new_tokens)
-                sync()
-                results[v].append(batch * new_tokens / (time.perf_counter() - t0))
+                speed, warm, out = time_sample(decoder(model, impl, compiled, use_cache), batch, dev, sync)
+                results[v].append(speed)
+                startup[v].append(warm)
                 base = tokens.setdefault(variants[0], out)  # every row: the baseline's first row's tokens
                 same[v] &= all(row == base[0] for row in out)
-                del run
                 if v == variants[0]:
                     floor.append(gemv_ms(model, sync))
                 continue
-            # train.py's own step (training.Trainer): AdamW (fused on CUDA) or Muon, GradScaler, clipping
-            optims = make_optimizers(model, dict(TRAIN_OPTIMIZER, optimizer=optimizer), dev.startswith("cuda"))[0]
-            x = torch.randint(0, model.config.vocab_size, (batch_size, model.config.block_size), device=dev)
-            trainer = Trainer(torch.compile(model) if compiled else model, model, optims,
-                              torch.amp.GradScaler(dev.split(":")[0], enabled=dtype == "float16"),
-                              autocast(dev, dtype),
-                              lambda split, it, k, b, x=x: (x, x), batch_size, 1, grad_clip=1.0)
-            for i in range(5 + steps):
-                if i == 5:
-                    sync()
-                    t0 = time.perf_counter()
-                trainer.step(i, 1.0)
-            sync()
-            results[v].append((time.perf_counter() - t0) / steps * 1000)
+            results[v].append(time_step(model, dtype, optimizer, compiled, dev, sync))
             flops[v] = model.flops_per_token()  # training FLOPs per token, for MFU
             if dev.startswith("cuda"):
                 memory[v].append(torch.cuda.max_memory_allocated() / 2**30)
-            del model, trainer, optims, x
+            del model
     unit = "tokens/s" if mode == "sample" else "ms/step"
     base = statistics.median(results[variants[0]])
     gpu, peak = gpu_peak(dev)

@@ -96,7 +96,7 @@ def load_source(spec, meta_path="", name="", weights=True):
     checkpoint's weights in its shards (model None: train.py loads them into its model as it is sharded)."""
     if spec in HUB_MODELS or spec.startswith("hf:") or os.path.isfile(os.path.join(spec, "config.json")):
         folder = hub_folder(spec)
-        config, weights, meta = from_hf_folder(folder, read_hf_weights(folder))
+        config, weights, meta = from_hf_folder(folder, read_hf_weights)
         return Source(config, weights, dict(GPT2_META) if spec in HUB_MODELS else meta, folder)
     if not os.path.exists(spec):
         die(f"{spec} not found; give {SOURCES} (train one first: python train.py ...)")

@@ -1,8 +1,8 @@
 """
 The generation engine beside the model (as nanochat keeps engine.py beside gpt.py): the KV cache with a position per
-row, one forward step, the sampler, and the one batched engine that every script that generates drives (sample.py,
-chat.py, serve.py, the harness's generate_until): rows admitted and released, a full row refilled with its newest
-half block, per-row generators, stop ids and stop strings, text streamed as it becomes final.
+row, one forward step, the sampler, and the one batched engine that every script that generates drives: rows
+admitted and released, a full row refilled with its newest half block, per-row generators, stop ids and stop
+strings, text streamed as it becomes final.
 
     python -c "import torch, generate, model; m = model.GPT(model.GPTConfig(n_layer=2, vocab_size=65)); \
 print(generate.generate(m, [[0]], 8, temperature=0))"

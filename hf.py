@@ -1,8 +1,7 @@
 """
 Hugging Face interop: our parameter names mapped to theirs (GPT-2, Llama and Qwen3 layouts) in both directions,
 config.json and tokenizer files both ways, and the hub download of OpenAI's GPT-2. LAYOUTS' rows map our names to
-theirs, and both directions read them. checkpoint.py imports through it; convert.py --to=hf exports through it.
-Not run by itself.
+theirs, and both directions read them. Not run by itself.
 """
 
 import json
@@ -354,8 +353,9 @@ def hub_folder(spec):
             f"(it is cached under HF_HOME), or download the folder elsewhere and pass hf:FOLDER")
 
 
-def from_hf_folder(folder, tensors):
-    """(model_config, weights in our names, meta) of a Hugging Face folder, given its tensors."""
+def from_hf_folder(folder, read_weights):
+    """(model_config, weights in our names, meta) of a Hugging Face folder; read_weights(folder) gives its tensors
+    once its config.json has been found usable."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         die(f"{folder} is not a Hugging Face model folder (no config.json)")
@@ -365,7 +365,7 @@ def from_hf_folder(folder, tensors):
         cfg = GPTConfig(**fields)
     except (KeyError, TypeError, AttributeError, ValueError) as e:  # a field missing or of the wrong kind
         die(f"{path} is not a usable model config.json ({type(e).__name__}: {e})")
-    return vars(cfg), from_hf(cfg, tensors, arch, folder), meta_from_hf(folder, arch, cfg.vocab_size)
+    return vars(cfg), from_hf(cfg, read_weights(folder), arch, folder), meta_from_hf(folder, arch, cfg.vocab_size)
 
 
 def export_hf(record, dest):

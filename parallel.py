@@ -1,8 +1,8 @@
 """
 Training past one device's memory, and across processes: FSDP2 (torch.distributed.fsdp.fully_shard, as torchtitan
 applies it) for train.py's parallel=fsdp, gradient sync per micro-step for DDP and FSDP alike, and what a process
-holds. Not run by itself. FSDP and DTensor are imported where they are used, so that importing this module (as
-checkpoint.py and the scripts that only sample do) does not load them.
+holds. Not run by itself. FSDP and DTensor are imported where they are used, so that importing this module (to
+read a checkpoint, say) does not load them.
 """
 
 try:

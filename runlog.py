@@ -1,6 +1,6 @@
 """
 A training run's bookkeeping, kept out of train.py's loop: the out_dir lock, run_meta.json, metrics.csv (written
-here, and read back here for report.py and recommend.py), Weights & Biases, log lines, and the stop signals.
+and read back), Weights & Biases, log lines, and the stop signals.
 Not run by itself.
 """
 

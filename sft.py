@@ -1,8 +1,8 @@
 """
 Conversations for supervised fine-tuning (SFT): JSON Lines in (a file, or a folder of them), each rendered with the
-model's chat template (chat_templates.py, the same rendering chat.py and serve.py use, so in chat the model sees
-exactly what it was trained on) into token bins with a per-token loss mask; and the built-in pydocs_chat corpus
-(questions about Python answered with its reference docs' words). The prepare scripts read .jsonl input through it.
+model's chat template (chat_templates.py, the same rendering as at inference, so in chat the model sees exactly
+what it was trained on) into token bins with a per-token loss mask; and the built-in pydocs_chat corpus
+(questions about Python answered with its reference docs' words). Not run by itself.
 
     python prepare_bpe.py --input=pydocs_chat && python train.py config/sft_pydocs.py
     python chat.py --out_dir=out-sft-pydocs

@@ -1,5 +1,5 @@
 """
-train.py's step, in pieces it and bench.py share: the batch arithmetic, the batches drawn from a dataset's bins, the
+train.py's step, in pieces a benchmark can run too: the batch arithmetic, the batches drawn from a dataset's bins, the
 step itself (micro-steps accumulated, clipped, one update of every optimizer), and the evaluation. Not run by itself.
 """
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -44,6 +45,15 @@ def test_no_import_cycle_and_no_script_imports_a_script():
     def reaches(start, goal, seen=()):
         return any(b == goal or (b not in seen and reaches(b, goal, (*seen, b))) for b in edges[start])
     assert not [name for name in files if reaches(name, name)]
+
+
+def test_reading_a_checkpoint_loads_no_distributed_machinery():
+    """checkpoint.py owns sharded (DCP) checkpoints too, but a script that only reads a whole one, to sample from it,
+    does not import FSDP, DTensor or DCP (they cost ~0.5 s of every start)."""
+    code = ("import sys, checkpoint, generate; print(sorted(m for m in sys.modules if m.startswith(("
+            "'torch.distributed.fsdp', 'torch.distributed.checkpoint', 'torch.distributed.tensor'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize("script,args", [("prepare_char.py", ["--input=tiny.txt"]),

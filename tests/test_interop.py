@@ -219,11 +219,11 @@ def test_bpe_and_gpt2_tokenizers_export_to_the_same_ids(tmp_path, monkeypatch):
 def test_plain_unpickler_reads_data_only():
     import io
 
-    import checkpoint
+    import nanogpt
     data = dict(vocab_size=3, itos={0: "a", 1: "b"}, stoi={"a": 0}, extra=[1.5, (2, None), b"x"])
-    assert checkpoint.PlainUnpickler(io.BytesIO(pickle.dumps(data))).load() == data
+    assert nanogpt.PlainUnpickler(io.BytesIO(pickle.dumps(data))).load() == data
     with pytest.raises(pickle.UnpicklingError):
-        checkpoint.PlainUnpickler(io.BytesIO(pickle.dumps(dict(x=torch.zeros(1))))).load()
+        nanogpt.PlainUnpickler(io.BytesIO(pickle.dumps(dict(x=torch.zeros(1))))).load()
 
 
 def test_warm_start_lowers_block_size_and_refuses_to_grow_learned_positions(workdir):

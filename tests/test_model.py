@@ -5,7 +5,17 @@ import math
 import pytest
 import torch
 
-from generate import KVCache, compile_decode, generate, generate_uncached, prefill, sample_next, step
+from generate import (
+    Engine,
+    KVCache,
+    Sequence,
+    compile_decode,
+    generate,
+    generate_uncached,
+    prefill,
+    sample_next,
+    step,
+)
 from model import GPT, PRESETS, GPTConfig, apply_rope, config_from_preset, manual_attention, rope_tables, sdpa_attention
 
 TINY = dict(vocab_size=67, block_size=24, n_layer=2, n_head=4, n_embd=32)
@@ -358,3 +368,22 @@ def test_padding_in_seen_changes_no_sampling_control():
             plain = sample_next(logits, temperature=0, seen=torch.tensor(seen), **controls)
             pad = sample_next(logits, temperature=0, seen=torch.tensor([[-1, -1] + seen[0]]), **controls)
             assert plain.item() == pad.item(), (controls, seen)
+
+
+def test_sequences_joining_a_running_engine_get_their_alone_tokens():
+    """Continuous batching as the server drives it: four sequences on two rows, each admitted when a row frees (its
+    row reused, the last live row moved into a freed one), run 15 to 40 tokens into a 24-token context (rows refilled
+    with their newest half block); each gets the greedy tokens it gets alone, and the ones that wait wait."""
+    model = build(dict(model_type="gpt_plus", n_kv_head=2, ngram_emb=3)).eval()
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 67, (n,)).tolist() for n in (3, 10, 5, 20)]
+    sequences = [Sequence(p, n, dict(temperature=0)) for p, n in zip(prompts, (40, 15, 30, 25), strict=True)]
+    engine, waiting, most = Engine(model, 2), list(sequences), 0
+    while waiting or engine.live:
+        if waiting and len(engine.live) < engine.max_rows:
+            engine.admit([waiting.pop(0)])
+        most = max(most, len(engine.live))
+        engine.step()
+    assert most == 2
+    for s, p in zip(sequences, prompts, strict=True):
+        assert s.tokens == generate(model, [p], s.max_new_tokens, temperature=0)[0] and s.finish == "length"
