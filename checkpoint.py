@@ -20,8 +20,9 @@ import torch.distributed as dist
 from configurator import NON_NEGATIVE
 from dataset import atomic_write, read_json
 from errors import die
+from gguf_file import read_gguf
 from hardware import DTYPE_HELP, DTYPES, pick_device, pick_dtype
-from hf import GPT2_META, HUB_MODELS, PIP_HF, from_hf_folder, hub_folder
+from hf import GPT2_META, HUB_MODELS, PIP_HF, from_hf, from_hf_folder, hub_folder, model_config
 from model import GPT, MODEL_FIELDS, config_from_dict
 from nanogpt import from_nanogpt, strip_compiled
 from parallel import is_sharded
@@ -31,7 +32,8 @@ from warmstart import warm_start
 
 TRAIN_STATE = "train.pt"  # beside the shards in a sharded (DCP) checkpoint folder: config, counters, RNG, tokenizer
 KV_NOTE_BYTES = 2**30  # load_for_inference notes a KV cache larger than this, per sequence
-SOURCES = "a run folder, a checkpoint file, gpt2 | gpt2-medium | gpt2-large | gpt2-xl, hf:ORG/NAME or hf:FOLDER"
+SOURCES = ("a run folder, a checkpoint file, gpt2 | gpt2-medium | gpt2-large | gpt2-xl, hf:ORG/NAME, hf:FOLDER, "
+           "gguf:FILE.gguf or gguf:ORG/NAME/FILE.gguf")
 # the settings of every script that loads a trained model (sample.py, chat.py, serve.py, eval.py): (default, rule, help)
 LOAD_SETTINGS = dict(
     out_dir=("out-char-tiny", None, "the training run to load (init_from=resume)"),
@@ -91,13 +93,17 @@ def resolve_checkpoint(out_dir, name=""):
 
 
 def load_source(spec, meta_path="", name="", weights=True):
-    """The Source `spec` names: gpt2* (the hub), hf:FOLDER or a Hugging Face folder, a run folder (its checkpoint
-    `name`, see resolve_checkpoint) or a checkpoint file, ours or nanoGPT's. weights=False leaves a sharded
+    """The Source `spec` names: gpt2* (the hub), hf:FOLDER or a Hugging Face folder, gguf:FILE, a run folder (its
+    checkpoint `name`, see resolve_checkpoint) or a checkpoint file, ours or nanoGPT's. weights=False leaves a sharded
     checkpoint's weights in its shards (model None: train.py loads them into its model as it is sharded)."""
     if spec in HUB_MODELS or spec.startswith("hf:") or os.path.isfile(os.path.join(spec, "config.json")):
         folder = hub_folder(spec)
         config, weights, meta = from_hf_folder(folder, read_hf_weights)
         return Source(config, weights, dict(GPT2_META) if spec in HUB_MODELS else meta, folder)
+    if spec.startswith("gguf:"):
+        config, tensors, meta, path = read_gguf(spec)
+        arch, cfg = model_config(config, path)
+        return Source(vars(cfg), from_hf(cfg, tensors, arch, path), meta, path)
     if not os.path.exists(spec):
         die(f"{spec} not found; give {SOURCES} (train one first: python train.py ...)")
     path = resolve_checkpoint(spec, name) if os.path.isdir(spec) and not os.path.isfile(

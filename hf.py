@@ -359,13 +359,17 @@ def from_hf_folder(folder, read_weights):
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         die(f"{folder} is not a Hugging Face model folder (no config.json)")
-    hf = read_json(path, "config.json")
-    try:
-        arch, fields = config_from_hf(hf, folder)
-        cfg = GPTConfig(**fields)
-    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a field missing or of the wrong kind
-        die(f"{path} is not a usable model config.json ({type(e).__name__}: {e})")
+    arch, cfg = model_config(read_json(path, "config.json"), path)
     return vars(cfg), from_hf(cfg, read_weights(folder), arch, folder), meta_from_hf(folder, arch, cfg.vocab_size)
+
+
+def model_config(hf, where):
+    """(architecture, GPTConfig) of a config.json's fields; one line for a field missing or of the wrong kind."""
+    try:
+        arch, fields = config_from_hf(hf, where)
+        return arch, GPTConfig(**fields)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        die(f"{where} is not a usable model config ({type(e).__name__}: {e})")
 
 
 def export_hf(record, dest):

@@ -1,0 +1,279 @@
+"""
+GGUF files (llama.cpp's format, as Ollama and LM Studio keep models) read as a model source: the architecture from
+the metadata, every tensor dequantized with the gguf package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, the K-quants, ...),
+llama.cpp's row order for RoPE in q and k undone, and the tokenizer from tokenizer.ggml.* (byte-level BPE: its
+vocabulary, merges and pre-tokenizer), with its special ids and chat template. The weights come out under Hugging
+Face's names, so hf.py maps them on. Needs gguf: pip install gguf. Not run by itself.
+
+    python chat.py --init_from=gguf:SmolLM2-135M-Instruct.Q4_1.gguf
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from chat_templates import jinja
+from errors import die
+from hf import bytes_to_unicode, hf_arch, to_hf, token_ids
+from model import config_from_dict
+
+PIP = "pip install gguf"
+ARCHS = ("llama", "qwen3")  # llama.cpp's names of the architectures we represent, as Hugging Face's model_type
+CONTROL = 3  # llama.cpp's token type of a special token (<|im_end|>, say)
+# llama.cpp's pre-tokenizers (tokenizer.ggml.pre) other than GPT-2's own, as tokenizers' pieces
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLITS = {"llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT,
+          "deepseek-r1-qwen": QWEN2_SPLIT}
+
+
+def read_gguf(spec):
+    """(Hugging Face config.json fields, their tensors by name, our tokenizer meta, the file's path) of gguf:PATH, or
+    of gguf:ORG/NAME/FILE.gguf, a file of a hub repo (downloaded once into the Hugging Face cache)."""
+    path = spec.removeprefix("gguf:")
+    if not os.path.isfile(path) and path.count("/") >= 2 and path.endswith(".gguf"):
+        path = hub_file(path)
+    reader = open_reader(path)
+    meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    names = {t.name for t in reader.tensors}
+    config = hf_config(meta, names, path)
+    return config, hf_tensors(reader, config, path), tokenizer_meta(meta, path), path
+
+
+def hub_file(spec):
+    """The local path of ORG/NAME/FILE.gguf from the Hugging Face hub (HF_HUB_OFFLINE=1: the cache only)."""
+    repo, name = spec.rsplit("/", 1) if spec.count("/") == 2 else ("/".join(spec.split("/")[:2]),
+                                                                     "/".join(spec.split("/")[2:]))
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        die(f"gguf:{spec} is a file of a hub repo; downloading it needs huggingface_hub: pip install huggingface_hub")
+    try:
+        return hf_hub_download(repo, name)
+    except Exception as e:  # offline, no such repo or file
+        die(f"could not get {name} from the hub repo {repo} ({type(e).__name__}); go online once (it is cached), or "
+            f"download the file and pass gguf:PATH")
+
+
+def open_reader(path):
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        die(f"reading {path} needs the gguf package: {PIP}")
+    if not os.path.isfile(path):
+        die(f"{path} not found; give gguf:PATH of a .gguf file")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # not GGUF, truncated, a newer version of the format
+        die(f"{path} is not a readable GGUF file ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})")
+
+
+def hf_config(meta, names, where):
+    """The config.json a Hugging Face folder of the same model would hold, from the GGUF metadata."""
+    arch = meta.get("general.architecture")
+    if arch not in ARCHS:
+        die(f"{where} holds a {arch!r} model; yoctoGPT reads GGUF files of {', '.join(ARCHS)} models")
+
+    def key(name, default=None):
+        return meta.get(f"{arch}.{name}", default)
+    scaling = key("rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        die(f"{where}: rope scaling {scaling!r} has no yoctoGPT equivalent")
+    heads, width = key("attention.head_count"), key("embedding_length")
+    return dict(model_type=arch, vocab_size=len(meta["tokenizer.ggml.tokens"]), hidden_size=width,
+                max_position_embeddings=key("context_length"), num_hidden_layers=key("block_count"),
+                num_attention_heads=heads, num_key_value_heads=key("attention.head_count_kv", heads),
+                intermediate_size=key("feed_forward_length"), rms_norm_eps=key("attention.layer_norm_rms_epsilon"),
+                rope_theta=float(key("rope.freq_base", 10000.0)), head_dim=key("attention.key_length", width // heads),
+                tie_word_embeddings="output.weight" not in names, hidden_act="silu")
+
+
+# llama.cpp's tensor names and Hugging Face's (llama, qwen3): the model's own, then each block's parts
+HF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+               "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+FILE_TYPES = dict(f32=0, f16=1, q8_0=7, bf16=32)  # general.file_type, llama.cpp's LlamaFileType
+
+
+def hf_name(name):
+    """A llama.cpp tensor name as Hugging Face's."""
+    if name in HF_NAMES:
+        return HF_NAMES[name]
+    _, i, part = name.split(".", 2)
+    stem, suffix = part.rsplit(".", 1)
+    inner = {v: k for k, v in LAYER_NAMES.items()}
+    return f"model.layers.{i}.{inner.get(stem, stem)}.{suffix}"
+
+
+def unpermute(w, heads):
+    """llama.cpp's converter interleaves each head's q (k) rows for its RoPE kernel: (h, 2, hs/2) -> (h, hs/2, 2).
+    Put them back in Hugging Face's order, which ours follows."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def hf_tensors(reader, config, where):
+    """Every tensor dequantized to float32 under its Hugging Face name, in Hugging Face's layout."""
+    from gguf import dequantize
+    out = {}
+    for t in reader.tensors:
+        try:
+            values = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            die(f"{where}: tensor {t.name} is of type {t.tensor_type.name}, which the gguf package cannot "
+                f"dequantize; convert the file to another type (llama.cpp's llama-quantize)")
+        w = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(tuple(reversed(t.shape.tolist())))  # a copy
+        name = hf_name(t.name)
+        if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = unpermute(w, config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"])
+        out[name] = w
+    return out
+
+
+def tokenizer_meta(meta, where):
+    """Our meta for the file's tokenizer: a byte-level BPE (tokenizer.ggml.model gpt2) as a tokenizer.json, its
+    bos/eos tokens, and its chat template with the ids that end a turn."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        die(f"{where}: its tokenizer is {kind!r}; yoctoGPT reads byte-level BPE (gpt2) vocabularies from GGUF files")
+    tokens, char = meta["tokenizer.ggml.tokens"], bytes_to_unicode()
+    alphabet = set(char.values())
+    vocab = {t if set(t) <= alphabet else "".join(char[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE(vocab, merges))
+    pre = meta.get("tokenizer.ggml.pre")
+    pieces = [pre_tokenizers.Split(Regex(SPLITS[pre]), behavior="isolated")] if pre in SPLITS else \
+        [pre_tokenizers.Digits(individual_digits=True)] if pre == "smollm" else []  # else GPT-2's own split
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        pieces + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in SPLITS)])
+    tok.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type") or []
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, kind in zip(tokens, types, strict=False) if kind == CONTROL and set(t) <= alphabet])
+    ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot")}
+    names = {f"{k}_token": tokens[i] for k, i in ids.items() if k != "eot" and i is not None}
+    out = dict(tokenizer="bpe", tokenizer_json=tok.to_str(), vocab_size=len(tokens),
+               dtype="uint16" if len(tokens) <= 65535 else "uint32", **names)
+    template = meta.get("tokenizer.chat_template")
+    if template:
+        out.update(chat_template=template, special_tokens=names,
+                   stop_ids=sorted({i for k, i in ids.items() if k != "bos" and i is not None}))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# writing: a run as a GGUF file llama.cpp (and Ollama, LM Studio) runs
+
+
+KINDS = ("f32", "f16", "bf16", "q8_0")  # convert.py --gguf_type: the matrices' type (norms stay f32, as llama.cpp's)
+
+
+def write_gguf(record, dest, kind="f16"):
+    """dest, a GGUF file of a run (a checkpoint.Source) in llama.cpp's names and metadata, its matrices in `kind`,
+    with its tokenizer, special ids and chat template; written whole or not at all."""
+    try:
+        import gguf
+    except ImportError:
+        die(f"--to=gguf needs the gguf package: {PIP}")
+    cfg = config_from_dict(record.model_config)
+    arch = hf_arch(cfg)
+    if arch not in ARCHS:
+        die(f"a {arch}-layout model has no GGUF export yet; models of the gpt_plus preset (Llama, Qwen3) export")
+    tmp = dest + ".tmp"
+    writer = gguf.GGUFWriter(tmp, arch)
+    hs = cfg.head_dim
+    writer.add_name(os.path.splitext(os.path.basename(dest))[0])
+    for add, value in ((writer.add_block_count, cfg.n_layer), (writer.add_context_length, cfg.block_size),
+                       (writer.add_embedding_length, cfg.n_embd), (writer.add_feed_forward_length, cfg.mlp_hidden),
+                       (writer.add_head_count, cfg.n_head), (writer.add_head_count_kv, cfg.n_kv_head),
+                       (writer.add_key_length, hs), (writer.add_value_length, hs),
+                       (writer.add_rope_dimension_count, hs), (writer.add_rope_freq_base, cfg.rope_theta),
+                       (writer.add_layer_norm_rms_eps, cfg.norm_eps or torch.finfo(torch.float32).eps),
+                       (writer.add_vocab_size, cfg.vocab_size), (writer.add_file_type, FILE_TYPES[kind])):
+        add(value)
+    write_tokenizer(writer, record.meta or {}, cfg.vocab_size)
+    names = {v: k for k, v in HF_NAMES.items()}  # Hugging Face's -> llama.cpp's
+    for name, w in to_hf(cfg, record.model, arch).items():
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = permute(w, cfg.n_head if "q_proj" in name else cfg.n_kv_head)
+        add_tensor(writer, gguf_name(name, names), w.numpy(), kind)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, dest)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        die(f"could not write {dest} ({e.strerror}); free some space or make the folder writable")
+
+
+def permute(w, heads):
+    """Hugging Face's q (k) rows in llama.cpp's interleaved order for its RoPE kernel (unpermute's inverse)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_name(name, names):
+    """A Hugging Face tensor name as llama.cpp's."""
+    if name in names:
+        return names[name]
+    _, _, i, stem = name.split(".", 3)
+    part, suffix = stem.rsplit(".", 1)
+    return f"blk.{i}.{LAYER_NAMES[part]}.{suffix}"
+
+
+def add_tensor(writer, name, w, kind):
+    """One tensor in `kind`: vectors (norms) in float32, a matrix whose rows do not split into q8_0's blocks in f16."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+    if w.ndim == 1 or kind == "f32":
+        writer.add_tensor(name, w.astype(np.float32))
+    elif kind == "f16" or (kind == "q8_0" and w.shape[-1] % 32):
+        writer.add_tensor(name, w.astype(np.float16))
+    else:
+        qtype = T.BF16 if kind == "bf16" else T.Q8_0
+        writer.add_tensor(name, quants.quantize(w.astype(np.float32), qtype), raw_dtype=qtype)
+
+
+def write_tokenizer(writer, meta, vocab_size):
+    """The tokenizer in llama.cpp's metadata: a byte-level BPE's tokens (ids without a token padded as llama.cpp
+    pads them), merges, token types and pre-tokenizer, the bos/eos ids and the chat template. Other vocabularies
+    are refused: llama.cpp would not split text into the same tokens."""
+    if meta.get("tokenizer") != "bpe" or meta.get("word_level"):
+        die(f"a model on {meta.get('tokenizer') or 'no'} vocabulary has no GGUF tokenizer llama.cpp splits text with "
+            f"the same way; export models trained on a byte-level BPE (prepare_bpe.py) or imported ones")
+    spec, tok = json.loads(meta["tokenizer_json"]), Tokenizer.from_str(meta["tokenizer_json"])
+    if spec["model"]["type"] != "BPE":
+        die(f"a {spec['model']['type']} tokenizer has no GGUF form llama.cpp reads; export a byte-level BPE model")
+    vocab = tok.get_vocab(with_added_tokens=True)
+    by_id = {i: t for t, i in vocab.items()}
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    special = {a.content for a in tok.get_added_tokens_decoder().values() if a.special}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm" if "Digits" in pre else next((k for k, v in SPLITS.items() if json.dumps(v)[1:-1]
+                                                                    in pre), "gpt2"))
+    writer.add_token_list(tokens)
+    writer.add_token_types([CONTROL if t in special else 5 if t.startswith("[PAD") and t not in vocab else 1
+                            for t in tokens])
+    writer.add_token_merges(merges)
+    ids = token_ids(meta)
+    for add, i in ((writer.add_bos_token_id, ids["bos"]), (writer.add_eos_token_id, ids["eos"])):
+        if i is not None:
+            add(i)
+    writer.add_add_bos_token(False)
+    template = meta.get("chat_template")
+    if template:
+        writer.add_chat_template(jinja(template) if isinstance(template, dict) else template)
+    end = template.get("end_id") if isinstance(template, dict) else None
+    if end is not None and end != ids["eos"]:  # our template's end of turn: where llama.cpp stops a reply
+        writer.add_eot_token_id(end)

