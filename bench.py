@@ -5,8 +5,9 @@ mode=train: each variant of train.py's arguments is run `runs` times (round-robi
 spreads evenly); the table has val loss, bits per byte, training and wall time, ms/iter and tok/s.
 mode=step / mode=sample: in-process timings of model variants (GPTConfig fields as --key=value, the shape
 from `args`): one training step (forward, backward, AdamW) on random tokens, or KV-cached greedy decoding at batch 1
-(--impl=transformers: transformers' generate() on the same weights, the peer; each variant's tokens are checked
-against the baseline's).
+(--impl=transformers: transformers' generate() on the same weights; --impl=llama.cpp: llama.cpp on them as a GGUF
+file, f32 or Q8_0 with --quantize=int8; each variant's tokens are checked against the baseline's); --model_spec
+times a real model (gguf:FILE, hf:..., a run folder) instead of a random one of args' shape.
 
     python bench.py --args="config/char_tiny.py --eval_iters=200"
     python bench.py --args="config/shakespeare_char_cpu.py" --variants="['', '--optimizer=adamw']" --runs=3
@@ -14,6 +15,8 @@ against the baseline's).
     python bench.py --mode=step --variants="['', '--mlp=relu2', '--n_kv_head=1', '--model_type=gpt_fast']"
     python bench.py --mode=sample --args="--n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --vocab_size=50257" \
         --variants="['', '--impl=transformers', '--compile=True', '--dtype=bfloat16']" --new_tokens=64
+    python bench.py --mode=sample --model_spec=gguf:SmolLM2-135M-Instruct.Q4_1.gguf --new_tokens=64 \
+        --variants="['--impl=llama.cpp', '', '--compile=True', '--impl=llama.cpp --quantize=int8', '--quantize=int8']"
     python bench.py --mode=step --device=cuda --batch_size=32 \
         --args="--block_size=1024 --vocab_size=50304 --n_layer=12 --n_head=12 --n_embd=768" \
         --variants="['--dtype=bfloat16 --compile=True', '--dtype=bfloat16 --compile=True --optimizer=muon']"
@@ -39,13 +42,14 @@ import urllib.request
 
 import torch
 
+from checkpoint import build_model, load_source
 from configurator import POSITIVE, check, configure, parse_value
 from errors import die
 from generate import compile_decode, generate, generate_uncached
 from hardware import DTYPES, autocast, gpu_peak, pick_device, pick_dtype
-from hf import hf_arch, hf_config, to_hf
 from model import GPT, MODEL_FIELDS, config_from_preset
 from optimizers import make_optimizers
+from peers import llama_cpp_decoder, scratch, transformers_decoder
 from quantize import for_decoding
 from training import Trainer
 
@@ -61,11 +65,12 @@ results_csv = ""
 batch_size = 12  # step/sample modes: sequences per step (sample: 1 sequence of block_size tokens)
 steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
 # sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16,
-# --impl=transformers, --quantize=int8)
+# --impl=transformers, --impl=llama.cpp (needs --model_spec), --quantize=int8)
 new_tokens = 500
 # step/sample modes: cpu | cuda | mps (step variants: --dtype=bfloat16, --compile=True, --optimizer=muon)
 device = "cpu"
 clients = [1, 4, 16, 64]  # serve mode: concurrent streaming clients per load (args: serve.py's arguments)
+model_spec = ""  # sample mode: a real model to time (gguf:FILE, hf:..., a run folder) instead of args' shape
 peer = ""  # serve mode: a Hugging Face folder (convert.py --to=hf) whose transformers generate() is timed as the peer
 # -----------------------------------------------------------------------------
 # step mode: train.py's optimizer settings
@@ -155,6 +160,7 @@ def bench_model():
         if unknown := sorted(set(options(text)) - set(MODEL_FIELDS) - set(VARIANT_OPTIONS)):
             die(f"{unknown[0]!r} in {text!r} is neither a model field (model.py GPTConfig) nor one of "
                 f"{', '.join(VARIANT_OPTIONS)}")
+    source, folder = load_source(model_spec) if model_spec else None, scratch()  # a real model; peers' files
     results, startup, memory = {v: [] for v in variants}, {v: [] for v in variants}, {v: [] for v in variants}
     flops, floor = {}, []  # floor, sample mode: ms per token of the baseline model's matrix-vector products alone
     tokens, same = {}, {v: True for v in variants}  # sample mode: the tokens of each variant's first run
@@ -165,14 +171,16 @@ def bench_model():
             use_cache, compiled, batch = opts.pop("use_cache", True), opts.pop("compile", False), opts.pop("batch", 1)
             optimizer, impl, kind = opts.pop("optimizer", "adamw"), opts.pop("impl", "yocto"), opts.pop("quantize", "")
             torch.manual_seed(0)
-            model = GPT(config_from_preset(opts.pop("model_type", "gpt"), **opts)).to(dev)
+            model = build_model(source, dev) if source else GPT(config_from_preset(opts.pop("model_type", "gpt"),
+                                                                                   **opts)).to(dev)
             cfg = model.config  # auto: as train.py (step: the width and tokens per step) or sample.py would pick
             dtype = pick_dtype(dtype, dev, *((cfg.n_embd, batch_size * cfg.block_size) if mode == "step" else ()))
             if dev.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             if mode == "sample":  # new_tokens greedy from one token; the first 8 tokens warm up (and compile)
                 model = model.to(DTYPES[dtype]) if impl != "yocto" else for_decoding(model.to(DTYPES[dtype]), kind)
-                speed, warm, out = time_sample(decoder(model, impl, compiled, use_cache), batch, dev, sync)
+                run = decoder(model, impl, compiled, use_cache, source, kind, folder.name)
+                speed, warm, out = time_sample(run, batch, dev, sync)
                 results[v].append(speed)
                 startup[v].append(warm)
                 base = tokens.setdefault(variants[0], out)  # every row: the baseline's first row's tokens
@@ -287,32 +295,19 @@ def bench_serve():
               f"(p95 at 16 clients ~{0.95 * 16 * t:.1f} s)")
 
 
-def decoder(model, impl, compiled, use_cache):
+def decoder(model, impl, compiled, use_cache, source, kind, folder):
     """run(prompt (B, 1), n) -> n greedy tokens after each row's prompt (B lists): the engine's generate() (or
-    nanoGPT's loop without the cache), or transformers' generate() on a twin with the same weights (hf.py's
-    export mapping)."""
+    nanoGPT's loop without the cache), or a peer on the same weights (peers.py: transformers, llama.cpp)."""
     if impl == "yocto" and not use_cache:
         return lambda prompt, n: generate_uncached(model, prompt, n, temperature=0)
     if impl == "yocto":
         decode = compile_decode(model) if compiled else None
         return lambda prompt, n: generate(model, prompt, n, temperature=0, decode=decode)
-    if impl != "transformers":
-        die(f"--impl={impl!r}: yocto or transformers")
-    try:
-        import transformers
-    except ImportError:
-        die("--impl=transformers needs transformers: pip install transformers")
-    arch = hf_arch(model.config)
-    dtype = next(model.parameters()).dtype
-    twin = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
-        **hf_config(model.config, arch, {})), dtype=dtype).to(dtype).eval()
-    twin.load_state_dict({k: v.to(dtype) for k, v in to_hf(model.config, model.state_dict(), arch).items()},
-                         strict=not model.config.tie_weights)
-    if compiled:
-        twin.forward = torch.compile(twin.forward)
-    return lambda prompt, n: twin.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                           min_new_tokens=n, do_sample=False, use_cache=use_cache,
-                                           pad_token_id=0)[:, prompt.size(1):].tolist()
+    if impl == "transformers":
+        return transformers_decoder(model, compiled, use_cache)
+    if impl == "llama.cpp":
+        return llama_cpp_decoder(source, kind, folder)
+    die(f"--impl={impl!r}: yocto, transformers or llama.cpp")
 
 
 def gemv_ms(model, sync, n=50):

@@ -43,8 +43,8 @@ LOAD_SETTINGS = dict(
     block_size=(0, NON_NEGATIVE, "a shorter context than the model's, for a smaller KV cache (0 = the model's)"),
     device=("", None, "cpu | cuda | cuda:N | mps; '' picks cuda > mps > cpu"),
     dtype=("auto", None, DTYPE_HELP + "; the weights are converted to it"),
-    quantize=("", (lambda v: v in KINDS, "int8 or ''"),
-              "int8: weight-only int8 matrices, faster decoding on a CPU (the greedy tokens may differ a little)"))
+    quantize=("", (lambda v: v in KINDS, "int8, int4 or ''"),
+              "int8 | int4: weight-only 8- or 4-bit matrices, faster decoding on a CPU (greedy tokens may differ)"))
 LOAD_DEFAULTS = {name: default for name, (default, _, _) in LOAD_SETTINGS.items()}
 
 

@@ -28,7 +28,7 @@ out_dir = ""  # the yoctoGPT run folder: written by an import, read by an export
 ckpt = ""  # export: the checkpoint in out_dir ('' = ckpt.pt, or best.pt if that is all there is)
 to = "hf"  # export format: hf (a Hugging Face folder: config.json, model.safetensors, tokenizer) | gguf (one file)
 dest = ""  # export: the folder (hf) or .gguf file (gguf) to write
-gguf_type = "f16"  # --to=gguf: the matrices' type, f32 | f16 | bf16 | q8_0 (norms stay f32)
+gguf_type = "f16"  # --to=gguf: the matrices' type, f32 | f16 | bf16 | q8_0 | q4_0 (norms stay f32)
 meta = ""  # import: a nanoGPT meta.pkl or a meta.json with the vocabulary, when none lies beside the checkpoint
 overwrite = False  # replace an existing out_dir/ckpt.pt (import) or a non-empty dest (export)
 # -----------------------------------------------------------------------------

@@ -100,7 +100,7 @@ LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_
                "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
                "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-FILE_TYPES = dict(f32=0, f16=1, q8_0=7, bf16=32)  # general.file_type, llama.cpp's LlamaFileType
+FILE_TYPES = dict(f32=0, f16=1, q4_0=2, q8_0=7, bf16=32)  # general.file_type, llama.cpp's LlamaFileType
 
 
 def hf_name(name):
@@ -172,7 +172,7 @@ def tokenizer_meta(meta, where):
 # writing: a run as a GGUF file llama.cpp (and Ollama, LM Studio) runs
 
 
-KINDS = ("f32", "f16", "bf16", "q8_0")  # convert.py --gguf_type: the matrices' type (norms stay f32, as llama.cpp's)
+KINDS = ("f32", "f16", "bf16", "q8_0", "q4_0")  # convert.py --gguf_type: the matrices' type (norms stay f32)
 
 
 def write_gguf(record, dest, kind="f16"):
@@ -231,15 +231,16 @@ def gguf_name(name, names):
 
 
 def add_tensor(writer, name, w, kind):
-    """One tensor in `kind`: vectors (norms) in float32, a matrix whose rows do not split into q8_0's blocks in f16."""
+    """One tensor in `kind`: vectors (norms) in float32, a matrix whose rows do not split into blocks of 32 (q8_0,
+    q4_0) in f16."""
     from gguf import GGMLQuantizationType as T
     from gguf import quants
     if w.ndim == 1 or kind == "f32":
         writer.add_tensor(name, w.astype(np.float32))
-    elif kind == "f16" or (kind == "q8_0" and w.shape[-1] % 32):
+    elif kind == "f16" or (kind in ("q8_0", "q4_0") and w.shape[-1] % 32):
         writer.add_tensor(name, w.astype(np.float16))
     else:
-        qtype = T.BF16 if kind == "bf16" else T.Q8_0
+        qtype = {"bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[kind]
         writer.add_tensor(name, quants.quantize(w.astype(np.float32), qtype), raw_dtype=qtype)
 
 
@@ -261,7 +262,7 @@ def write_tokenizer(writer, meta, vocab_size):
     pre = json.dumps(spec.get("pre_tokenizer"))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("smollm" if "Digits" in pre else next((k for k, v in SPLITS.items() if json.dumps(v)[1:-1]
-                                                                    in pre), "gpt2"))
+                                                                    in pre), "gpt-2"))
     writer.add_token_list(tokens)
     writer.add_token_types([CONTROL if t in special else 5 if t.startswith("[PAD") and t not in vocab else 1
                             for t in tokens])

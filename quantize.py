@@ -8,6 +8,8 @@ stream them faster on a CPU (BENCHMARKS.md has the measurements):
 - --quantize=int8: every matrix of the blocks and the head stored as int8 with one scale per output row, multiplied by
   torch's int8 weight-only kernel with bfloat16 activations: a quarter of float32's bytes, so faster tokens on a CPU;
   the greedy tokens may differ from the float model's where two candidates are close.
+- --quantize=int4: 4 bits a weight in groups of 32 inputs with a scale and a zero each (torch's CPU int4 kernel),
+  an eighth of float32's bytes; a larger error than int8's (BENCHMARKS.md has the loss and greedy agreement).
 
     python sample.py --out_dir=out-char-tiny --quantize=int8
 """
@@ -17,7 +19,8 @@ import torch.nn as nn
 
 from errors import die
 
-KINDS = ("", "int8")
+KINDS = ("", "int8", "int4")
+GROUP = 32  # int4: input features per scale and zero (llama.cpp's Q4_0 blocks hold 32 too)
 
 
 class Int8Linear(nn.Module):
@@ -37,6 +40,30 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Int4Linear(nn.Module):
+    """nn.Linear's product from 4-bit weights, each GROUP input features of a row with a scale and a zero:
+    w = (q - 8) * scale + zero with q in 0..15 (the row's group min to max in 15 steps), multiplied by torch's CPU
+    int4 kernel with bfloat16 activations; in x's dtype."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float().contiguous()  # (out, in)
+        groups = w.view(w.size(0), -1, GROUP)  # (out, in / GROUP, GROUP)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        q = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).view_as(w)
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        zero = low + 8 * scale  # the kernel's (q - 8) * scale + zero is then low + q * scale
+        self.register_buffer("scales", torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.bias, self.out_features = linear.bias, w.size(0)  # scales: (in / GROUP, out, 2)
+
+    def forward(self, x):
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.size(-1)).to(torch.bfloat16), self.weight,
+                                                       GROUP, self.scales)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
 def transposed(model):
     """The float32 matrices with more outputs than inputs stored (in, out) in memory, seen as the same (out, in)
     tensor: F.linear then multiplies by a contiguous (in, out) matrix, which MKL streams faster than the (out, in)
@@ -49,21 +76,23 @@ def transposed(model):
 
 
 def for_decoding(model, kind):
-    """The model in eval mode, ready to decode: its nn.Linear layers as Int8Linear (kind "int8"), else on a CPU its
-    float32 matrices wider out than in transposed in memory."""
+    """The model in eval mode, ready to decode: its nn.Linear layers as Int8Linear (kind "int8") or Int4Linear
+    ("int4"), else on a CPU its float32 matrices wider out than in transposed in memory."""
     model.eval()
     device = next(model.parameters()).device
     if not kind:
         return transposed(model) if device.type == "cpu" else model
-    try:  # the kernel exists for this device (CPU and MPS; not every CUDA build)
-        torch.ops.aten._weight_int8pack_mm(torch.ones(1, 32, dtype=torch.bfloat16, device=device),
-                                           torch.ones(8, 32, dtype=torch.int8, device=device),
-                                           torch.ones(8, dtype=torch.bfloat16, device=device))
+    kind_class = Int8Linear if kind == "int8" else Int4Linear
+    try:  # the kernel exists for this device (int8: CPU and MPS, not every CUDA build; int4 here: CPU)
+        kind_class(nn.Linear(GROUP, 8, bias=False, device=device))(torch.ones(1, GROUP, device=device))
     except (RuntimeError, NotImplementedError) as e:
-        die(f"--quantize=int8 needs torch's int8 weight-only kernel, which this torch lacks on {device} "
+        die(f"--quantize={kind} needs torch's {kind} weight-only kernel, which this torch lacks on {device} "
             f"({str(e).splitlines()[0][:100]}); drop --quantize")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child))
+                if kind == "int4" and child.in_features % GROUP:
+                    die(f"--quantize=int4 needs every matrix's inputs in groups of {GROUP}; {name} has "
+                        f"{child.in_features}: use --quantize=int8")
+                setattr(parent, name, kind_class(child))
     return model

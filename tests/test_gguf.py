@@ -166,3 +166,50 @@ def test_gguf_export_refuses_what_llama_cpp_would_not_read_alike(trained, tmp_pa
     (trained / "kept.gguf").write_bytes(b"mine")
     proc = run("convert.py", "--out_dir=out-tiny", "--to=gguf", "--dest=kept.gguf", cwd=trained, ok=False)
     assert "exists" in proc.stderr and (trained / "kept.gguf").read_bytes() == b"mine"
+
+
+def test_llama_cpp_runs_our_export_with_our_logits_and_greedy_tokens(tmp_path):
+    """The real client: llama.cpp (llama-cpp-python) loads convert.py's f32 GGUF of a model trained-here's shape, and
+    gives our logits (to 1e-3) and our greedy tokens; its tokenizer splits text into our ids."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from checkpoint import build_model
+    from generate import generate
+    source, tok = bpe_run(tmp_path / "run")
+    run("convert.py", "--out_dir=run", "--to=gguf", "--dest=m.gguf", "--gguf_type=f32", cwd=tmp_path)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    text = "Return the value of x, or None.\n"
+    ids = tok.encode(text)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    model = build_model(source, "cpu").eval()
+    llm.eval(ids)
+    with torch.no_grad():
+        mine = model(torch.tensor([ids]), torch.tensor([ids]))[0][0]
+    assert (torch.tensor(llm.scores[:len(ids)]) - mine).abs().max().item() <= 1e-3
+    llm.reset()
+    theirs = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        theirs.append(token)
+        if len(theirs) == 20:
+            break
+    assert generate(model, [ids], 20, temperature=0)[0] == theirs
+
+
+@needs_smollm2
+def test_llama_cpp_runs_the_imported_smollm2_exported_again_with_our_greedy_tokens(smollm2, tmp_path):
+    """SmolLM2 read from its Q4_1 file, written as an f32 GGUF by us: llama.cpp's greedy reply to a chat prompt is
+    ours, token for token."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from chat_templates import template_for
+    from checkpoint import Source
+    from generate import generate
+    from gguf_file import write_gguf
+    ours, tok, _, _ = smollm2
+    write_gguf(Source(vars(ours.config), ours.state_dict(), tok.meta), str(tmp_path / "smollm2.gguf"), "f32")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "smollm2.gguf"), n_ctx=256, n_threads=2, verbose=False)
+    ids = template_for(tok.meta, tok).encode([dict(role="user", content="Name three colors.")], True)
+    theirs = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        theirs.append(token)
+        if len(theirs) == 30:
+            break
+    assert generate(ours, [ids], 30, temperature=0)[0] == theirs
