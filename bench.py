@@ -196,7 +196,8 @@ def bench_model():
     unit = "tokens/s" if mode == "sample" else "ms/step"
     base = statistics.median(results[variants[0]])
     gpu, peak = gpu_peak(dev)
-    print(f"bench.py --mode={mode} --args={args!r} on {gpu or dev} — medians of {runs} runs")
+    what = f"--model_spec={model_spec}" if model_spec else f"--args={args!r}"
+    print(f"bench.py --mode={mode} {what} on {gpu or dev}, {torch.get_num_threads()} threads — medians of {runs} runs")
     extra = " tok/s | MFU | peak memory GiB |" if mode == "step" else " first 8 tokens (s) | the baseline's tokens |"
     print(f"| variant | {unit} | vs baseline |{extra}\n|---|---|---|---|---|" + ("---|" if mode == "step" else ""))
     for v, r in results.items():

@@ -1,11 +1,13 @@
 """
-GGUF files (llama.cpp's format, as Ollama and LM Studio keep models) read as a model source: the architecture from
-the metadata, every tensor dequantized with the gguf package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, the K-quants, ...),
-llama.cpp's row order for RoPE in q and k undone, and the tokenizer from tokenizer.ggml.* (byte-level BPE: its
-vocabulary, merges and pre-tokenizer), with its special ids and chat template. The weights come out under Hugging
-Face's names, so hf.py maps them on. Needs gguf: pip install gguf. Not run by itself.
+GGUF files (llama.cpp's format, as Ollama and LM Studio keep models) both ways. Read as a model source: the
+architecture from the metadata, every tensor dequantized with the gguf package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, the
+K-quants, ...), llama.cpp's row order for RoPE in q and k undone, the tokenizer from tokenizer.ggml.* (byte-level
+BPE: its vocabulary, merges and pre-tokenizer) with its special ids and chat template; the weights come out under
+Hugging Face's names, so hf.py maps them on. Written from a run: llama.cpp's names, metadata and tokenizer, the
+matrices in f32, f16, bf16, q8_0 or q4_0. Needs gguf: pip install gguf. Not run by itself.
 
     python chat.py --init_from=gguf:SmolLM2-135M-Instruct.Q4_1.gguf
+    python convert.py --out_dir=out-bpe-small --to=gguf --dest=bpe-small.gguf --gguf_type=q8_0
 """
 
 import json
@@ -32,14 +34,30 @@ SPLITS = {"llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "smaug-bpe": LLAMA3
           "deepseek-r1-qwen": QWEN2_SPLIT}
 
 
+def gguf_tokenizer(spec):
+    """Our meta for the tokenizer of gguf:PATH alone (prepare_bpe.py --tokenizer=gguf:...): no tensor is read."""
+    path = local_path(spec)
+    return tokenizer_meta(metadata(open_reader(path)), path)
+
+
+def local_path(spec):
+    """gguf:PATH's path, or gguf:ORG/NAME/FILE.gguf's in the Hugging Face cache (downloaded once)."""
+    path = spec.removeprefix("gguf:")
+    if not os.path.isfile(path) and path.count("/") >= 2 and path.endswith(".gguf"):
+        return hub_file(path)
+    return path
+
+
+def metadata(reader):
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
 def read_gguf(spec):
     """(Hugging Face config.json fields, their tensors by name, our tokenizer meta, the file's path) of gguf:PATH, or
     of gguf:ORG/NAME/FILE.gguf, a file of a hub repo (downloaded once into the Hugging Face cache)."""
-    path = spec.removeprefix("gguf:")
-    if not os.path.isfile(path) and path.count("/") >= 2 and path.endswith(".gguf"):
-        path = hub_file(path)
+    path = local_path(spec)
     reader = open_reader(path)
-    meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    meta = metadata(reader)
     names = {t.name for t in reader.tensors}
     config = hf_config(meta, names, path)
     return config, hf_tensors(reader, config, path), tokenizer_meta(meta, path), path

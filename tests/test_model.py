@@ -1,5 +1,6 @@
 """model.py and generate.py: shapes, initial loss, generation with and without the KV cache, and every variant."""
 
+import copy
 import math
 
 import pytest
@@ -387,3 +388,24 @@ def test_sequences_joining_a_running_engine_get_their_alone_tokens():
     assert most == 2
     for s, p in zip(sequences, prompts, strict=True):
         assert s.tokens == generate(model, [p], s.max_new_tokens, temperature=0)[0] and s.finish == "length"
+
+
+def test_int4_weights_keep_the_logits_close_and_refuse_shapes_the_kernel_cannot_take():
+    """--quantize=int4: every matrix 4-bit in groups of 32 inputs (torch's CPU int4 kernel): the logits within a few
+    percent of their range and the likeliest token mostly kept; a matrix whose outputs are not in 16s is one line."""
+    from quantize import Int4Linear, for_decoding
+    torch.manual_seed(0)
+    model = GPT(config_from_preset("gpt_plus", n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=96)).eval()
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x = torch.randint(0, 96, (4, 32))
+    with torch.no_grad():
+        logits = model(x, x)[0]
+        q = for_decoding(copy.deepcopy(model), "int4")
+        q_logits = q(x, x)[0]
+    assert sum(isinstance(m, Int4Linear) for m in q.modules()) == 4 * 2 + 1
+    error = (q_logits - logits).abs().mean() / (logits.max() - logits.min())
+    assert 0 < error < 0.05 and (q_logits.argmax(-1) == logits.argmax(-1)).float().mean() > 0.6
+    odd = GPT(config_from_preset("gpt_plus", n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=67))
+    with pytest.raises(SystemExit, match="outputs in 16s"):
+        for_decoding(odd, "int4")
