@@ -187,12 +187,7 @@ def test_llama_cpp_runs_our_export_with_our_logits_and_greedy_tokens(tmp_path):
         mine = model(torch.tensor([ids]), torch.tensor([ids]))[0][0]
     assert (torch.tensor(llm.scores[:len(ids)]) - mine).abs().max().item() <= 1e-3
     llm.reset()
-    theirs = []
-    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-        theirs.append(token)
-        if len(theirs) == 20:
-            break
-    assert generate(model, [ids], 20, temperature=0)[0] == theirs
+    assert generate(model, [ids], 20, temperature=0)[0] == llama_greedy(llm, ids, 20)
 
 
 @needs_smollm2
@@ -208,12 +203,16 @@ def test_llama_cpp_runs_the_imported_smollm2_exported_again_with_our_greedy_toke
     write_gguf(Source(vars(ours.config), ours.state_dict(), tok.meta), str(tmp_path / "smollm2.gguf"), "f32")
     llm = llama_cpp.Llama(model_path=str(tmp_path / "smollm2.gguf"), n_ctx=256, n_threads=2, verbose=False)
     ids = template_for(tok.meta, tok).encode([dict(role="user", content="Name three colors.")], True)
-    theirs = []
+    assert generate(ours, [ids], 30, temperature=0)[0] == llama_greedy(llm, ids, 30)
+
+
+def llama_greedy(llm, ids, n):
+    """llama.cpp's n greedy tokens after ids."""
+    out = []
     for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-        theirs.append(token)
-        if len(theirs) == 30:
-            break
-    assert generate(ours, [ids], 30, temperature=0)[0] == theirs
+        out.append(token)
+        if len(out) == n:
+            return out
 
 
 def test_fine_tune_a_gguf_model_on_data_in_its_own_tokenizer(tmp_path):
