@@ -42,7 +42,7 @@ import urllib.request
 
 import torch
 
-from checkpoint import build_model, load_source
+from checkpoint import build_model, load_source, shortened
 from configurator import POSITIVE, check, configure, parse_value
 from errors import die
 from generate import compile_decode, generate, generate_uncached
@@ -67,6 +67,7 @@ steps = 30  # step mode: timed steps per run (after 5 warm-up steps)
 # sample mode: tokens generated per run (variants: --use_cache=False, --compile=True, --batch=16, --dtype=bfloat16,
 # --impl=transformers, --impl=llama.cpp (needs --model_spec), --quantize=int8)
 new_tokens = 500
+prefill = 0  # sample mode: also time a prompt of this many tokens and its first new token (prompt tokens/s)
 # step/sample modes: cpu | cuda | mps (step variants: --dtype=bfloat16, --compile=True, --optimizer=muon)
 device = "cpu"
 clients = [1, 4, 16, 64]  # serve mode: concurrent streaming clients per load (args: serve.py's arguments)
@@ -122,7 +123,8 @@ def options(text):
 
 
 def time_sample(run, batch, dev, sync):
-    """(tokens/s over new_tokens, seconds for the first 8 tokens (compiling included), the tokens) of one decoder."""
+    """(tokens/s over new_tokens, seconds for the first 8 tokens (compiling included), the tokens, and with prefill
+    the prompt tokens/s of a prefill-token prompt and its first new token) of one decoder."""
     torch._dynamo.reset()  # as in a new process: no shapes remembered from other variants' graphs
     prompt = torch.zeros(batch, 1, dtype=torch.long, device=dev)
     t0 = time.perf_counter()
@@ -131,7 +133,11 @@ def time_sample(run, batch, dev, sync):
     warm, t0 = time.perf_counter() - t0, time.perf_counter()
     out = run(prompt, new_tokens)
     sync()
-    return batch * new_tokens / (time.perf_counter() - t0), warm, out
+    speed, t0 = batch * new_tokens / (time.perf_counter() - t0), time.perf_counter()
+    if prefill:  # a prompt of the vocabulary's ids in turn, and one new token after it
+        run(torch.arange(prefill, device=dev)[None].expand(batch, -1) % 256, 1)
+        sync()
+    return speed, warm, out, batch * prefill / (time.perf_counter() - t0) if prefill else None
 
 
 def time_step(model, dtype, optimizer, compiled, dev, sync):
@@ -160,8 +166,10 @@ def bench_model():
         if unknown := sorted(set(options(text)) - set(MODEL_FIELDS) - set(VARIANT_OPTIONS)):
             die(f"{unknown[0]!r} in {text!r} is neither a model field (model.py GPTConfig) nor one of "
                 f"{', '.join(VARIANT_OPTIONS)}")
-    source, folder = load_source(model_spec) if model_spec else None, scratch()  # a real model; peers' files
-    results, startup, memory = {v: [] for v in variants}, {v: [] for v in variants}, {v: [] for v in variants}
+    source, folder, context = load_source(model_spec) if model_spec else None, scratch(), max(1024, prefill + 1)
+    if source and source.model_config["block_size"] > context:  # a real model's KV cache is allocated per run
+        source = shortened(source, context)
+    results, startup, memory, prompts = ({v: [] for v in variants} for _ in range(4))
     flops, floor = {}, []  # floor, sample mode: ms per token of the baseline model's matrix-vector products alone
     tokens, same = {}, {v: True for v in variants}  # sample mode: the tokens of each variant's first run
     for _ in range(runs):
@@ -180,9 +188,10 @@ def bench_model():
             if mode == "sample":  # new_tokens greedy from one token; the first 8 tokens warm up (and compile)
                 model = model.to(DTYPES[dtype]) if impl != "yocto" else for_decoding(model.to(DTYPES[dtype]), kind)
                 run = decoder(model, impl, compiled, use_cache, source, kind, folder.name)
-                speed, warm, out = time_sample(run, batch, dev, sync)
+                speed, warm, out, prompt_speed = time_sample(run, batch, dev, sync)
                 results[v].append(speed)
                 startup[v].append(warm)
+                prompts[v].append(prompt_speed)
                 base = tokens.setdefault(variants[0], out)  # every row: the baseline's first row's tokens
                 same[v] &= all(row == base[0] for row in out)
                 if v == variants[0]:
@@ -198,8 +207,9 @@ def bench_model():
     gpu, peak = gpu_peak(dev)
     what = f"--model_spec={model_spec}" if model_spec else f"--args={args!r}"
     print(f"bench.py --mode={mode} {what} on {gpu or dev}, {torch.get_num_threads()} threads — medians of {runs} runs")
-    extra = " tok/s | MFU | peak memory GiB |" if mode == "step" else " first 8 tokens (s) | the baseline's tokens |"
-    print(f"| variant | {unit} | vs baseline |{extra}\n|---|---|---|---|---|" + ("---|" if mode == "step" else ""))
+    extra = " tok/s | MFU | peak memory GiB |" if mode == "step" else (
+        " first 8 tokens (s) | the baseline's tokens |" + (f" {prefill}-token prompt, tok/s |" if prefill else ""))
+    print(f"| variant | {unit} | vs baseline |{extra}\n|---|---|---|" + "---|" * extra.count("|"))
     for v, r in results.items():
         m = statistics.median(r)
         if mode == "step":
@@ -208,7 +218,8 @@ def bench_model():
             mem = f"{statistics.median(memory[v]):.1f}" if memory[v] else "—"
             extra = f" {tok_s:,.0f} | {mfu} | {mem} |"
         else:
-            extra = f" {statistics.median(startup[v]):.2f} | {'yes' if same[v] else 'no'} |"
+            extra = f" {statistics.median(startup[v]):.2f} | {'yes' if same[v] else 'no'} |" + (
+                f" {statistics.median(prompts[v]):,.0f} |" if prefill else "")
         print(f"| {v or 'baseline'} | {m:,.1f} | {m / base:.2f}x |{extra}")
     if floor:
         ms = statistics.median(floor)

@@ -190,12 +190,18 @@ def load_model(spec, device, name="", ema=False, block_size=0):
             die(f"{spec} holds no EMA weights; train with --ema_decay=0.999 (say), or drop --ema")
         record.model = {k.removeprefix("module."): v for k, v in record.ema.items() if k != "n_averaged"}
     if block_size:
-        try:
-            config, record.model = warm_start(record, dict(block_size=block_size))
-        except ValueError as e:
-            die(str(e))
-        record.model_config = vars(config)
+        record = shortened(record, block_size)
     return build_model(record, device).eval(), record
+
+
+def shortened(record, block_size):
+    """The Source with a context of block_size (a smaller KV cache; learned positions cropped, never grown)."""
+    try:
+        config, record.model = warm_start(record, dict(block_size=block_size))
+    except ValueError as e:
+        die(str(e))
+    record.model_config = vars(config)
+    return record
 
 
 def source_of(settings):
