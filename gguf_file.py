@@ -118,6 +118,7 @@ LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_
                "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
                "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+HF_LAYER_NAMES = {v: k for k, v in LAYER_NAMES.items()}  # llama.cpp's -> Hugging Face's
 FILE_TYPES = dict(f32=0, f16=1, q4_0=2, q8_0=7, bf16=32)  # general.file_type, llama.cpp's LlamaFileType
 
 
@@ -127,8 +128,7 @@ def hf_name(name):
         return HF_NAMES[name]
     _, i, part = name.split(".", 2)
     stem, suffix = part.rsplit(".", 1)
-    inner = {v: k for k, v in LAYER_NAMES.items()}
-    return f"model.layers.{i}.{inner.get(stem, stem)}.{suffix}"
+    return f"model.layers.{i}.{HF_LAYER_NAMES.get(stem, stem)}.{suffix}"
 
 
 def unpermute(w, heads):

@@ -52,14 +52,18 @@ def llama_cpp_decoder(source, kind, folder):
         rows = []
         for row in prompt.tolist():
             llm.reset()
-            out = []
-            for token in llm.generate(row, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-                out.append(token)
-                if len(out) == n:
-                    break
-            rows.append(out)
+            rows.append(llama_greedy(llm, row, n))
         return rows
     return run
+
+
+def llama_greedy(llm, ids, n):
+    """llama.cpp's (a llama_cpp.Llama's) n greedy tokens after ids."""
+    out = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        out.append(token)
+        if len(out) == n:
+            return out
 
 
 def scratch():

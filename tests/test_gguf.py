@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import run
+from peers import llama_greedy
 
 pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -205,14 +206,6 @@ def test_llama_cpp_runs_the_imported_smollm2_exported_again_with_our_greedy_toke
     ids = template_for(tok.meta, tok).encode([dict(role="user", content="Name three colors.")], True)
     assert generate(ours, [ids], 30, temperature=0)[0] == llama_greedy(llm, ids, 30)
 
-
-def llama_greedy(llm, ids, n):
-    """llama.cpp's n greedy tokens after ids."""
-    out = []
-    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-        out.append(token)
-        if len(out) == n:
-            return out
 
 
 def test_fine_tune_a_gguf_model_on_data_in_its_own_tokenizer(tmp_path):
