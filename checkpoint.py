@@ -22,7 +22,8 @@ from dataset import atomic_write, read_json
 from errors import die
 from gguf_file import read_gguf
 from hardware import DTYPE_HELP, DTYPES, pick_device, pick_dtype
-from hf import GPT2_META, HUB_MODELS, PIP_HF, from_hf, from_hf_folder, hub_folder, model_config
+from hf import HUB_MODELS, PIP_HF, from_hf, from_hf_folder, hub_folder, model_config
+from hf_tokenizer import GPT2_META
 from model import GPT, MODEL_FIELDS, config_from_dict
 from nanogpt import from_nanogpt, strip_compiled
 from parallel import is_sharded

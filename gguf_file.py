@@ -19,7 +19,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from chat_templates import jinja
 from errors import die
-from hf import bytes_to_unicode, hf_arch, to_hf, token_ids
+from hf import hf_arch, to_hf
+from hf_tokenizer import bytes_to_unicode, token_ids
 from model import config_from_dict
 
 PIP = "pip install gguf"

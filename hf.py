@@ -1,24 +1,22 @@
 """
-Hugging Face interop: our parameter names mapped to theirs (GPT-2, Llama and Qwen3 layouts) in both directions,
-config.json and tokenizer files both ways, and the hub download of OpenAI's GPT-2. LAYOUTS' rows map our names to
-theirs, and both directions read them. Not run by itself.
+Hugging Face interop: our parameter names mapped to theirs in both directions (GPT-2, and the decoder families:
+Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3, Phi-3), config.json both ways, folders written whole, and the hub download
+(OpenAI's GPT-2 by name). layout()'s rows map our names to theirs, and both directions read them; the tokenizer files
+are hf_tokenizer.py's. Not run by itself.
 """
 
-import json
 import os
 import re
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from chat_templates import jinja
-from dataset import atomic_write, make_out_dir, read_json, token_dtype, write_json
+from dataset import atomic_write, make_out_dir, read_json, write_json
 from errors import die
+from hf_tokenizer import export_tokenizer, meta_from_hf, token_ids
 from model import GPTConfig, config_from_dict
-from tokenizer import BOS, EOS, check_tokenizer, describe_vocab, gpt2_encoding, load_tokenizer
+from tokenizer import describe_vocab
 
 HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
-GPT2_META = dict(tokenizer="gpt2", vocab_size=50257, dtype="uint16")
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}  # GPT-2's, ours
 IGNORED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # buffers (causal masks, RoPE), not weights
 PIP_HF = "pip install safetensors huggingface_hub"
@@ -27,52 +25,69 @@ HUB_FILES = ["*.json", "*.safetensors", "*.jinja"]  # what a download fetches: c
 
 # the name/shape mapping, one row per tensor: (our name or None, their names, kind, sizes)
 #   copy: the same tensor; conv1d: theirs is ours transposed (GPT-2's Conv1D); cat: ours is their tensors
-#   stacked along dim 0 (sizes: their row counts); ones/zeros: we have no such tensor, theirs is that constant
+#   stacked along dim 0 (sizes: their row counts); plus1: ours is theirs + 1 (Gemma's norms scale by 1 + w);
+#   ones/zeros: we have no such tensor, theirs is that constant
+# the decoder families (Llama's layout and its kin): Hugging Face's model_type -> its class name
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 def layout(cfg, arch):
-    """The rows for a config in a Hugging Face architecture: gpt2, llama or qwen3."""
-    hs, L, C = cfg.head_dim, cfg.n_layer, cfg.n_embd
+    """The rows for a config in a Hugging Face architecture: gpt2 or one of FAMILIES."""
+    L, C = cfg.n_layer, cfg.n_embd
 
     def param(ours, theirs, kind, present, size):  # a weight we may lack (bias=False, norm_affine=False)
         if present:
             return ours, [theirs], kind, None
         return None, [theirs], "zeros" if kind == "bias" else "ones", size
 
-    rows = []
-    if arch == "gpt2":
-        rows += [("transformer.wte.weight", ["transformer.wte.weight"], "copy", None),
-                 ("transformer.wpe.weight", ["transformer.wpe.weight"], "copy", None)]
-        norms = [f"transformer.h.{i}.{n}" for i in range(L) for n in ("ln_1", "ln_2")] + ["transformer.ln_f"]
-        for n in norms:
-            rows.append(param(n + ".weight", n + ".weight", "copy", cfg.norm_affine, (C,)))
-            rows.append(param(n + ".bias", n + ".bias", "bias", cfg.norm_affine and cfg.bias, (C,)))
-        widths = {"attn.c_attn": 3 * C, "attn.c_proj": C, "mlp.c_fc": cfg.mlp_hidden, "mlp.c_proj": C}
-        for i in range(L):
-            for lin, width in widths.items():
-                name = f"transformer.h.{i}.{lin}"
-                rows.append((name + ".weight", [name + ".weight"], "conv1d", None))
-                rows.append(param(name + ".bias", name + ".bias", "bias", cfg.bias, (width,)))
-    else:  # llama, qwen3
-        rows.append(("transformer.wte.weight", ["model.embed_tokens.weight"], "copy", None))
-        for i in range(L):
-            ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
-            rows += [param(ours + "ln_1.weight", theirs + "input_layernorm.weight", "copy", cfg.norm_affine, (C,)),
-                     (ours + "attn.c_attn.weight", [theirs + f"self_attn.{p}_proj.weight" for p in "qkv"], "cat",
-                      [cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs]),
-                     (ours + "attn.c_proj.weight", [theirs + "self_attn.o_proj.weight"], "copy", None),
-                     param(ours + "ln_2.weight", theirs + "post_attention_layernorm.weight", "copy", cfg.norm_affine,
-                           (C,)),
-                     (ours + "mlp.c_fc.weight", [theirs + "mlp.gate_proj.weight", theirs + "mlp.up_proj.weight"], "cat",
-                      [cfg.mlp_hidden, cfg.mlp_hidden]),
-                     (ours + "mlp.c_proj.weight", [theirs + "mlp.down_proj.weight"], "copy", None)]
-            if arch == "qwen3":  # without qk_norm_scale ours has no learned scale: theirs is all ones
-                rows += [param(ours + f"attn.{p}_norm.weight", theirs + f"self_attn.{p}_norm.weight", "copy",
-                               cfg.qk_norm_scale, (hs,)) for p in "qk"]
-        rows.append(param("transformer.ln_f.weight", "model.norm.weight", "copy", cfg.norm_affine, (C,)))
-    if not cfg.tie_weights:
-        rows.append(("lm_head.weight", ["lm_head.weight"], "copy", None))
-    return rows
+    if arch != "gpt2":
+        return family_layout(cfg, arch, param)
+    rows = [("transformer.wte.weight", ["transformer.wte.weight"], "copy", None),
+            ("transformer.wpe.weight", ["transformer.wpe.weight"], "copy", None)]
+    norms = [f"transformer.h.{i}.{n}" for i in range(L) for n in ("ln_1", "ln_2")] + ["transformer.ln_f"]
+    for n in norms:
+        rows.append(param(n + ".weight", n + ".weight", "copy", cfg.norm_affine, (C,)))
+        rows.append(param(n + ".bias", n + ".bias", "bias", cfg.norm_affine and cfg.bias, (C,)))
+    widths = {"attn.c_attn": 3 * C, "attn.c_proj": C, "mlp.c_fc": cfg.mlp_hidden, "mlp.c_proj": C}
+    for i in range(L):
+        for lin, width in widths.items():
+            name = f"transformer.h.{i}.{lin}"
+            rows.append((name + ".weight", [name + ".weight"], "conv1d", None))
+            rows.append(param(name + ".bias", name + ".bias", "bias", cfg.bias, (width,)))
+    return rows + ([] if cfg.tie_weights else [("lm_head.weight", ["lm_head.weight"], "copy", None)])
+
+
+def family_layout(cfg, arch, param):
+    """Llama's rows and its kin's: q/k/v biases (qwen2), q/k norms (qwen3, gemma3), norms after attention and the
+    MLP with 1 + w scales (gemma3), fused qkv and gate/up matrices (phi3)."""
+    hs, C, gemma = cfg.head_dim, cfg.n_embd, arch == "gemma3_text"
+    qkv = [cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs]
+    norm = "plus1" if gemma else "copy"
+    rows = [("transformer.wte.weight", ["model.embed_tokens.weight"], "copy", None)]
+    for i in range(cfg.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}.self_attn."
+        if arch == "phi3":  # already fused as ours are
+            rows += [(ours + "attn.c_attn.weight", [theirs + "qkv_proj.weight"], "copy", None),
+                     (ours + "mlp.c_fc.weight", [f"model.layers.{i}.mlp.gate_up_proj.weight"], "copy", None)]
+        else:
+            rows += [(ours + "attn.c_attn.weight", [theirs + f"{p}_proj.weight" for p in "qkv"], "cat", qkv),
+                     (ours + "mlp.c_fc.weight", [f"model.layers.{i}.mlp.{p}_proj.weight" for p in ("gate", "up")],
+                      "cat", [cfg.mlp_hidden] * 2)]
+        if arch == "qwen2":
+            rows.append((ours + "attn.c_attn.bias", [theirs + f"{p}_proj.bias" for p in "qkv"], "cat", qkv))
+        if arch in ("qwen3", "gemma3_text"):  # without qk_norm_scale ours has no learned scale: theirs is all ones
+            rows += [param(ours + f"attn.{p}_norm.weight", theirs + f"{p}_norm.weight", norm, cfg.qk_norm_scale,
+                           (hs,)) for p in "qk"]
+        rows += [(ours + "attn.c_proj.weight", [theirs + "o_proj.weight"], "copy", None),
+                 (ours + "mlp.c_proj.weight", [f"model.layers.{i}.mlp.down_proj.weight"], "copy", None)]
+        norms = dict(ln_1="input_layernorm", ln_2="post_attention_layernorm") if not gemma else dict(
+            ln_1="input_layernorm", post_attn_norm="post_attention_layernorm", ln_2="pre_feedforward_layernorm",
+            post_mlp_norm="post_feedforward_layernorm")
+        rows += [param(f"{ours}{a}.weight", f"model.layers.{i}.{b}.weight", norm, cfg.norm_affine, (C,))
+                 for a, b in norms.items()]
+    rows.append(param("transformer.ln_f.weight", "model.norm.weight", norm, cfg.norm_affine, (C,)))
+    return rows + ([] if cfg.tie_weights else [("lm_head.weight", ["lm_head.weight"], "copy", None)])
 
 
 def to_hf(cfg, state, arch):
@@ -80,11 +95,12 @@ def to_hf(cfg, state, arch):
     out = {}
     for ours, theirs, kind, sizes in layout(cfg, arch):
         if kind in ("ones", "zeros"):
-            out[theirs[0]] = getattr(torch, kind)(sizes)
+            out[theirs[0]] = getattr(torch, kind)(sizes) - (arch == "gemma3_text" and kind == "ones")
         elif kind == "cat":
             out.update(zip(theirs, state[ours].split(sizes, dim=0), strict=True))
         else:
-            out[theirs[0]] = state[ours].t() if kind == "conv1d" else state[ours]
+            out[theirs[0]] = {"conv1d": lambda w: w.t(), "plus1": lambda w: w.float() - 1}.get(kind, lambda w: w)(
+                state[ours])
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
@@ -101,10 +117,11 @@ def from_hf(cfg, tensors, arch, where):
             die(f"{where} has no tensor {missing[0]}; is it a {arch} model of the shape config.json describes?")
         tensors_ = [theirs.pop(n).float() for n in names]
         if kind in ("ones", "zeros"):
-            if not torch.equal(tensors_[0], getattr(torch, kind)(sizes)):
+            if not torch.equal(tensors_[0] + (arch == "gemma3_text" and kind == "ones"), getattr(torch, kind)(sizes)):
                 die(f"{where}: {names[0]} is not all {kind[:-1]}s, which yoctoGPT's {arch} equivalent cannot represent")
         else:
-            state[ours] = tensors_[0].t() if kind == "conv1d" else torch.cat(tensors_, dim=0)
+            w = torch.cat(tensors_, dim=0)
+            state[ours] = w.t() if kind == "conv1d" else w + 1 if kind == "plus1" else w
     theirs.pop("lm_head.weight", None)  # a tied head saved anyway
     if theirs:
         die(f"{where} has tensors yoctoGPT does not know ({', '.join(list(theirs)[:3])}); it is not a plain {arch} "
@@ -115,26 +132,32 @@ def from_hf(cfg, tensors, arch, where):
 
 
 def hf_arch(cfg):
-    """The Hugging Face architecture a config exports to, or one line naming the field that has none."""
-    for field, off in (("ngram_emb", 0), ("logit_softcap", 0.0)):
+    """The Hugging Face architecture a config exports to, or one line naming the field that has none: GPT-2 for
+    learned positions; else the simplest of the families that holds every variant the config uses."""
+    for field, off in (("ngram_emb", 0),):
         if getattr(cfg, field) != off:
             die(f"{field}={getattr(cfg, field)!r} has no Hugging Face equivalent; only models without it export")
-    want = dict(mlp=("gelu", "gelu_tanh"), norm="layernorm", n_kv_head=cfg.n_head, qk_norm=False) \
-        if cfg.pos_emb == "learned" else dict(mlp=("swiglu",), norm="rmsnorm", bias=False)
-    arch = "gpt2" if cfg.pos_emb == "learned" else "qwen3" if cfg.qk_norm else "llama"
+    gemma = cfg.post_norm or cfg.mlp == "geglu_tanh" or cfg.scale_emb or cfg.rope_local_theta or cfg.logit_softcap
+    arch = "gpt2" if cfg.pos_emb == "learned" else "gemma3_text" if gemma else "qwen2" if cfg.qkv_bias else \
+        "qwen3" if cfg.qk_norm else "mistral" if cfg.window else "llama"
+    want = dict(mlp=("gelu", "gelu_tanh"), norm="layernorm", n_kv_head=cfg.n_head, qk_norm=False, window=0,
+                qkv_bias=(False, cfg.bias), attn_scale=0.0, logit_softcap=0.0) \
+        if arch == "gpt2" else dict(mlp=("swiglu",), norm="rmsnorm", bias=False, qk_norm=arch == "qwen3",
+                                    attn_scale=0.0, window=(cfg.window,) if cfg.window_pattern == "S" else 0)
+    if arch == "gemma3_text":
+        want = dict(mlp=("geglu_tanh",), norm="rmsnorm", bias=False, qk_norm=True, post_norm=True, scale_emb=True)
     for field, ok in want.items():
         value = getattr(cfg, field)
         if value not in (ok if isinstance(ok, tuple) else (ok,)):
-            die(f"{field}={value!r} has no Hugging Face equivalent with pos_emb={cfg.pos_emb!r} ({arch} needs "
-                f"{field}={ok!r}); export supports the gpt and gpt_plus presets")
+            die(f"{field}={value!r} has no Hugging Face equivalent in a model that exports as {arch} (it needs "
+                f"{field}={ok!r})")
     return arch
 
 
 def hf_config(cfg, arch, meta):
     """config.json for our config."""
     tok = token_ids(meta)
-    name = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
-    common = dict(architectures=[name],
+    common = dict(architectures=[FAMILIES.get(arch, "GPT2LMHeadModel")],
                   model_type=arch, vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_weights,
                   bos_token_id=tok["bos"], eos_token_id=tok["eos"], torch_dtype="float32", dtype="float32")
     if arch == "gpt2":
@@ -143,11 +166,36 @@ def hf_config(cfg, arch, meta):
                     activation_function="gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",
                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     rope = dict(rope_type="default", rope_theta=cfg.rope_theta)
-    return dict(common, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
-                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
-                max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps or torch.finfo(torch.float32).eps,
-                rope_theta=cfg.rope_theta, rope_parameters=rope, hidden_act="silu", attention_bias=False,
-                mlp_bias=False, attention_dropout=0.0, use_sliding_window=False, sliding_window=None)
+    out = dict(common, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
+               num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+               max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps or torch.finfo(torch.float32).eps,
+               rope_theta=cfg.rope_theta, rope_parameters=rope, hidden_act="silu", attention_bias=False,
+               mlp_bias=False, attention_dropout=0.0, use_sliding_window=False, sliding_window=cfg.window or None)
+    if arch != "gemma3_text":
+        return out
+    layers = ["sliding_attention" if cfg.is_local(i) else "full_attention" for i in range(cfg.n_layer)]
+    local = dict(rope_type="default", rope_theta=cfg.rope_local_theta or cfg.rope_theta)
+    return dict(out, hidden_activation="gelu_pytorch_tanh", layer_types=layers,
+                rope_local_base_freq=local["rope_theta"],
+                rope_parameters=dict(full_attention=rope, sliding_attention=local), attn_logit_softcapping=None,
+                final_logit_softcapping=cfg.logit_softcap or None, sliding_window=cfg.window or cfg.block_size,
+                query_pre_attn_scalar=round(cfg.attn_scale ** -2) if cfg.attn_scale else cfg.head_dim)
+
+
+def window_of(hf, arch):
+    """(window, window_pattern) of a config.json: its sliding window, and which layers use it (layer_types, or
+    Qwen2's max_window_layers); the pattern is the shortest that repeats to the layers' kinds."""
+    window = hf.get("sliding_window") or 0
+    if arch == "qwen2" and not hf.get("use_sliding_window"):
+        window = 0
+    n = hf["num_hidden_layers"]
+    kinds = ["S" if t == "sliding_attention" else "L" for t in hf.get("layer_types") or []]
+    if arch == "qwen2" and window and not kinds:
+        kinds = ["L" if i < hf.get("max_window_layers", n) else "S" for i in range(n)]
+    if not window or not kinds:
+        return window, "S"
+    period = next(p for p in range(1, n + 1) if all(kinds[i] == kinds[i % p] for i in range(n)))
+    return window, "".join(kinds[:period])
 
 
 def config_from_hf(hf, where):
@@ -162,163 +210,42 @@ def config_from_hf(hf, where):
                           n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
                           mlp=HF_ACTIVATIONS[act], bias=True, tie_weights=hf.get("tie_word_embeddings", True),
                           pos_emb="learned", norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5))
-    if arch in ("llama", "qwen3"):
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        heads, width = hf["num_attention_heads"], hf["hidden_size"]
-        checks = (("attention_bias", hf.get("attention_bias")), ("mlp_bias", hf.get("mlp_bias")),
-                  ("hidden_act", hf.get("hidden_act", "silu") != "silu"),
-                  ("rope_scaling", rope.get("rope_type", rope.get("type", "default")) != "default"),
-                  ("use_sliding_window", hf.get("use_sliding_window")))
-        unsupported = [k for k, bad in checks if bad]
-        if unsupported:
-            die(f"{where}: {unsupported[0]}={hf.get(unsupported[0], rope)!r} has no yoctoGPT equivalent")
-        return arch, dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
-                          n_layer=hf["num_hidden_layers"], n_head=heads,
-                          n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=width,
-                          mlp_hidden=hf["intermediate_size"], mlp="swiglu", bias=False,
-                          tie_weights=hf.get("tie_word_embeddings", arch == "qwen3"), pos_emb="rope", norm="rmsnorm",
-                          norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=arch == "qwen3",
-                          qk_norm_scale=arch == "qwen3", head_dim=hf.get("head_dim") or width // heads,
-                          rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta", 10000.0)))
-    die(f"{where}: model_type={arch!r} is not one yoctoGPT imports (gpt2, llama, qwen3)")
+    if arch not in FAMILIES:
+        die(f"{where}: model_type={arch!r} is not one yoctoGPT imports (gpt2, {', '.join(FAMILIES)})")
+    return arch, family_config(hf, arch, where)
 
 
-# -----------------------------------------------------------------------------
-# tokenizers
-
-
-def token_ids(meta):
-    """BOS and EOS ids of a checkpoint's tokenizer (None where it has none)."""
-    kind = (meta or {}).get("tokenizer")
-    if kind == "gpt2":
-        return dict(bos=50256, eos=50256)
-    if kind == "bpe":
-        tok = load_tokenizer(meta)
-        return dict(bos=tok.bos_id, eos=tok.eos_id)
-    return dict(bos=None, eos=None)
-
-
-def char_tokenizer(chars):
-    """A tokenizers.Tokenizer with one token per character, ids as in our vocabulary."""
-    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
-    tok.decoder = decoders.Fuse()  # and joined back without spaces
-    return tok
-
-
-def bytes_to_unicode():
-    """GPT-2's printable stand-in character for each byte (byte-level BPE vocabularies are written in them)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
-
-
-def tiktoken_tokenizer(enc):
-    """tiktoken's byte-level BPE (GPT-2's) as a tokenizers.Tokenizer: the vocabulary in GPT-2's characters and
-    each token's merge recovered by running BPE on its bytes with the lower ranks only."""
-    ranks, char = enc._mergeable_ranks, bytes_to_unicode()
-    text = lambda b: "".join(char[x] for x in b)
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        parts = [bytes([b]) for b in token]
-        while len(parts) > 2:  # merge the lowest-ranked adjacent pair until two parts are left
-            i = min(range(len(parts) - 1), key=lambda j: ranks.get(parts[j] + parts[j + 1], rank))
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        if len(parts) == 2:
-            merges.append((text(parts[0]), text(parts[1])))
-    tok = Tokenizer(models.BPE({text(t): r for t, r in ranks.items()}, merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = sorted(enc._special_tokens, key=enc._special_tokens.get)
-    tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
-    return tok
-
-
-def export_tokenizer(meta, dest, block_size):
-    """tokenizer.json and tokenizer_config.json in dest, so AutoTokenizer encodes text to our ids."""
-    kind, specials = meta.get("tokenizer"), {}
-    if kind == "char":
-        tok = char_tokenizer(meta["vocab"])
-    elif kind == "bpe":
-        tok = Tokenizer.from_str(meta["tokenizer_json"])
-        specials = {f"{k}_token": meta.get(f"{k}_token", name) for k, name in (("bos", BOS), ("eos", EOS))}
-    else:
-        tok = tiktoken_tokenizer(gpt2_encoding())
-        specials = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    atomic_write(os.path.join(dest, "tokenizer.json"), lambda f: f.write(tok.to_str(pretty=True)))
-    specials = {k: v for k, v in specials.items() if tok.token_to_id(v) is not None}
-    specials.update(meta.get("special_tokens", {}))  # an imported model's own names, as its template uses them
-    if meta.get("chat_template"):  # a chat model: apply_chat_template renders as chat.py does
-        template = meta["chat_template"]
-        specials["chat_template"] = jinja(template) if isinstance(template, dict) else template
-    write_json(os.path.join(dest, "tokenizer_config.json"),
-               dict(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False,
-                    model_max_length=block_size, add_bos_token=False, **specials))
-
-
-def meta_from_hf(folder, arch, vocab_size):
-    """Our meta (the tokenizer) for a Hugging Face folder, or None when it has no tokenizer.json; one line when its
-    tokenizer.json cannot encode and decode text (checked here, not first at sampling time)."""
-    path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(path):
-        return dict(GPT2_META) if arch == "gpt2" and vocab_size == 50257 else None
-    with open(path, encoding="utf-8") as f:
-        text = f.read()  # kept verbatim: warm starts compare it with a dataset's tokenizer.json
-    try:
-        spec = json.loads(text)
-        vocab = spec["model"].get("vocab") or {}
-        if spec["model"]["type"] == "WordLevel" and vocab and all(len(c) == 1 for c in vocab):  # a character each
-            meta = dict(tokenizer="char", vocab=sorted(vocab, key=vocab.get), vocab_size=len(vocab), dtype="uint16")
-        elif len(vocab) == 50257 - 1 and arch == "gpt2":  # GPT-2's own BPE: tiktoken's, as our gpt2 datasets use
-            return dict(GPT2_META)
-        else:
-            config = os.path.join(folder, "tokenizer_config.json")
-            settings = read_json(config, "tokenizer_config.json") if os.path.isfile(config) else {}
-            names = {k: v.get("content") if isinstance(v, dict) else v
-                     for k in ("bos_token", "eos_token") if (v := settings.get(k))}
-            meta = dict(tokenizer="bpe", tokenizer_json=text, **names)
-        tok = check_tokenizer(meta)
-        meta.update(vocab_size=tok.vocab_size, dtype=token_dtype(tok.vocab_size), **chat_template_meta(folder, tok))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        die(f"{path} is not a usable Hugging Face tokenizer.json ({type(e).__name__}: {str(e)[:160]}); "
-            f"replace it with the model's own tokenizer.json")
-    return meta
-
-
-def tokenizer_meta(folder):
-    """The meta of a Hugging Face folder's tokenizer alone (prepare_bpe.py --tokenizer=hf:...)."""
-    config = os.path.join(folder, "config.json")
-    arch = read_json(config, "config.json").get("model_type") if os.path.isfile(config) else None
-    meta = meta_from_hf(folder, arch, 0)
-    if meta is None:
-        die(f"{folder} has no tokenizer.json; give a model folder (or hub id) that has one")
-    return meta
-
-
-def chat_template_meta(folder, tok):
-    """A Hugging Face folder's chat template (tokenizer_config.json's chat_template, chat_template.jinja or
-    chat_template.json), the special tokens it may name and the ids that end a turn (its eos_token and
-    generation_config.json's eos_token_id); {} when it has none."""
-    config = os.path.join(folder, "tokenizer_config.json")
-    settings = read_json(config, "tokenizer_config.json") if os.path.isfile(config) else {}
-    template = settings.get("chat_template")
-    if isinstance(template, list):  # named templates: the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if not template and os.path.isfile(os.path.join(folder, "chat_template.jinja")):
-        with open(os.path.join(folder, "chat_template.jinja"), encoding="utf-8") as f:
-            template = f.read()
-    if not template and os.path.isfile(os.path.join(folder, "chat_template.json")):
-        template = read_json(os.path.join(folder, "chat_template.json"), "chat_template.json").get("chat_template")
-    if not template:
-        return {}
-    specials = {k: v.get("content") if isinstance(v, dict) else v
-                for k in ("bos_token", "eos_token", "unk_token", "pad_token")
-                if isinstance(v := settings.get(k), (str, dict))}
-    generation = os.path.join(folder, "generation_config.json")
-    eos = read_json(generation, "generation_config.json").get("eos_token_id") if os.path.isfile(generation) else None
-    to_id = tok.tok.token_to_id if hasattr(tok, "tok") else tok.stoi.get
-    stops = ([eos] if isinstance(eos, int) else list(eos or [])) + [to_id(specials.get("eos_token") or "")]
-    return dict(chat_template=template, special_tokens=specials, stop_ids=sorted({i for i in stops if i is not None}))
+def family_config(hf, arch, where):
+    """Our config fields for a config.json of one of FAMILIES."""
+    gemma, rope = arch == "gemma3_text", hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    local = rope.get("sliding_attention", {}) if gemma else {}
+    rope = rope.get("full_attention", rope) if gemma else rope
+    heads, width = hf["num_attention_heads"], hf["hidden_size"]
+    act = hf.get("hidden_activation" if gemma else "hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    checks = (("attention_bias", hf.get("attention_bias")), ("mlp_bias", hf.get("mlp_bias")),
+              ("hidden_act", act != ("gelu_pytorch_tanh" if gemma else "silu")),
+              ("rope_scaling", rope.get("rope_type", rope.get("type", "default")) != "default"),
+              ("partial_rotary_factor", rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1)) != 1),
+              ("attn_logit_softcapping", hf.get("attn_logit_softcapping")),
+              ("use_bidirectional_attention", hf.get("use_bidirectional_attention")))
+    unsupported = [k for k, bad in checks if bad]
+    if unsupported:
+        die(f"{where}: {unsupported[0]}={hf.get(unsupported[0], rope)!r} has no yoctoGPT equivalent (it is left out: "
+            f"the {arch} models that use it do not import)")
+    window, pattern = window_of(hf, arch)
+    theta = float(rope.get("rope_theta") or hf.get("rope_theta", 1e6 if gemma else 10000.0))
+    head_dim = hf.get("head_dim") or width // heads
+    return dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+                n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=width,
+                mlp_hidden=hf["intermediate_size"], mlp="geglu_tanh" if gemma else "swiglu", bias=False,
+                qkv_bias=arch == "qwen2", tie_weights=hf.get("tie_word_embeddings", arch in ("qwen3", "gemma3_text")),
+                pos_emb="rope", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+                qk_norm=arch in ("qwen3", "gemma3_text"), qk_norm_scale=arch in ("qwen3", "gemma3_text"),
+                head_dim=head_dim, rope_theta=theta, window=window, window_pattern=pattern, post_norm=gemma,
+                scale_emb=gemma, logit_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+                attn_scale=hf.get("query_pre_attn_scalar", head_dim) ** -0.5 if gemma else 0.0,
+                rope_local_theta=float(local.get("rope_theta") or hf.get("rope_local_base_freq", 10000.0)) if gemma
+                else 0.0)
 
 
 def hub_folder(spec):

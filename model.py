@@ -32,18 +32,28 @@ class GPTConfig:
     head_dim: int = 0  # width of each attention head; 0 = n_embd // n_head (Qwen3 sets it apart)
     dropout: float = 0.0  # dropout on attention weights and residual branches (0.0 for pretraining)
     bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2: True)
+    qkv_bias: bool = False  # biases on the q, k, v projections even where bias=False (Qwen2/2.5)
     tie_weights: bool = True  # share the token embedding with the lm_head
     pos_emb: str = "learned"  # position encoding: "learned" (GPT-2) | "rope" (rotary, on q and k)
     rope_theta: float = 10000.0  # RoPE base frequency
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_affine: bool = True  # learnable scale (and LayerNorm bias when bias=True) in every norm
     norm_eps: float = 0.0  # epsilon of every norm; 0 = torch's default (1e-5 LayerNorm, float eps RMSNorm)
-    # "gelu" (exact, nanoGPT) | "gelu_tanh" (OpenAI GPT-2's) | "swiglu" (Llama) | "relu2" (modded-nanogpt)
+    # "gelu" (exact, nanoGPT) | "gelu_tanh" (OpenAI GPT-2's) | "swiglu" (Llama) | "geglu_tanh" (Gemma: gated, tanh
+    # GELU) | "relu2" (modded-nanogpt)
     mlp: str = "gelu"
-    mlp_hidden: int = 0  # MLP hidden width; 0 = 4*n_embd (gelu, relu2) or 8/3*n_embd rounded up to 64 (swiglu)
+    mlp_hidden: int = 0  # MLP hidden width; 0 = 4*n_embd (gelu, relu2) or 8/3*n_embd rounded up to 64 (gated)
     qk_norm: bool = False  # RMS-normalise q and k per head before attention
     qk_norm_scale: bool = False  # with qk_norm: a learned scale per head dimension (Qwen3's q_norm / k_norm)
     logit_softcap: float = 0.0  # if > 0, logits = cap * tanh(logits / cap)
+    post_norm: bool = False  # also normalise each block's attention and MLP outputs before adding them (Gemma 3)
+    scale_emb: bool = False  # multiply the token embeddings by sqrt(n_embd) (Gemma)
+    attn_scale: float = 0.0  # attention's query scale; 0 = 1/sqrt(head_dim) (Gemma 3: query_pre_attn_scalar**-0.5)
+    window: int = 0  # sliding-window attention: a query sees itself and the window-1 tokens before it; 0 = off
+    # with window: the kind of each layer, the pattern repeated over the layers: S = sliding window, L = long (full
+    # causal) attention; "S" all windowed (Mistral), "SSSSSL" (Gemma 3), "SSSL" (nanochat)
+    window_pattern: str = "S"
+    rope_local_theta: float = 0.0  # RoPE base of the sliding-window layers; 0 = rope_theta (Gemma 3: 10,000 vs 1e6)
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels where the device has them) | "manual" (reference)
     grad_checkpoint: bool = False  # recompute each block's activations in backward (training only)
     # n >= 2: also embed the 2-, 3-, ..., n-grams ending at each token (hashed tables, summed into the input)
@@ -58,7 +68,7 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set head_dim)")
         self.head_dim = self.head_dim or self.n_embd // max(self.n_head, 1)
         if not self.mlp_hidden:
-            self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
+            self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp in GATED else 4 * self.n_embd
         self.validate()
 
     def describe(self):
@@ -68,7 +78,16 @@ class GPTConfig:
                 f"tie={self.tie_weights}{' qk_norm' if self.qk_norm else ''}{'(scaled)' if self.qk_norm_scale else ''}"
                 f"{f' head_dim={self.head_dim}' if self.head_dim * self.n_head != self.n_embd else ''}"
                 f"{f' softcap={self.logit_softcap:g}' if self.logit_softcap else ''}"
-                f"{f' ngram={self.ngram_emb}x{self.ngram_rows}' if self.ngram_emb else ''} {self.attn_impl}")
+                f"{f' ngram={self.ngram_emb}x{self.ngram_rows}' if self.ngram_emb else ''}"
+                f"{' qkv_bias' if self.qkv_bias else ''}{' post_norm' if self.post_norm else ''}"
+                f"{' scale_emb' if self.scale_emb else ''}"
+                f"{f' attn_scale={self.attn_scale:g}' if self.attn_scale else ''}"
+                f"{f' window={self.window}:{self.window_pattern}' if self.window else ''}"
+                f"{f' rope_local_theta={self.rope_local_theta:g}' if self.rope_local_theta else ''} {self.attn_impl}")
+
+    def is_local(self, layer):
+        """Whether layer attends through the sliding window."""
+        return self.window > 0 and self.window_pattern[layer % len(self.window_pattern)] == "S"
 
     def validate(self):
         """Check every field once; raise ValueError with a message that names the bad value."""
@@ -93,6 +112,11 @@ class GPTConfig:
                              f"overflow int64); use a smaller ngram_emb")
         if self.logit_softcap < 0 or self.norm_eps < 0 or self.rope_theta <= 0 or self.init_std <= 0:
             raise ValueError("logit_softcap and norm_eps must be >= 0, rope_theta and init_std > 0")
+        if self.window < 0 or self.attn_scale < 0 or self.rope_local_theta < 0:
+            raise ValueError("window, attn_scale and rope_local_theta must be >= 0 (0 = off)")
+        if not self.window_pattern or set(self.window_pattern) - set("SL"):
+            raise ValueError(f"window_pattern={self.window_pattern!r} must be letters S (sliding window) and L (full "
+                             f"attention), e.g. 'SSSL'")
 
 
 # Presets: bundles of fields that a run may still override one by one (see train.py's model_type).
@@ -133,30 +157,32 @@ def rms_norm(cfg, dim, affine=None):
 NORMS = {"layernorm": layer_norm, "rmsnorm": rms_norm}
 
 
-def swiglu(x):
-    a, b = x.chunk(2, dim=-1)
-    return F.silu(a) * b
+def gated(act, x):
+    gate, value = x.chunk(2, dim=-1)  # the MLP's first matmul makes both: (..., 2 * mlp_hidden)
+    return act(gate) * value
 
 
-ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "swiglu": swiglu,
-               "relu2": lambda x: F.relu(x).square()}
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "swiglu": partial(gated, F.silu),
+               "geglu_tanh": partial(gated, partial(F.gelu, approximate="tanh")), "relu2": lambda x: F.relu(x).square()}
+GATED = ("swiglu", "geglu_tanh")
 POS_EMBS = ("learned", "rope")
 
 
-def sdpa_attention(q, k, v, mask, dropout_p):
-    # q: (B, n_head, Tq, hs); k, v: (B, n_kv_head, Tk, hs); mask: None (causal), (Tq, Tk) or (B, 1, Tq, Tk) bool
+def sdpa_attention(q, k, v, mask, dropout_p, scale=None):
+    # q: (B, n_head, Tq, hs); k, v: (B, n_kv_head, Tk, hs); mask: None (causal), (Tq, Tk) or (B, 1, Tq, Tk) bool;
+    # scale: of the scores, None = 1/sqrt(hs)
     if q.size(2) == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():  # decoding: inductor fuses the
-        return manual_attention(q, k, v, mask, dropout_p)  # explicit form; SDPA's kernel is ~50 us a call (+3%)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+        return manual_attention(q, k, v, mask, dropout_p, scale)  # explicit form; SDPA's kernel is ~50 us a call
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                           is_causal=mask is None, enable_gqa=q.size(1) != k.size(1))
 
 
-def manual_attention(q, k, v, mask, dropout_p):
+def manual_attention(q, k, v, mask, dropout_p, scale=None):
     # the reference that tests compare SDPA against: explicit scores, causal mask and softmax; the query heads grouped
     # by the key/value head they share, so grouped-query attention reads k and v as stored, with no copy
     B, nh, Tq, hs = q.shape
     q = q.view(B, k.size(1), nh // k.size(1), Tq, hs)
-    att = (q @ k.unsqueeze(2).transpose(-2, -1)) / math.sqrt(hs)  # (B, nkv, groups, Tq, Tk)
+    att = (q @ k.unsqueeze(2).transpose(-2, -1)) * (scale or 1 / math.sqrt(hs))  # (B, nkv, groups, Tq, Tk)
     if mask is None:
         mask = torch.ones(Tq, k.size(2), dtype=torch.bool, device=q.device).tril()
     att = att.masked_fill(~(mask if mask.dim() == 2 else mask[:, :, None]), float("-inf")).softmax(dim=-1)
@@ -185,13 +211,24 @@ def no_rope(x, cos, sin):
     return x
 
 
+def band(mask, positions, window):
+    """The sliding-window mask: where `mask` (None: causal over positions (T,); else (B, 1, T, span) over a KV cache's
+    slots, positions (B, T)) allows and the key is less than `window` positions back."""
+    if mask is None:
+        back = positions[:, None] - positions  # (T, T)
+        return (back >= 0) & (back < window)
+    return mask & (positions[:, None, :, None] - torch.arange(mask.size(-1), device=mask.device) < window)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head = layer, cfg.n_head, cfg.n_kv_head
-        self.head_size = cfg.head_dim
+        self.head_size, self.scale = cfg.head_dim, cfg.attn_scale or None
+        self.local = int(cfg.is_local(layer))  # which of the forward's (rope tables, mask) pairs: full or windowed
         # one matmul for q (n_head heads), k and v (n_kv_head heads each): nanoGPT's name and shape for plain MHA
-        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * self.head_size, bias=cfg.bias)
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * self.head_size,
+                                bias=cfg.bias or cfg.qkv_bias)
         self.c_proj = nn.Linear(cfg.n_head * self.head_size, cfg.n_embd, bias=cfg.bias)
         self.q_norm = rms_norm(cfg, self.head_size, affine=cfg.qk_norm_scale) if cfg.qk_norm else nn.Identity()
         self.k_norm = rms_norm(cfg, self.head_size, affine=cfg.qk_norm_scale) if cfg.qk_norm else nn.Identity()
@@ -200,11 +237,12 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None, positions=None, mask=None):
-        """x (B, T, C); with a KV cache, x continues its rows at `positions` (B, T) and attends where `mask`
-        (B, 1, T, span) allows: its own and earlier positions."""
+    def forward(self, x, ctx, cache=None, positions=None):
+        """x (B, T, C); ctx: the rotary tables and mask of full attention and of the window (the forward's). With a
+        KV cache, x continues its rows at `positions` (B, T) and attends where the mask (B, 1, T, span) allows: its
+        own and earlier positions (of them the last `window`, in a windowed layer)."""
         B, T, C = x.size()
-        hs = self.head_size
+        hs, (cos, sin, mask) = self.head_size, ctx[self.local]
         q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
         q = self.rope(self.q_norm(q.view(B, T, self.n_head, hs).transpose(1, 2)), cos, sin)  # (B, nh, T, hs)
         k = self.rope(self.k_norm(k.view(B, T, self.n_kv_head, hs).transpose(1, 2)), cos, sin)  # (B, nkv, T, hs)
@@ -212,7 +250,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # attend over the whole cache (mask None: plain causal attention over this chunk)
             k, v = cache.update(self.layer, k, v, positions)
             q = q.to(k.dtype)
-        y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0, self.scale)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs)
         return self.resid_dropout(self.c_proj(y))
 
@@ -220,8 +258,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        gated = 2 if cfg.mlp == "swiglu" else 1  # SwiGLU's c_fc makes the gate and the value at once
-        self.c_fc = nn.Linear(cfg.n_embd, gated * cfg.mlp_hidden, bias=cfg.bias)
+        width = 2 * cfg.mlp_hidden if cfg.mlp in GATED else cfg.mlp_hidden  # a gated c_fc: the gate and the value
+        self.c_fc = nn.Linear(cfg.n_embd, width, bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.mlp]
         self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -237,10 +275,12 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg, layer)
         self.ln_2 = NORMS[cfg.norm](cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
+        post = (lambda: NORMS[cfg.norm](cfg, cfg.n_embd)) if cfg.post_norm else nn.Identity  # Gemma's sandwich
+        self.post_attn_norm, self.post_mlp_norm = post(), post()
 
-    def forward(self, x, cos, sin, cache=None, positions=None, mask=None):
-        x = x + self.attn(self.ln_1(x), cos, sin, cache, positions, mask)
-        x = x + self.mlp(self.ln_2(x))
+    def forward(self, x, ctx, cache=None, positions=None):
+        x = x + self.post_attn_norm(self.attn(self.ln_1(x), ctx, cache, positions))
+        x = x + self.post_mlp_norm(self.mlp(self.ln_2(x)))
         return x
 
 
@@ -260,7 +300,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.transformer.wte.weight = self.lm_head.weight  # https://paperswithcode.com/method/weight-tying
-        for name in ("rope_cos", "rope_sin", "rope_index"):  # rotary tables, positions: derived, not in the state dict
+        # rotary tables (the windowed layers' own with rope_local_theta), positions: derived, not in the state dict
+        for name in ("rope_cos", "rope_sin", "rope_local_cos", "rope_local_sin", "rope_index"):
             self.register_buffer(name, None, persistent=False)
         if not self.lm_head.weight.is_meta:  # (on the meta device: parallel.shard calls it once the model is sharded)
             self.init_weights()
@@ -279,8 +320,10 @@ class GPT(nn.Module):
             whole = torch.empty(p.shape, device="cpu").normal_(0.0, std, generator=g) if p.dim() >= 2 else (
                 torch.zeros(p.shape, device="cpu") if name.endswith("bias") else torch.ones(p.shape, device="cpu"))
             assign(p, whole)
-        tables = *rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta), torch.arange(cfg.block_size)
-        self.rope_cos, self.rope_sin, self.rope_index = (t.to(self.lm_head.weight.device) for t in tables)
+        local = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_local_theta) if cfg.rope_local_theta else (None,) * 2
+        tables = *rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta), *local, torch.arange(cfg.block_size)
+        (self.rope_cos, self.rope_sin, self.rope_local_cos, self.rope_local_sin,
+         self.rope_index) = (None if t is None else t.to(self.lm_head.weight.device) for t in tables)
 
     def num_params(self, non_embedding=True):
         """Parameter count; by default without the position embedding (as nanoGPT reports it)."""
@@ -307,6 +350,8 @@ class GPT(nn.Module):
 
         # embeddings: tokens, learned positions, n-gram tables
         x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.scale_emb:
+            x = x * math.sqrt(self.config.n_embd)
         if self.transformer.wpe is not None:
             x = x + self.transformer.wpe(positions)
         for table, ids in zip(self.transformer.nte, self.ngram_ids(idx, history), strict=True):
@@ -314,12 +359,12 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
 
         # the blocks
-        cos, sin = self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3)  # (1|B, 1, T, hs/2)
+        ctx = self.attention_context(positions, mask)
         for block in self.transformer.h:
             if self.config.grad_checkpoint and self.training:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, ctx, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache, positions, mask)
+                x = block(x, ctx, cache, positions)
         if cache is not None:
             cache.advance(idx)
 
@@ -335,6 +380,17 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="sum",
                                label_smoothing=label_smoothing) / (targets != -1).sum().clamp(min=1)  # 0 if all ignored
         return logits, loss
+
+    def attention_context(self, positions, mask):
+        """(cos, sin, mask) of full attention, and of the sliding window where the model has one: the rotary tables at
+        positions, (1|B, 1, T, hs/2) each, and the mask (None: causal)."""
+        table = lambda t: t[positions].unsqueeze(-3)
+        ctx = [(table(self.rope_cos), table(self.rope_sin), mask)]
+        if self.config.window:
+            local = (self.rope_local_cos, self.rope_local_sin) if self.config.rope_local_theta else ctx[0][:2]
+            ctx.append((*(table(t) if self.config.rope_local_theta else t for t in local),
+                        band(mask, positions, self.config.window)))
+        return ctx
 
     def ngram_ids(self, idx, history):
         """Table rows of the 2-, ..., n-grams ending at each token of idx (B, T), given the n-1 tokens before

@@ -9,7 +9,8 @@ import pickle
 
 from dataset import read_json
 from errors import die
-from hf import GPT2_META, IGNORED
+from hf import IGNORED
+from hf_tokenizer import GPT2_META
 from model import GPTConfig
 
 

@@ -33,7 +33,8 @@ from configurator import POSITIVE, check, configure
 from dataset import atomic_write, check_out_dir, find_documents, make_out_dir, read_json, token_dtype, write_json
 from errors import die
 from gguf_file import gguf_tokenizer
-from hf import hub_folder, tokenizer_meta
+from hf import hub_folder
+from hf_tokenizer import tokenizer_meta
 from sft import is_chat_input, read_conversations, write_chat_dataset
 from tokenizer import BOS, EOS, UNK, BPETokenizer, TiktokenTokenizer, check_tokenizer, gpt2_encoding
 

@@ -133,7 +133,7 @@ def test_the_models_own_template_renders_as_apply_chat_template(hub, repo):
     """System prompts, defaults, several turns, with and without the generation prompt: our ids are
     transformers' apply_chat_template ids, token for token."""
     from chat_templates import JinjaTemplate, template_for
-    from hf import meta_from_hf
+    from hf_tokenizer import meta_from_hf
     from tokenizer import load_tokenizer
     folder = hub["folders"][repo]
     meta = meta_from_hf(str(folder), REPOS[repo][0], 0)

@@ -195,7 +195,7 @@ def test_nanogpt_meta_pkl_is_never_executed_and_a_missing_vocabulary_says_where_
 def test_bpe_and_gpt2_tokenizers_export_to_the_same_ids(tmp_path, monkeypatch):
     from test_prepare_bpe import small_tiktoken
 
-    import hf as hf_interop
+    import hf_tokenizer as hf_interop
     from tokenizer import load_tokenizer
     (tmp_path / "t.txt").write_text("A tokenizer for tests: spaces,  tabs\t and ünïcode 😀.\n" * 40, encoding="utf-8")
     run("prepare_bpe.py", "--input=t.txt", "--vocab_size=300", cwd=tmp_path)

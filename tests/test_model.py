@@ -26,6 +26,8 @@ VARIANTS = [dict(model_type=p) for p in PRESETS] + [
     dict(model_type="gpt_fast", attn_impl="manual", norm="layernorm", bias=True),
     dict(model_type="gpt", mlp="relu2", pos_emb="rope", norm_affine=False, grad_checkpoint=True),
     dict(model_type="gpt_fast", ngram_emb=3, ngram_rows=101),
+    dict(model_type="gpt_plus", mlp="geglu_tanh", post_norm=True, scale_emb=True, qkv_bias=True, qk_norm=True,  # Gemma 3
+         window=8, window_pattern="SL", rope_local_theta=100.0, attn_scale=0.2, grad_checkpoint=True),
 ]
 
 
@@ -190,7 +192,32 @@ def test_full_kv_heads_is_plain_multi_head():
     x = torch.randn(2, 10, 32)
     causal = torch.ones(10, 10, dtype=torch.bool).triu(1)  # True = masked
     expected, _ = mha(x, x, x, attn_mask=causal, need_weights=False)
-    assert torch.allclose(attn(x, model.rope_cos, model.rope_sin, None), expected, atol=1e-5)
+    assert torch.allclose(attn(x, [(model.rope_cos, model.rope_sin, None)]), expected, atol=1e-5)
+
+
+def test_sliding_window_sees_only_its_window_in_training_and_in_the_kv_cache():
+    """One windowed layer: the last logits ignore a token `window` or more positions back (and see one inside it);
+    decoding token by token through the KV cache, past the window, gives the full forward's logits; a window as
+    long as the block is full attention."""
+    one = dict(TINY, n_layer=1)
+    make = lambda **f: GPT(config_from_preset("gpt_plus", **one, **f))
+    torch.manual_seed(0)
+    model = make(window=4)
+    x = torch.randint(0, 20, (1, 12))
+    moved = lambda i: x.index_put((torch.tensor([0]), torch.tensor([i])), (x[0, i] + 1) % 20)
+    with torch.no_grad():
+        last = model(x)[0]
+        assert torch.equal(model(moved(7))[0], last)  # 11 - 7 = 4: outside the window
+        assert not torch.allclose(model(moved(8))[0], last)  # 3 back: inside
+        full = model(x, x)[0]
+        cache = KVCache(model.config, 1, "cpu")
+        steps = torch.cat([model(x[:, t:t + 1], cache=cache)[0] for t in range(12)], dim=1)
+        assert torch.allclose(steps, full, atol=1e-5)
+        wide = make(window=24, window_pattern="SL")
+        wide.load_state_dict(model.state_dict())
+        plain = make()
+        plain.load_state_dict(model.state_dict())
+        assert torch.allclose(wide(x, x)[0], plain(x, x)[0], atol=1e-6)
 
 
 def test_mqa_cache_is_n_head_times_smaller():
