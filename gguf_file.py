@@ -20,11 +20,17 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from chat_templates import jinja
 from errors import die
 from hf import hf_arch, to_hf
-from hf_tokenizer import bytes_to_unicode, token_ids
+from hf_tokenizer import bytes_to_unicode, tiktoken_tokenizer, token_ids
 from model import config_from_dict
+from tokenizer import gpt2_encoding
 
 PIP = "pip install gguf"
-ARCHS = ("llama", "qwen3")  # llama.cpp's names of the architectures we represent, as Hugging Face's model_type
+# llama.cpp's names of the architectures we represent -> Hugging Face's model_type
+ARCHS = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "phi3": "phi3"}
+# the Hugging Face architecture a run exports as -> llama.cpp's (a Mistral is its llama, as its converter has it)
+GGUF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+              "gemma3_text": "gemma3"}
+GEMMA_SWA_EVERY = 6  # llama.cpp's gemma3: every sixth layer global, the others windowed with RoPE base 10,000
 CONTROL = 3  # llama.cpp's token type of a special token (<|im_end|>, say)
 # llama.cpp's pre-tokenizers (tokenizer.ggml.pre) other than GPT-2's own, as tokenizers' pieces
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -101,35 +107,69 @@ def hf_config(meta, names, where):
     def key(name, default=None):
         return meta.get(f"{arch}.{name}", default)
     scaling = key("rope.scaling.type", "none")
-    if scaling not in ("none", None):
+    if scaling not in ("none", None) or "rope_factors_long.weight" in names:
         die(f"{where}: rope scaling {scaling!r} has no yoctoGPT equivalent")
-    heads, width = key("attention.head_count"), key("embedding_length")
-    return dict(model_type=arch, vocab_size=len(meta["tokenizer.ggml.tokens"]), hidden_size=width,
-                max_position_embeddings=key("context_length"), num_hidden_layers=key("block_count"),
-                num_attention_heads=heads, num_key_value_heads=key("attention.head_count_kv", heads),
-                intermediate_size=key("feed_forward_length"), rms_norm_eps=key("attention.layer_norm_rms_epsilon"),
-                rope_theta=float(key("rope.freq_base", 10000.0)), head_dim=key("attention.key_length", width // heads),
-                tie_word_embeddings="output.weight" not in names, hidden_act="silu")
+    heads, width, vocab = key("attention.head_count"), key("embedding_length"), len(meta["tokenizer.ggml.tokens"])
+    tied = "output.weight" not in names
+    if arch == "gpt2":
+        return dict(model_type="gpt2", vocab_size=vocab, n_positions=key("context_length"), n_embd=width,
+                    n_layer=key("block_count"), n_head=heads, n_inner=key("feed_forward_length"),
+                    layer_norm_epsilon=key("attention.layer_norm_epsilon"), activation_function="gelu_new",
+                    tie_word_embeddings=tied)
+    head_dim = key("attention.key_length", width // heads)
+    if key("rope.dimension_count", head_dim) != head_dim:
+        die(f"{where}: rotary embeddings on part of each head (partial rotary) have no yoctoGPT equivalent")
+    config = dict(model_type=ARCHS[arch], vocab_size=vocab, hidden_size=width,
+                  max_position_embeddings=key("context_length"), num_hidden_layers=key("block_count"),
+                  num_attention_heads=heads, num_key_value_heads=key("attention.head_count_kv", heads),
+                  intermediate_size=key("feed_forward_length"), rms_norm_eps=key("attention.layer_norm_rms_epsilon"),
+                  rope_theta=float(key("rope.freq_base", 10000.0)), head_dim=head_dim, tie_word_embeddings=tied,
+                  sliding_window=key("attention.sliding_window"), use_sliding_window=False)
+    if arch == "gemma3":
+        window = key("attention.sliding_window") or config["max_position_embeddings"]
+        config.update(sliding_window=window, query_pre_attn_scalar=head_dim, rope_local_base_freq=10000.0,
+                      final_logit_softcapping=key("final_logit_softcapping"), layer_types=[
+                          "full_attention" if (i + 1) % GEMMA_SWA_EVERY == 0 else "sliding_attention"
+                          for i in range(config["num_hidden_layers"])])
+    return config
 
 
-# llama.cpp's tensor names and Hugging Face's (llama, qwen3): the model's own, then each block's parts
-HF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-            "output.weight": "lm_head.weight"}
+# Hugging Face's tensor names -> llama.cpp's: the model's own, then each block's parts (the decoder families'; Gemma 3's
+# and Phi-3's differences; GPT-2's)
+GGUF_NAMES = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
 LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
                "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
-               "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-HF_LAYER_NAMES = {v: k for k, v in LAYER_NAMES.items()}  # llama.cpp's -> Hugging Face's
+               "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "self_attn.qkv_proj": "attn_qkv",
+               "mlp.gate_up_proj": "ffn_up"}
+GEMMA_NAMES = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"}
+GPT2_NAMES = {"transformer.wte.weight": "token_embd", "transformer.wpe.weight": "position_embd",
+              "transformer.ln_f.weight": "output_norm", "transformer.ln_f.bias": "output_norm",
+              "lm_head.weight": "output"}
+GPT2_LAYER_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+                    "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
 FILE_TYPES = dict(f32=0, f16=1, q4_0=2, q8_0=7, bf16=32)  # general.file_type, llama.cpp's LlamaFileType
 
 
-def hf_name(name):
+def name_maps(arch):
+    """(whole-model names, per-layer names, Hugging Face's layer prefix) of llama.cpp's arch: Hugging Face's -> its."""
+    if arch == "gpt2":
+        return GPT2_NAMES, GPT2_LAYER_NAMES, "transformer.h."
+    layers = {**LAYER_NAMES, **GEMMA_NAMES} if arch == "gemma3" else LAYER_NAMES
+    if arch == "phi3":
+        layers = {k: v for k, v in layers.items() if k != "mlp.up_proj"}  # its ffn_up is gate and up, fused
+    return GGUF_NAMES, layers, "model.layers."
+
+
+def hf_name(name, arch):
     """A llama.cpp tensor name as Hugging Face's."""
-    if name in HF_NAMES:
-        return HF_NAMES[name]
-    _, i, part = name.split(".", 2)
-    stem, suffix = part.rsplit(".", 1)
-    return f"model.layers.{i}.{HF_LAYER_NAMES.get(stem, stem)}.{suffix}"
+    whole, layers, prefix = name_maps(arch)
+    stem, suffix = name.rsplit(".", 1)
+    if not stem.startswith("blk."):
+        return next(k for k, v in whole.items() if v == stem and k.endswith(suffix))
+    _, i, part = stem.split(".", 2)
+    return f"{prefix}{i}.{next((k for k, v in layers.items() if v == part), part)}.{suffix}"
 
 
 def unpermute(w, heads):
@@ -149,11 +189,29 @@ def hf_tensors(reader, config, where):
             die(f"{where}: tensor {t.name} is of type {t.tensor_type.name}, which the gguf package cannot "
                 f"dequantize; convert the file to another type (llama.cpp's llama-quantize)")
         w = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(tuple(reversed(t.shape.tolist())))  # a copy
-        name = hf_name(t.name)
-        if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = unpermute(w, config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"])
-        out[name] = w
+        arch = config["model_type"]
+        name = hf_name(t.name, {"gemma3_text": "gemma3"}.get(arch, arch))
+        out[name] = to_hf_layout(w, name, config, arch)
     return out
+
+
+def to_hf_layout(w, name, config, arch):
+    """A tensor as llama.cpp stores it -> as Hugging Face does: Llama's q/k rows un-interleaved, Gemma's norm scales
+    without the 1 llama.cpp adds, GPT-2's matrices transposed (its Conv1D)."""
+    if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        return unpermute(w, config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"])
+    if arch == "gemma3_text" and name.endswith("norm.weight"):
+        return w - 1
+    return w.t() if arch == "gpt2" and w.dim() == 2 and ".h." in name else w
+
+
+def from_hf_layout(w, name, cfg, arch):
+    """to_hf_layout's inverse, for a tensor under Hugging Face's name: as llama.cpp's arch stores it."""
+    if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        return permute(w, cfg.n_head if "q_proj" in name else cfg.n_kv_head)
+    if arch == "gemma3" and name.endswith("norm.weight"):
+        return w + 1
+    return w.t().contiguous() if arch == "gpt2" and w.dim() == 2 and ".h." in name else w
 
 
 def tokenizer_meta(meta, where):
@@ -202,27 +260,18 @@ def write_gguf(record, dest, kind="f16"):
     except ImportError:
         die(f"--to=gguf needs the gguf package: {PIP}")
     cfg = config_from_dict(record.model_config)
-    arch = hf_arch(cfg)
-    if arch not in ARCHS:
-        die(f"a {arch}-layout model has no GGUF export yet; models of the gpt_plus preset (Llama, Qwen3) export")
+    arch, hf = gguf_arch(cfg)
     tmp = dest + ".tmp"
     writer = gguf.GGUFWriter(tmp, arch)
-    hs = cfg.head_dim
     writer.add_name(os.path.splitext(os.path.basename(dest))[0])
-    for add, value in ((writer.add_block_count, cfg.n_layer), (writer.add_context_length, cfg.block_size),
-                       (writer.add_embedding_length, cfg.n_embd), (writer.add_feed_forward_length, cfg.mlp_hidden),
-                       (writer.add_head_count, cfg.n_head), (writer.add_head_count_kv, cfg.n_kv_head),
-                       (writer.add_key_length, hs), (writer.add_value_length, hs),
-                       (writer.add_rope_dimension_count, hs), (writer.add_rope_freq_base, cfg.rope_theta),
-                       (writer.add_layer_norm_rms_eps, cfg.norm_eps or torch.finfo(torch.float32).eps),
-                       (writer.add_vocab_size, cfg.vocab_size), (writer.add_file_type, FILE_TYPES[kind])):
-        add(value)
+    write_hparams(writer, cfg, arch, kind)
     write_tokenizer(writer, record.meta or {}, cfg.vocab_size)
-    names = {v: k for k, v in HF_NAMES.items()}  # Hugging Face's -> llama.cpp's
-    for name, w in to_hf(cfg, record.model, arch).items():
-        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = permute(w, cfg.n_head if "q_proj" in name else cfg.n_kv_head)
-        add_tensor(writer, gguf_name(name, names), w.numpy(), kind)
+    whole, layers, prefix = name_maps(arch)
+    for name, w in to_hf(cfg, record.model, hf).items():
+        stem, suffix = name.rsplit(".", 1)
+        i, part = stem.removeprefix(prefix).split(".", 1) if stem.startswith(prefix) else (None, stem)
+        add_tensor(writer, f"{whole[name]}.{suffix}" if i is None else f"blk.{i}.{layers[part]}.{suffix}",
+                   from_hf_layout(w, name, cfg, arch).numpy(), kind)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -235,18 +284,49 @@ def write_gguf(record, dest, kind="f16"):
         die(f"could not write {dest} ({e.strerror}); free some space or make the folder writable")
 
 
+def gguf_arch(cfg):
+    """(llama.cpp's architecture, Hugging Face's) a config exports as, or one line for what llama.cpp would run
+    differently; a note for what it leaves out but runs alike within its limits."""
+    hf = hf_arch(cfg)
+    arch = GGUF_ARCHS.get(hf)
+    if arch is None:
+        die(f"a {hf} model has no llama.cpp architecture that runs it alike; export it to Hugging Face (--to=hf)")
+    if arch == "gemma3" and cfg.window and (
+            any(cfg.is_local(i) != bool((i + 1) % GEMMA_SWA_EVERY) for i in range(cfg.n_layer))
+            or (cfg.rope_local_theta or cfg.rope_theta) != 10000.0):
+        die(f"llama.cpp runs Gemma 3 with its own window pattern (SSSSSL) and local RoPE base (10000); this model's "
+            f"are {cfg.window_pattern} and {cfg.rope_local_theta or cfg.rope_theta:g}: export it with --to=hf")
+    if arch == "gemma3" and (cfg.attn_scale not in (0.0, cfg.head_dim ** -0.5) or cfg.logit_softcap):
+        die("llama.cpp's Gemma 3 scales queries by 1/sqrt(head_dim) and caps no logits; export it with --to=hf")
+    if hf == "mistral":
+        print(f"note: llama.cpp's llama attends over the whole context, with no sliding window of {cfg.window}: its "
+              f"logits differ from ours past the window")
+    if arch == "gpt2" and cfg.mlp == "gelu":
+        print("note: llama.cpp's gpt2 computes GELU in its tanh form: its logits differ from ours slightly")
+    return arch, hf
+
+
+def write_hparams(writer, cfg, arch, kind):
+    """The architecture's numbers in llama.cpp's keys."""
+    hs = cfg.head_dim
+    rope = () if arch == "gpt2" else (
+        (writer.add_head_count_kv, cfg.n_kv_head), (writer.add_key_length, hs), (writer.add_value_length, hs),
+        (writer.add_rope_dimension_count, hs), (writer.add_rope_freq_base, cfg.rope_theta),
+        (writer.add_layer_norm_rms_eps, cfg.norm_eps or torch.finfo(torch.float32).eps))
+    for add, value in ((writer.add_block_count, cfg.n_layer), (writer.add_context_length, cfg.block_size),
+                       (writer.add_embedding_length, cfg.n_embd), (writer.add_feed_forward_length, cfg.mlp_hidden),
+                       (writer.add_head_count, cfg.n_head), *rope, (writer.add_vocab_size, cfg.vocab_size),
+                       (writer.add_file_type, FILE_TYPES[kind])):
+        add(value)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(cfg.norm_eps or 1e-5)
+    if arch == "gemma3" and cfg.window:
+        writer.add_sliding_window(cfg.window)
+
+
 def permute(w, heads):
     """Hugging Face's q (k) rows in llama.cpp's interleaved order for its RoPE kernel (unpermute's inverse)."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def gguf_name(name, names):
-    """A Hugging Face tensor name as llama.cpp's."""
-    if name in names:
-        return names[name]
-    _, _, i, stem = name.split(".", 3)
-    part, suffix = stem.rsplit(".", 1)
-    return f"blk.{i}.{LAYER_NAMES[part]}.{suffix}"
 
 
 def add_tensor(writer, name, w, kind):
@@ -267,6 +347,9 @@ def write_tokenizer(writer, meta, vocab_size):
     """The tokenizer in llama.cpp's metadata: a byte-level BPE's tokens (ids without a token padded as llama.cpp
     pads them), merges, token types and pre-tokenizer, the bos/eos ids and the chat template. Other vocabularies
     are refused: llama.cpp would not split text into the same tokens."""
+    if meta.get("tokenizer") == "gpt2":  # GPT-2's own (tiktoken's ranks), as a byte-level BPE
+        meta = dict(meta, tokenizer="bpe", tokenizer_json=tiktoken_tokenizer(gpt2_encoding()).to_str(),
+                    bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     if meta.get("tokenizer") != "bpe" or meta.get("word_level"):
         die(f"a model on {meta.get('tokenizer') or 'no'} vocabulary has no GGUF tokenizer llama.cpp splits text with "
             f"the same way; export models trained on a byte-level BPE (prepare_bpe.py) or imported ones")

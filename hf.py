@@ -95,7 +95,7 @@ def to_hf(cfg, state, arch):
     out = {}
     for ours, theirs, kind, sizes in layout(cfg, arch):
         if kind in ("ones", "zeros"):
-            out[theirs[0]] = getattr(torch, kind)(sizes) - (arch == "gemma3_text" and kind == "ones")
+            out[theirs[0]] = getattr(torch, kind)(sizes) - float(arch == "gemma3_text" and kind == "ones")
         elif kind == "cat":
             out.update(zip(theirs, state[ours].split(sizes, dim=0), strict=True))
         else:
@@ -117,7 +117,8 @@ def from_hf(cfg, tensors, arch, where):
             die(f"{where} has no tensor {missing[0]}; is it a {arch} model of the shape config.json describes?")
         tensors_ = [theirs.pop(n).float() for n in names]
         if kind in ("ones", "zeros"):
-            if not torch.equal(tensors_[0] + (arch == "gemma3_text" and kind == "ones"), getattr(torch, kind)(sizes)):
+            if not torch.equal(tensors_[0] + float(arch == "gemma3_text" and kind == "ones"),
+                               getattr(torch, kind)(sizes)):
                 die(f"{where}: {names[0]} is not all {kind[:-1]}s, which yoctoGPT's {arch} equivalent cannot represent")
         else:
             w = torch.cat(tensors_, dim=0)

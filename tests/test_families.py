@@ -30,7 +30,7 @@ FAMILIES = {
 def randomized(hf):
     """Random norm scales and biases too (a fresh model's are ones and zeros, which would hide a swapped tensor)."""
     with torch.no_grad():
-        for name, p in hf.named_parameters():
+        for p in hf.parameters():
             if p.dim() == 1:
                 p.copy_(torch.randn_like(p) * 0.3 + (0 if "gemma" in type(hf).__name__.lower() else 1))
     return hf.eval()

@@ -89,9 +89,10 @@ def test_a_file_that_is_not_gguf_or_is_missing_is_one_line(tmp_path):
         assert proc.returncode == 1 and len(lines) == 1 and words in lines[0], proc.stderr
 
 
-def bpe_run(folder, qk_norm=False):
-    """A run folder of a small random gpt_plus model (Llama layout; Qwen3's with qk_norm) on a byte-level BPE
-    trained here, with our chat template. Returns (its Source, its tokenizer)."""
+def bpe_run(folder, qk_norm=False, preset="gpt_plus", **fields):
+    """A run folder of a small random gpt_plus model (Llama layout; Qwen3's with qk_norm; another preset and fields
+    for the other families) on a byte-level BPE trained here, with our chat template. Returns (its Source, its
+    tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from chat_templates import CHAT_TOKENS, make_template
@@ -111,8 +112,8 @@ def bpe_run(folder, qk_norm=False):
     torch.manual_seed(0)
     # Qwen3: transformers' GGUF reader takes head_dim as 128 whatever the file says, so this model has that
     qwen3 = dict(qk_norm=True, qk_norm_scale=True, head_dim=128) if qk_norm else {}
-    model = GPT(config_from_preset("gpt_plus", n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64,
-                                   vocab_size=meta["vocab_size"], **qwen3))
+    shape = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64, **qwen3)
+    model = GPT(config_from_preset(preset, vocab_size=meta["vocab_size"], **{**shape, **fields}))
     for p in model.parameters():  # not the init's zeros and ones: every weight matters to the logits
         p.data.add_(torch.randn_like(p) * 0.05)
     source = Source(vars(model.config), model.state_dict(), meta)
@@ -151,19 +152,19 @@ def test_export_to_gguf_reads_back_and_transformers_loads_it(tmp_path, qk_norm):
 
 
 def test_gguf_export_refuses_what_llama_cpp_would_not_read_alike(trained, tmp_path):
-    """A layout llama.cpp has no architecture for (gpt_fast's ReLU²) and a character vocabulary (no GGUF tokenizer
-    llama.cpp splits the same way) are one line each, nothing written; an existing file is not overwritten."""
+    """A character vocabulary (no GGUF tokenizer llama.cpp splits the same way) and a layout llama.cpp has no
+    architecture for (gpt_fast's ReLU²) are one line each, nothing written; an existing file is not overwritten."""
     from checkpoint import save_checkpoint
     from model import GPT, config_from_preset
     proc = run("convert.py", "--out_dir=out-tiny", "--to=gguf", "--dest=tiny.gguf", cwd=trained, ok=False)
-    assert proc.returncode == 1 and "gpt_plus" in proc.stderr and not (trained / "tiny.gguf").exists()
+    assert proc.returncode == 1 and "vocabulary" in proc.stderr and not (trained / "tiny.gguf").exists()
     chars = sorted(set("abcdefgh \n"))
-    model = GPT(config_from_preset("gpt_plus", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=len(chars)))
-    os.makedirs(tmp_path / "char-run")
+    model = GPT(config_from_preset("gpt_fast", n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=len(chars)))
+    os.makedirs(tmp_path / "fast-run")
     save_checkpoint(dict(model=model.state_dict(), model_config=vars(model.config), meta=dict(
-        tokenizer="char", vocab=chars, vocab_size=len(chars), dtype="uint16")), str(tmp_path / "char-run" / "ckpt.pt"))
-    proc = run("convert.py", "--out_dir=char-run", "--to=gguf", "--dest=c.gguf", cwd=tmp_path, ok=False)
-    assert proc.returncode == 1 and "vocabulary" in proc.stderr and not (tmp_path / "c.gguf").exists()
+        tokenizer="char", vocab=chars, vocab_size=len(chars), dtype="uint16")), str(tmp_path / "fast-run" / "ckpt.pt"))
+    proc = run("convert.py", "--out_dir=fast-run", "--to=gguf", "--dest=c.gguf", cwd=tmp_path, ok=False)
+    assert proc.returncode == 1 and "relu2" in proc.stderr and not (tmp_path / "c.gguf").exists()
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     (trained / "kept.gguf").write_bytes(b"mine")
     proc = run("convert.py", "--out_dir=out-tiny", "--to=gguf", "--dest=kept.gguf", cwd=trained, ok=False)
@@ -187,6 +188,45 @@ def test_llama_cpp_runs_our_export_with_our_logits_and_greedy_tokens(tmp_path):
     with torch.no_grad():
         mine = model(torch.tensor([ids]), torch.tensor([ids]))[0][0]
     assert (torch.tensor(llm.scores[:len(ids)]) - mine).abs().max().item() <= 1e-3
+    llm.reset()
+    assert generate(model, [ids], 20, temperature=0)[0] == llama_greedy(llm, ids, 20)
+
+
+GGUF_FAMILIES = {  # llama.cpp's architecture: the run's preset and fields
+    # (transformers' GGUF reader takes GPT-2's positions as 1,024 whatever the file says: so many here)
+    "gpt2": ("gpt", dict(n_kv_head=4, mlp="gelu_tanh", tie_weights=False, block_size=1024)),
+    "qwen2": ("gpt_plus", dict(qkv_bias=True)),
+    "gemma3": ("gpt_plus", dict(n_layer=6, n_head=2, n_kv_head=1, head_dim=256, mlp="geglu_tanh", post_norm=True,
+                                scale_emb=True, window=4, window_pattern="SSSSSL",
+                                rope_theta=1e6, rope_local_theta=10000.0)),
+}
+
+
+@pytest.mark.parametrize("arch", GGUF_FAMILIES)
+def test_families_export_to_gguf_that_we_transformers_and_llama_cpp_read_alike(tmp_path, arch):
+    """GPT-2, Qwen2 (q/k/v biases) and Gemma 3 (sandwich norms, 1 + w scales, a window of 4 in five layers of six)
+    written as f32 GGUF files in llama.cpp's architecture: read back, by us and by transformers, with our logits;
+    run by llama.cpp with our logits and greedy tokens, past the window."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from checkpoint import build_model, load_source
+    from generate import generate
+    preset, fields = GGUF_FAMILIES[arch]
+    source, tok = bpe_run(tmp_path / "run", arch == "gemma3", preset=preset, **fields)
+    run("convert.py", "--out_dir=run", "--to=gguf", "--dest=m.gguf", "--gguf_type=f32", cwd=tmp_path)
+    ids = tok.encode("Return the value of x, or None.\n")
+    x = torch.tensor([ids])
+    model = build_model(source, "cpu").eval()
+    with torch.no_grad():
+        mine = model(x, x)[0]
+        back = load_source(f"gguf:{tmp_path / 'm.gguf'}")
+        assert (build_model(back, "cpu").eval()(x, x)[0] - mine).abs().max().item() <= 1e-5
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf",
+                                                                   dtype=torch.float32).eval()
+        assert (theirs(x).logits - mine).abs().max().item() <= 1e-4
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids)  # (llama.cpp's GELU reads a float16 table: a few 1e-3 off)
+    tolerance = 5e-3 if fields.get("mlp") in ("gelu_tanh", "geglu_tanh") else 1e-3
+    assert (torch.tensor(llm.scores[:len(ids)]) - mine[0]).abs().max().item() <= tolerance
     llm.reset()
     assert generate(model, [ids], 20, temperature=0)[0] == llama_greedy(llm, ids, 20)
 

@@ -26,7 +26,7 @@ VARIANTS = [dict(model_type=p) for p in PRESETS] + [
     dict(model_type="gpt_fast", attn_impl="manual", norm="layernorm", bias=True),
     dict(model_type="gpt", mlp="relu2", pos_emb="rope", norm_affine=False, grad_checkpoint=True),
     dict(model_type="gpt_fast", ngram_emb=3, ngram_rows=101),
-    dict(model_type="gpt_plus", mlp="geglu_tanh", post_norm=True, scale_emb=True, qkv_bias=True, qk_norm=True,  # Gemma 3
+    dict(model_type="gpt_plus", mlp="geglu_tanh", post_norm=True, scale_emb=True, qkv_bias=True, qk_norm=True,
          window=8, window_pattern="SL", rope_local_theta=100.0, attn_scale=0.2, grad_checkpoint=True),
 ]
 
