@@ -66,3 +66,57 @@ def test_family_exports_to_a_folder_transformers_loads_with_the_same_logits(fami
     x = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (back(x).logits - hf(x).logits).abs().max().item() <= 1e-4
+
+
+# the two chat formats of these families (written here, in the shape of the models' own templates): Gemma's turns with
+# "model" for the assistant and the system prompt folded into the first user turn; Qwen's ChatML with a default system
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% set first = messages[0]['content'] + '\n\n' if messages[0]['role'] == 'system' else '' %}"
+    "{% for m in messages if m['role'] != 'system' %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+    "m['role'] }}\n{{ first if loop.first else '' }}{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+CHATML_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATS = {"gemma3": (GEMMA_TEMPLATE, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
+         "qwen2": (CHATML_TEMPLATE, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>")}
+
+
+@pytest.mark.parametrize("name", CHATS)
+def test_family_chat_template_renders_as_transformers_and_masks_only_the_replies(name, tmp_path):
+    """A Gemma-style and a ChatML chat model read through hf:: its conversation ids equal transformers'
+    apply_chat_template, the SFT mask covers each reply and its end of turn (and nothing else), and a reply stops at
+    the end-of-turn token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from chat_templates import template_for
+    from conftest import corpus_text
+    from tokenizer import check_tokenizer
+    template, specials, end = CHATS[name]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    raw.train_from_iterator([corpus_text()[:5000]], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    names = dict(bos_token="<bos>", eos_token="<eos>") if name == "gemma3" else dict(eos_token="<|endoftext|>")
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, chat_template=template, **names)
+    config = dict(COMMON, vocab_size=raw.get_vocab_size(), eos_token_id=[hf_tok.eos_token_id,
+                                                                          raw.token_to_id(end)])
+    model = (transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**config, head_dim=16)) if name == "gemma3"
+             else transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config)))
+    model.save_pretrained(tmp_path)
+    hf_tok.save_pretrained(tmp_path)
+    source = load_source(f"hf:{tmp_path}")
+    tok = check_tokenizer(source.meta)
+    ours = template_for(source.meta, tok)
+    chat = [dict(role="system", content="Be brief."), dict(role="user", content="Hi there"),
+            dict(role="assistant", content="Hello!"), dict(role="user", content="Name a colour."),
+            dict(role="assistant", content="Blue.")]
+    assert ours.encode(chat) == hf_tok.apply_chat_template(chat, tokenize=True, return_dict=False)
+    assert ours.encode(chat[:2], True) == hf_tok.apply_chat_template(chat[:2], add_generation_prompt=True,
+                                                                      tokenize=True, return_dict=False)
+    ids, mask = ours.encode_masked(chat)
+    kept = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert kept.replace("\n", "") == f"Hello!{end}Blue.{end}"
+    assert raw.token_to_id(end) in ours.stop_ids
