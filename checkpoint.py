@@ -1,10 +1,9 @@
 """
 Every read and write of a checkpoint, and where a model comes from, in one place: the atomic .pt write and the
-weights-only read, sharded (DCP) folders saved and restored, the sources a script accepts (a run folder or checkpoint
-of ours or nanoGPT's, OpenAI's GPT-2 from the hub, a Hugging Face folder) read into one Source, the model built from
-it, the settings and loading of the scripts that run a model, and what a resume puts back. Not run by itself.
-FSDP's and DCP's modules are imported where they are used: ~0.5 s that a script reading a whole checkpoint skips.
-"""
+weights-only read, sharded (DCP) folders (FSDP's and DCP's modules imported where used: ~0.5 s saved elsewhere), the
+sources a script accepts (a run folder or checkpoint of ours, a LoRA run's, nanoGPT's, the hub's, a Hugging Face
+folder, a GGUF file) read into one Source, the model built from it, the loading of the scripts that run a model, and
+what a resume puts back. Not run by itself."""
 
 import os
 import random
@@ -24,6 +23,7 @@ from gguf_file import read_gguf
 from hardware import DTYPE_HELP, DTYPES, pick_device, pick_dtype
 from hf import HUB_MODELS, PIP_HF, from_hf, from_hf_folder, hub_folder, model_config
 from hf_tokenizer import GPT2_META
+from lora import load_base, merged
 from model import GPT, MODEL_FIELDS, config_from_dict
 from nanogpt import from_nanogpt, strip_compiled
 from parallel import is_sharded
@@ -33,8 +33,7 @@ from warmstart import warm_start
 
 TRAIN_STATE = "train.pt"  # beside the shards in a sharded (DCP) checkpoint folder: config, counters, RNG, tokenizer
 KV_NOTE_BYTES = 2**30  # load_for_inference notes a KV cache larger than this, per sequence
-SOURCES = ("a run folder, a checkpoint file, gpt2 | gpt2-medium | gpt2-large | gpt2-xl, hf:ORG/NAME, hf:FOLDER, "
-           "gguf:FILE.gguf or gguf:ORG/NAME/FILE.gguf")
+SOURCES = "a run folder, a checkpoint file, gpt2 | gpt2-medium | gpt2-large | gpt2-xl, hf:ORG/NAME, hf:DIR, gguf:FILE"
 # the settings of every script that loads a trained model (sample.py, chat.py, serve.py, eval.py): (default, rule, help)
 LOAD_SETTINGS = dict(
     out_dir=("out-char-tiny", None, "the training run to load (init_from=resume)"),
@@ -59,6 +58,7 @@ class Source:
     ema: dict | None = None  # a run's moving average of the weights (an AveragedModel's state dict)
     state: dict | None = None  # a run's training state: config, optimizers, scaler, rng, iter_num, best_val_loss, ...
     shards: tuple = field(default_factory=tuple)  # what a sharded folder keeps in its shards: model, optimizers, ema
+    lora: dict | None = None  # a LoRA run's adapter settings, base source and digest, and its adapters' tensors
 
 
 # -----------------------------------------------------------------------------
@@ -93,10 +93,11 @@ def resolve_checkpoint(out_dir, name=""):
     return found[0] if found else os.path.join(out_dir, "ckpt.pt")
 
 
-def load_source(spec, meta_path="", name="", weights=True):
+def load_source(spec, meta_path="", name="", weights=True, merge=True):
     """The Source `spec` names: gpt2* (the hub), hf:FOLDER or a Hugging Face folder, gguf:FILE, a run folder (its
     checkpoint `name`, see resolve_checkpoint) or a checkpoint file, ours or nanoGPT's. weights=False leaves a sharded
-    checkpoint's weights in its shards (model None: train.py loads them into its model as it is sharded)."""
+    checkpoint's weights in its shards (model None: train.py loads them into its model as it is sharded). A LoRA
+    run's base is read again from its source: its adapters merged in, or with merge=False beside it (a resume)."""
     if spec in HUB_MODELS or spec.startswith("hf:") or os.path.isfile(os.path.join(spec, "config.json")):
         folder = hub_folder(spec)
         config, weights, meta = from_hf_folder(folder, read_hf_weights)
@@ -117,8 +118,13 @@ def load_source(spec, meta_path="", name="", weights=True):
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
         die(f"{path} is neither a yoctoGPT nor a nanoGPT checkpoint (it has no model_config or model_args)")
     state = {k: v for k, v in ckpt.items() if k not in ("model", "model_config", "meta", "ema")}
-    return Source(ckpt["model_config"], strip_compiled(ckpt["model"]), ckpt.get("meta"), path, ckpt.get("ema"),
-                  state if "optimizers" in ckpt else None)
+    config, model, lora = ckpt["model_config"], strip_compiled(ckpt["model"]), None
+    if ckpt.get("lora"):  # the adapters alone: the base from its source, checked against its digest
+        lora = dict(ckpt["lora"], adapters=model)
+        config, model = load_base(ckpt, path, load_source)
+        config, model = merged(config, model, lora, lora["adapters"]) if merge else (config, model)
+    return Source(config, model, ckpt.get("meta"), path, ckpt.get("ema"), state if "optimizers" in ckpt else None,
+                  lora=lora)
 
 
 def from_sharded(folder, weights=True):

@@ -1,13 +1,15 @@
 """
-Models in and out: imports OpenAI's GPT-2 (from the Hugging Face hub), Hugging Face folders in the GPT-2, Llama or
-Qwen3 layout, GGUF files and nanoGPT checkpoints into a yoctoGPT run folder; exports a run to a folder that
-transformers (and vLLM) load as it is, or to a GGUF file that llama.cpp, Ollama and LM Studio run.
+Models in and out: imports OpenAI's GPT-2 (from the Hugging Face hub), Hugging Face folders of the families hf.py
+maps, GGUF files and nanoGPT checkpoints into a yoctoGPT run folder; exports a run to a folder that transformers (and
+vLLM) load as it is, to a GGUF file that llama.cpp, Ollama and LM Studio run (a LoRA run's adapters merged in), or a
+LoRA run's adapters to a PEFT adapter folder.
 
     python convert.py --src=gpt2 --out_dir=out-gpt2                         # OpenAI's GPT-2 (downloaded once)
     python convert.py --src=../nanoGPT/out-shakespeare-char --out_dir=out-nano  # a nanoGPT out_dir or ckpt.pt
     python convert.py --src=hf:path/to/folder --out_dir=out-llama             # a local Hugging Face folder
     python convert.py --out_dir=out-bpe-small --to=hf --dest=hf-bpe-small       # export for transformers
     python convert.py --out_dir=out-bpe-small --to=gguf --dest=bpe-small.gguf --gguf_type=q8_0  # for llama.cpp
+    python convert.py --out_dir=out-lora-smollm --to=peft --dest=lora-smollm   # a LoRA run's adapters, for peft
 """
 
 import os
@@ -19,6 +21,7 @@ from errors import die
 from gguf_file import KINDS as GGUF_KINDS
 from gguf_file import write_gguf
 from hf import export_hf
+from lora import export_peft
 from model import config_from_dict
 from tokenizer import describe_vocab
 
@@ -26,8 +29,10 @@ from tokenizer import describe_vocab
 src = ""  # import from: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | hf:FOLDER | gguf:FILE | a nanoGPT out_dir or ckpt
 out_dir = ""  # the yoctoGPT run folder: written by an import, read by an export
 ckpt = ""  # export: the checkpoint in out_dir ('' = ckpt.pt, or best.pt if that is all there is)
-to = "hf"  # export format: hf (a Hugging Face folder: config.json, model.safetensors, tokenizer) | gguf (one file)
-dest = ""  # export: the folder (hf) or .gguf file (gguf) to write
+# export format: hf (a Hugging Face folder: config.json, model.safetensors, tokenizer) | gguf (one file) | peft (a
+# LoRA run's adapters as a PEFT adapter folder; hf and gguf merge them into the base)
+to = "hf"
+dest = ""  # export: the folder (hf, peft) or .gguf file (gguf) to write
 gguf_type = "f16"  # --to=gguf: the matrices' type, f32 | f16 | bf16 | q8_0 | q4_0 (norms stay f32)
 meta = ""  # import: a nanoGPT meta.pkl or a meta.json with the vocabulary, when none lies beside the checkpoint
 overwrite = False  # replace an existing out_dir/ckpt.pt (import) or a non-empty dest (export)
@@ -58,15 +63,17 @@ if __name__ == "__main__":
             die(f"{out_dir}/ckpt.pt already exists; pick another --out_dir or pass --overwrite=True")
         import_run(load_source(src, meta))
     elif dest:
-        if to not in ("hf", "gguf") or gguf_type not in GGUF_KINDS:
-            die(f"--to={to!r} --gguf_type={gguf_type!r}: the export format is hf (a Hugging Face folder) or gguf (a "
-                f"file; --gguf_type one of {', '.join(GGUF_KINDS)})")
+        if to not in ("hf", "gguf", "peft") or gguf_type not in GGUF_KINDS:
+            die(f"--to={to!r} --gguf_type={gguf_type!r}: the export format is hf (a Hugging Face folder), peft (a "
+                f"LoRA run's adapters) or gguf (a file; --gguf_type one of {', '.join(GGUF_KINDS)})")
         check_writable(os.path.dirname(os.path.abspath(dest)) if to == "gguf" else dest, "--dest")
         taken = os.path.exists(dest) if to == "gguf" else os.path.isdir(dest) and os.listdir(dest)
         if taken and not overwrite:
             die(f"{dest} {'exists' if to == 'gguf' else 'is not empty'}; pick another --dest or pass --overwrite=True")
-        source = load_source(resolve_checkpoint(out_dir, ckpt))
-        if to == "gguf":
+        source = load_source(resolve_checkpoint(out_dir, ckpt), merge=to != "peft")
+        if to == "peft":
+            export_peft(source, dest)
+        elif to == "gguf":
             write_gguf(source, dest, gguf_type)
             print(f"wrote {dest}: {config_from_dict(source.model_config).describe()}, {gguf_type}")
         else:

@@ -31,11 +31,13 @@ from checkpoint import (
     save_checkpoint,
     save_sharded,
 )
-from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT, check, configure
+from configurator import ABOVE_ZERO, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT, check, configure, declare
 from dataset import check_bins, open_split, read_dataset
 from errors import die
 from hardware import autocast, gpu_peak, pick_device, pick_dtype
 from harness import task_manager, task_scores
+from lora import LORA_SETTINGS, adapters, attach, summary
+from lora import check as lora_problem
 from model import GPT, MODEL_FIELDS, config_from_preset
 from optimizers import lr_factor, make_optimizers
 from parallel import full, memory_held, shard
@@ -132,6 +134,7 @@ wandb_log = False  # log to Weights & Biases (needs `pip install wandb`)
 wandb_project = "yoctogpt"  # wandb project
 wandb_run_name = ""  # wandb run name ('' = wandb's)
 seed = 1337  # seeds the weights, dropout and the batch stream
+lora_rules = declare(globals(), LORA_SETTINGS)  # LoRA (lora.py): --lora_rank=8 trains adapters on a frozen base
 # -----------------------------------------------------------------------------
 config, explicit = configure(globals())
 if os.environ.get("RANK", "0") == "0" and (busy := lock_out_dir(out_dir, probe=True)[1]):
@@ -144,7 +147,7 @@ ckpt_path = resolve_checkpoint(out_dir)  # ckpt.pt, or the sharded ckpt/ folder 
 if init_from == "auto":
     init_from = "resume" if os.path.exists(ckpt_path) else "scratch"
 record = None if init_from == "scratch" else load_source(ckpt_path if init_from == "resume" else init_from,
-                                                        weights=init_from != "resume")  # (sharded: loaded later)
+                                                        weights=init_from != "resume", merge=init_from != "resume")
 if init_from == "resume":
     config = resumed_config(record, config, explicit)
     globals().update(config)
@@ -163,7 +166,7 @@ check(config, dict.fromkeys(["batch_size", "block_size", "gradient_accumulation_
                        "muon_lr", "weight_decay", "muon_weight_decay", "grad_clip", "early_stopping_patience",
                        "peak_flops"], NON_NEGATIVE)
       | dict.fromkeys(["beta1", "beta2", "muon_momentum", "label_smoothing", "ema_decay"], FRACTION)
-      | dict(eps=ABOVE_ZERO, warmdown_frac=UNIT, seed=SEED, eval_tasks_limit=POSITIVE))
+      | dict(eps=ABOVE_ZERO, warmdown_frac=UNIT, seed=SEED, eval_tasks_limit=POSITIVE) | lora_rules)
 tasks = [t.strip() for t in eval_tasks.split(",") if t.strip()]
 if tasks:
     task_manager(tasks, eval_tasks_path)  # the harness is installed and knows every task
@@ -194,6 +197,8 @@ dataset = config["dataset"] = dataset.removeprefix("data/")  # --dataset=data/x 
 data_dir = os.path.join("data", dataset)
 meta, tokenizer = read_dataset(data_dir)
 grown = vocab_fits(record and record.meta, meta, init_from, dataset)  # True: the dataset adds tokens
+if config["lora_rank"] and (problem := lora_problem(config, fsdp, grown)):
+    die(problem)
 splits = {split: open_split(data_dir, meta, split) for split in ("train", "val")}
 
 # batch arithmetic: the tokens per optimizer step are fixed (total_batch_size, or gradient_accumulation_steps
@@ -234,6 +239,15 @@ else:
         model = GPT(model_config)
     if record is not None:
         log.print(load_weights(model, weights, strict_init, init_from))
+n_params, flops_per_token = model.num_params(), model.flops_per_token()  # (of the whole model, with LoRA too)
+lora_info = None
+if config["lora_rank"]:  # the base frozen, adapters on its matrices (a resume puts its adapters back)
+    lora_info = {k: v for k, v in record.lora.items() if k != "adapters"} if init_from == "resume" else \
+        summary(config, record.model)
+    log.print(f"LoRA: {attach(model, config):,} trainable parameters (rank {config['lora_rank']} on "
+              f"{config['lora_targets']}), the base's {n_params:,} frozen in {config['lora_base'] or 'float32'}")
+    if init_from == "resume":
+        model.load_state_dict(record.lora["adapters"], strict=False)
 why = f" (auto: {model.config.n_embd} wide, {micro_batch * block_size:,} tokens per micro-step)" * (dtype == "auto")
 dtype = config["dtype"] = pick_dtype(dtype, device, model.config.n_embd, micro_batch * block_size)
 ctx = autocast(device, dtype) if not fsdp else nullcontext()  # fsdp: its MixedPrecisionPolicy instead
@@ -278,7 +292,8 @@ def training_state():
     if save_strategy == "none" or eval_only:
         return None
     whole = not sharded_saves
-    return dict(model=raw_model.state_dict() if whole else None, ema=ema.state_dict() if ema and whole else None,
+    weights = adapters(raw_model) if lora_info else raw_model.state_dict()
+    return dict(model=weights if whole else None, ema=ema.state_dict() if ema and whole else None, lora=lora_info,
                 shards=() if whole else ("model", "optimizers") + ("ema",) * bool(ema),
                 model_config=vars(model_config), config=config, scaler=scaler.state_dict(),
                 optimizers=[opt.state_dict() for opt in optimizers] if whole else None,
@@ -299,7 +314,6 @@ def save(name):
 
 
 # outputs: meta.json, run_meta.json, metrics.csv (rows after a resumed checkpoint are dropped), wandb
-n_params = raw_model.num_params()
 gpu_name, peak = gpu_peak(device)
 peak = (peak_flops or peak) * world_size  # all processes together
 sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)  # honest step times on a GPU
@@ -380,7 +394,7 @@ while True:
     if iter_num % log_interval == 0:
         loss_value = mean_over_ranks(loss.item(), device)  # the mean over micro-steps and ranks
         tok_per_s = tokens_per_iter / step_time
-        flops = raw_model.flops_per_token() * tok_per_s * world_size  # achieved by all processes together
+        flops = flops_per_token * tok_per_s * world_size  # achieved by all processes together
         speed = f"MFU {flops / peak:.1%}" if peak else f"{flops / 1e9:,.1f} GFLOP/s"
         log.print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr_mult * learning_rate:.2e}, "
                   f"{step_time * 1000:.1f} ms/iter, {tok_per_s:,.0f} tok/s, {speed}")  # above the bar on a terminal

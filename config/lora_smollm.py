@@ -1,0 +1,30 @@
+# Fine-tune SmolLM2-135M-Instruct with LoRA on your own conversations: adapters of rank 16 on every attention and MLP
+# matrix train (4.9M weights, 3.6% of the model), the base stays frozen, and the run folder holds the adapters only.
+#   pip install huggingface_hub safetensors jinja2
+#   python prepare_bpe.py --input=pydocs_chat --tokenizer=hf:HuggingFaceTB/SmolLM2-135M-Instruct
+#   python train.py config/lora_smollm.py
+#   python chat.py --out_dir=out-lora-smollm
+#   python convert.py --out_dir=out-lora-smollm --to=hf --dest=hf-lora-smollm    # merged: a plain model
+#   python convert.py --out_dir=out-lora-smollm --to=peft --dest=peft-smollm     # the adapters, for peft
+# --lora_base=int8 keeps the frozen base in int8 (a scale per row) for the least memory; bfloat16 halves it.
+init_from = "hf:HuggingFaceTB/SmolLM2-135M-Instruct"
+out_dir = "out-lora-smollm"
+dataset = "pydocs_chat_bpe"
+block_size = 256  # chats are short; a step of 256-token windows is cheap, and the model keeps its own context
+batch_size = 4
+gradient_accumulation_steps = 2  # 2 * 4 * 256 = 2,048 tokens per step, as config/finetune_smollm.py
+max_iters = 100
+eval_interval = 25
+eval_iters = 10
+save_strategy = "best"  # keep the adapters of the best val loss
+lora_rank = 16
+lora_alpha = 32.0  # the update scaled by alpha / rank = 2 (the usual alpha = 2 * rank)
+lora_dropout = 0.0
+lora_targets = "attn,mlp"
+# adapters start at zero and learn fast: LoRA takes ~10x full fine-tuning's rate (BENCHMARKS.md has the sweep)
+optimizer = "adamw"
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 10
+weight_decay = 0.0
+dropout = 0.0
