@@ -8,6 +8,7 @@ Piped stdin works too (one user turn per line, replies printed plainly), so chat
     printf 'hello\\n/set temperature=0\\nwhat is a list?\\n' | python chat.py
 """
 
+import difflib
 import math
 import signal
 import sys
@@ -16,7 +17,6 @@ from contextlib import contextmanager
 import torch
 
 from chat_templates import fit_conversation, template_for
-from checkpoint import LOAD_SETTINGS, load_for_inference, source_of
 from configurator import check, configure, declare
 from errors import die
 from generate import (
@@ -28,6 +28,8 @@ from generate import (
     generate_stream,
     sampling_of,
 )
+from inference import LOAD_SETTINGS, load_for_inference, source_of
+from quantize import num_weights
 
 # -----------------------------------------------------------------------------
 RULES = declare(globals(), LOAD_SETTINGS, SAMPLING_SETTINGS, DECODE_SETTINGS)  # out_dir, init_from, temperature, ...
@@ -127,12 +129,14 @@ class Chat:
             self.turns, self.seen, self.dropped = [], [], 0
             self.write("(conversation cleared)\n")
         elif cmd == "/history":  # what the model sees: the context of the last reply (cut to fit), and the reply
-            text = self.tokenizer.decode(self.seen or self.template.encode(self.messages()[0]))
+            text = self.tokenizer.decode_all(self.seen or self.template.encode(self.messages()[0]))
             self.write(text if text.endswith("\n") else text + "\n")
         elif cmd == "/set":
             key, eq, value = arg.strip().partition("=")
             if key not in SETTABLE or not eq:
-                self.write(f"(usage: /set KEY=VALUE with KEY one of {', '.join(SETTABLE)})\n")
+                close = difflib.get_close_matches(key, SETTABLE, n=1, cutoff=0.6) if eq else []
+                hint = f"no setting {key!r}; did you mean {close[0]}? " if close else ""
+                self.write(f"({hint}usage: /set KEY=VALUE with KEY one of {', '.join(SETTABLE)})\n")
                 return True
             kind = int if key in INTEGERS else float
             try:
@@ -199,7 +203,7 @@ def main():
             import readline  # noqa: F401  (line editing and history where available)
         except ImportError:
             pass
-        write(f"chatting with {source} ({model.num_params() / 1e6:.1f}M parameters, context {model.config.block_size} "
+        write(f"chatting with {source} ({num_weights(model) / 1e6:.1f}M parameters, context {model.config.block_size} "
               f"tokens). /help for commands, /exit to leave.\n")
     while True:
         try:

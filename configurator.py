@@ -112,7 +112,7 @@ def _comments(path):
 
 def declare(scope, *blocks):
     """Add shared settings to a script's, as if written in it: each block maps a name to (default, rule for check()
-    or None, comment for --help), e.g. checkpoint.LOAD_SETTINGS. Returns their rules, for check()."""
+    or None, comment for --help), e.g. inference.LOAD_SETTINGS. Returns their rules, for check()."""
     rules = {}
     for block in blocks:
         for name, (default, rule, comment) in block.items():

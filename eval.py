@@ -12,11 +12,11 @@ import json
 import os
 
 from chat_templates import template_for
-from checkpoint import LOAD_SETTINGS, load_for_inference
 from configurator import NON_NEGATIVE, POSITIVE, check, configure, declare
 from dataset import atomic_write, check_writable, decode_text
 from errors import die
 from harness import YoctoLM, main_scores, run_tasks, table, text_scores
+from inference import LOAD_SETTINGS, load_for_inference
 
 # -----------------------------------------------------------------------------
 RULES = declare(globals(), LOAD_SETTINGS)  # out_dir, ckpt, init_from, ema, block_size, device, dtype, quantize

@@ -5,8 +5,10 @@ logic, its numbers), and bits per byte on any text. Not run by itself.
 
 import logging
 import math
+import sys
 
 import torch
+from tqdm import tqdm
 
 from errors import die
 from generate import Sequence, generate_stream
@@ -37,7 +39,8 @@ def loglikelihoods(model, pairs, batch_size):
     block, device = model.config.block_size, next(model.parameters()).device
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
     results = [None] * len(pairs)
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", leave=False,
+                      disable=not sys.stderr.isatty()):  # (on a terminal only)
         batch = order[start:start + batch_size]
         rows = [(pairs[i][0] + pairs[i][1])[-(block + 1):][:-1] for i in batch]
         x = torch.tensor([r + [0] * (len(rows[0]) - len(r)) for r in rows], device=device)  # (B, T), longest first

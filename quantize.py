@@ -1,5 +1,5 @@
 """
-The weights as decoding reads them (every script that loads a model through checkpoint.load_for_inference). Batch-1
+The weights as decoding reads them (every script that loads a model through inference.load_for_inference). Batch-1
 decoding reads every weight once per token, so its speed is how fast the matrices stream from memory. Two ways to
 stream them faster on a CPU (BENCHMARKS.md has the measurements):
 - the float32 matrices wider out than in (the head, a third of GPT-2 small's bytes; attention's qkv; the MLP's
@@ -32,7 +32,7 @@ class Int8Linear(nn.Module):
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,) one per output row: the row's largest is 127
         self.register_buffer("weight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.bias = linear.bias
+        self.bias, self.out_features, self.in_features = linear.bias, linear.out_features, linear.in_features
 
     def forward(self, x):
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.size(-1)).to(torch.bfloat16), self.weight, self.scale)
@@ -55,7 +55,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         zero = low + 8 * scale  # the kernel's (q - 8) * scale + zero is then low + q * scale
         self.register_buffer("scales", torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16))
-        self.bias, self.out_features = linear.bias, w.size(0)  # scales: (in / GROUP, out, 2)
+        self.bias, self.out_features, self.in_features = linear.bias, w.size(0), w.size(1)  # scales: (in/GROUP, out, 2)
 
     def forward(self, x):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.size(-1)).to(torch.bfloat16), self.weight,
@@ -96,3 +96,12 @@ def for_decoding(model, kind):
                         f"is {child.out_features} x {child.in_features}: use --quantize=int8")
                 setattr(parent, name, kind_class(child))
     return model
+
+
+def num_weights(model):
+    """The parameter count of a model for_decoding may have quantized, as nanoGPT counts it before: its parameters and
+    each quantized matrix's out x in (a head tied to the embedding counted once)."""
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    n = model.num_params() + sum(m.out_features * m.in_features for m in quantized.values())
+    return n - (model.lm_head.out_features * model.lm_head.in_features if "lm_head" in quantized and
+                model.config.tie_weights else 0)

@@ -13,10 +13,10 @@ import sys
 
 import torch
 
-from checkpoint import LOAD_SETTINGS, load_for_inference
 from configurator import POSITIVE, check, configure, declare
 from errors import die
 from generate import DECODE_SETTINGS, SAMPLING_SETTINGS, Sequence, compile_decode, generate_stream, sampling_of
+from inference import LOAD_SETTINGS, load_for_inference
 from tokenizer import encode_prompt
 
 # -----------------------------------------------------------------------------

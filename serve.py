@@ -34,10 +34,11 @@ except ImportError:
 
 from api import ApiError, messages_of, params_of
 from chat_templates import fit_conversation, template_for
-from checkpoint import LOAD_SETTINGS, load_for_inference, source_of
 from configurator import POSITIVE, check, configure, declare
 from errors import die
 from generate import DECODE_SETTINGS, Engine, Sequence, compile_decode
+from inference import LOAD_SETTINGS, load_for_inference, source_of
+from quantize import num_weights
 from tokenizer import encode_prompt
 
 # -----------------------------------------------------------------------------
@@ -319,15 +320,14 @@ def main():
             pass
     except OSError as e:
         die(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port (or --host)")
-    print(f"loading {source_of(config)} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_for_inference(config)
+    model, tokenizer = load_for_inference(config, announce=True)
     config["model_name"] = model_name or os.path.basename(os.path.normpath(source_of(config).removeprefix("hf:")))
     engine = Engine(model, max_batch, compile_decode(model) if config["compile"] else None)
     if config["compile"]:
         engine.warm_up()
     waiting = queue.Queue()
     app = make_app(engine, waiting, tokenizer, config)
-    print(f"serving {config['model_name']} ({model.num_params() / 1e6:.1f}M parameters, context "
+    print(f"serving {config['model_name']} ({num_weights(model) / 1e6:.1f}M parameters, context "
           f"{model.config.block_size}) at http://{host}:{port} — OpenAI API at /v1, chat page at /", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error", access_log=False))
     # the engine keeps the main thread: torch's CPU thread pool runs ~2x slower from another thread while the main

@@ -42,6 +42,8 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
 
+    decode_all = decode  # (no special tokens)
+
     def token_bytes(self):
         """UTF-8 length of every token, for bits per byte."""
         return [len(c.encode("utf-8")) for c in self.chars]
@@ -79,6 +81,10 @@ class BPETokenizer:
     def decode(self, ids):
         return self.tok.decode([i for i in ids if i not in self.specials], skip_special_tokens=False)
 
+    def decode_all(self, ids):
+        """The text with the special tokens written out (<|user|>, <|im_end|>): what the model saw."""
+        return self.tok.decode(ids, skip_special_tokens=False)
+
     def token_bytes(self):
         """UTF-8 length of every token, for bits per byte (0 for specials and <|unk|>, whose text is unknown)."""
         if self.word_level:  # tokens are text
@@ -108,6 +114,10 @@ class TiktokenTokenizer:
 
     def decode(self, ids):
         return self.enc.decode([i for i in ids if i != self.eos_id], errors="replace")
+
+    def decode_all(self, ids):
+        """The text with <|endoftext|> written out."""
+        return self.enc.decode(ids, errors="replace")
 
     def token_bytes(self):
         return [0 if i == self.eos_id else len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)]

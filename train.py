@@ -226,8 +226,10 @@ else:
         if record is None:
             model_config = config_from_preset(model_type, **{k: config[k] for k in MODEL_FIELDS if k in config},
                                               vocab_size=meta["vocab_size"])
-        else:  # the source's fields, but those set here (and dropout) win
+        else:  # the source's fields, but those set here (and dropout) win; a shorter block_size is the training
+            # window only: the model keeps the source's context (a longer one grows RoPE's, never learned positions)
             overrides = {k: config[k] for k in explicit & (set(MODEL_FIELDS) | {"model_type"})}
+            overrides["block_size"] = max(block_size, record.model_config["block_size"])
             grow = dict(vocab_size=meta["vocab_size"]) if grown else {}
             model_config, weights = warm_start(record, {**overrides, "dropout": dropout, **grow})
     except ValueError as e:
@@ -326,7 +328,8 @@ log.start(iter_num, meta, dict(config=config, model_config=vars(model_config), p
            dict(config, model_config=vars(model_config))) if wandb_log else None)
 log.print(f"{model_type}: {model_config.describe()}")
 log.print(f"{n_params / 1e6:.2f}M parameters | {device} {dtype}{why} | {world_size} process(es) x {accum_steps} "
-          f"micro-steps x {micro_batch} x {block_size} = {tokens_per_iter:,} tokens per step")
+          f"micro-steps x {micro_batch} x {block_size} = {tokens_per_iter:,} tokens per step"
+          + (f" (the model's context: {model_config.block_size})" if model_config.block_size != block_size else ""))
 
 
 # compile before the clock starts, so max_time and ms/iter count training only: one forward/backward whose

@@ -92,8 +92,8 @@ def trained(workdir):
 
 
 def load(out_dir, **settings):
-    """(model, tokenizer) of a run folder on the CPU, as sample.py loads it (checkpoint.load_for_inference)."""
-    from checkpoint import LOAD_DEFAULTS, load_for_inference
+    """(model, tokenizer) of a run folder on the CPU, as sample.py loads it (inference.load_for_inference)."""
+    from inference import LOAD_DEFAULTS, load_for_inference
     return load_for_inference(dict(LOAD_DEFAULTS, out_dir=str(out_dir), device="cpu", **settings))
 
 
