@@ -1,28 +1,24 @@
 """
 GGUF files (llama.cpp's format, as Ollama and LM Studio keep models) both ways. Read as a model source: the
-architecture from the metadata, every tensor dequantized with the gguf package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, the
-K-quants, ...), llama.cpp's row order for RoPE in q and k undone, the tokenizer from tokenizer.ggml.* (byte-level
-BPE: its vocabulary, merges and pre-tokenizer) with its special ids and chat template; the weights come out under
-Hugging Face's names, so hf.py maps them on. Written from a run: llama.cpp's names, metadata and tokenizer, the
-matrices in f32, f16, bf16, q8_0 or q4_0. Needs gguf: pip install gguf. Not run by itself.
+architecture from the metadata (gpt2, llama, qwen2, qwen3, gemma3, phi3), every tensor dequantized with the gguf
+package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, the K-quants, ...), llama.cpp's own layouts undone (Llama's q/k row order
+for RoPE, Gemma's 1 + w norm scales, GPT-2's transposed matrices), the tokenizer (gguf_tokenizer.py); the weights come
+out under Hugging Face's names, so hf.py maps them on. Written from a run: llama.cpp's architecture, names, metadata
+and tokenizer, the matrices in f32, f16, bf16, q8_0 or q4_0. Needs gguf: pip install gguf. Not run by itself.
 
     python chat.py --init_from=gguf:SmolLM2-135M-Instruct.Q4_1.gguf
     python convert.py --out_dir=out-bpe-small --to=gguf --dest=bpe-small.gguf --gguf_type=q8_0
 """
 
-import json
 import os
 
 import numpy as np
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from chat_templates import jinja
 from errors import die
+from gguf_tokenizer import tokenizer_meta, write_tokenizer
 from hf import hf_arch, to_hf
-from hf_tokenizer import bytes_to_unicode, tiktoken_tokenizer, token_ids
 from model import config_from_dict
-from tokenizer import gpt2_encoding
 
 PIP = "pip install gguf"
 # llama.cpp's names of the architectures we represent -> Hugging Face's model_type
@@ -31,16 +27,6 @@ ARCHS = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "
 GGUF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
               "gemma3_text": "gemma3"}
 GEMMA_SWA_EVERY = 6  # llama.cpp's gemma3: every sixth layer global, the others windowed with RoPE base 10,000
-CONTROL = 3  # llama.cpp's token type of a special token (<|im_end|>, say)
-# llama.cpp's pre-tokenizers (tokenizer.ggml.pre) other than GPT-2's own, as tokenizers' pieces
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPLITS = {"llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT,
-          "deepseek-r1-qwen": QWEN2_SPLIT}
-
-
 def gguf_tokenizer(spec):
     """Our meta for the tokenizer of gguf:PATH alone (prepare_bpe.py --tokenizer=gguf:...): no tensor is read."""
     path = local_path(spec)
@@ -214,37 +200,6 @@ def from_hf_layout(w, name, cfg, arch):
     return w.t().contiguous() if arch == "gpt2" and w.dim() == 2 and ".h." in name else w
 
 
-def tokenizer_meta(meta, where):
-    """Our meta for the file's tokenizer: a byte-level BPE (tokenizer.ggml.model gpt2) as a tokenizer.json, its
-    bos/eos tokens, and its chat template with the ids that end a turn."""
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        die(f"{where}: its tokenizer is {kind!r}; yoctoGPT reads byte-level BPE (gpt2) vocabularies from GGUF files")
-    tokens, char = meta["tokenizer.ggml.tokens"], bytes_to_unicode()
-    alphabet = set(char.values())
-    vocab = {t if set(t) <= alphabet else "".join(char[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab, merges))
-    pre = meta.get("tokenizer.ggml.pre")
-    pieces = [pre_tokenizers.Split(Regex(SPLITS[pre]), behavior="isolated")] if pre in SPLITS else \
-        [pre_tokenizers.Digits(individual_digits=True)] if pre == "smollm" else []  # else GPT-2's own split
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        pieces + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre not in SPLITS)])
-    tok.decoder = decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type") or []
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind in zip(tokens, types, strict=False) if kind == CONTROL and set(t) <= alphabet])
-    ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot")}
-    names = {f"{k}_token": tokens[i] for k, i in ids.items() if k != "eot" and i is not None}
-    out = dict(tokenizer="bpe", tokenizer_json=tok.to_str(), vocab_size=len(tokens),
-               dtype="uint16" if len(tokens) <= 65535 else "uint32", **names)
-    template = meta.get("tokenizer.chat_template")
-    if template:
-        out.update(chat_template=template, special_tokens=names,
-                   stop_ids=sorted({i for k, i in ids.items() if k != "bos" and i is not None}))
-    return out
-
-
 # -----------------------------------------------------------------------------
 # writing: a run as a GGUF file llama.cpp (and Ollama, LM Studio) runs
 
@@ -341,42 +296,3 @@ def add_tensor(writer, name, w, kind):
     else:
         qtype = {"bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[kind]
         writer.add_tensor(name, quants.quantize(w.astype(np.float32), qtype), raw_dtype=qtype)
-
-
-def write_tokenizer(writer, meta, vocab_size):
-    """The tokenizer in llama.cpp's metadata: a byte-level BPE's tokens (ids without a token padded as llama.cpp
-    pads them), merges, token types and pre-tokenizer, the bos/eos ids and the chat template. Other vocabularies
-    are refused: llama.cpp would not split text into the same tokens."""
-    if meta.get("tokenizer") == "gpt2":  # GPT-2's own (tiktoken's ranks), as a byte-level BPE
-        meta = dict(meta, tokenizer="bpe", tokenizer_json=tiktoken_tokenizer(gpt2_encoding()).to_str(),
-                    bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    if meta.get("tokenizer") != "bpe" or meta.get("word_level"):
-        die(f"a model on {meta.get('tokenizer') or 'no'} vocabulary has no GGUF tokenizer llama.cpp splits text with "
-            f"the same way; export models trained on a byte-level BPE (prepare_bpe.py) or imported ones")
-    spec, tok = json.loads(meta["tokenizer_json"]), Tokenizer.from_str(meta["tokenizer_json"])
-    if spec["model"]["type"] != "BPE":
-        die(f"a {spec['model']['type']} tokenizer has no GGUF form llama.cpp reads; export a byte-level BPE model")
-    vocab = tok.get_vocab(with_added_tokens=True)
-    by_id = {i: t for t, i in vocab.items()}
-    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
-    special = {a.content for a in tok.get_added_tokens_decoder().values() if a.special}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    pre = json.dumps(spec.get("pre_tokenizer"))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm" if "Digits" in pre else next((k for k, v in SPLITS.items() if json.dumps(v)[1:-1]
-                                                                    in pre), "gpt-2"))
-    writer.add_token_list(tokens)
-    writer.add_token_types([CONTROL if t in special else 5 if t.startswith("[PAD") and t not in vocab else 1
-                            for t in tokens])
-    writer.add_token_merges(merges)
-    ids = token_ids(meta)
-    for add, i in ((writer.add_bos_token_id, ids["bos"]), (writer.add_eos_token_id, ids["eos"])):
-        if i is not None:
-            add(i)
-    writer.add_add_bos_token(False)
-    template = meta.get("chat_template")
-    if template:
-        writer.add_chat_template(jinja(template) if isinstance(template, dict) else template)
-    end = template.get("end_id") if isinstance(template, dict) else None
-    if end is not None and end != ids["eos"]:  # our template's end of turn: where llama.cpp stops a reply
-        writer.add_eot_token_id(end)

@@ -34,9 +34,9 @@ LORA_SETTINGS = dict(
                "LoRA: the frozen base in memory: '' as loaded (float32), bfloat16, int8 (a scale per row)"))
 
 
-def check(config, fsdp, grown):
+def check(config, grown):
     """One line for a setting LoRA does not go with; None when it goes."""
-    if fsdp:
+    if config["parallel"] == "fsdp":
         return "--lora_rank trains under DDP (torchrun) or one process; FSDP shards whole weights: drop --parallel=fsdp"
     if config["optimizer"] != "adamw":
         return "LoRA's adapters train with AdamW (Muon orthogonalises whole matrices, not rank-r factors): " \

@@ -46,11 +46,14 @@ def read_run(spec):
         meta = saved.get("meta") or meta
     metrics = os.path.join(folder, "metrics.csv")
     rows = read_metrics(metrics) if os.path.isfile(metrics) else []
-    # seconds of training at each logged iteration: ms/iter times the iterations since the previous log line
+    # seconds of training at each logged iteration: as train.py counted them (train_s), or for older runs ms/iter
+    # times the iterations since the previous log line
     seconds, t, last = {}, 0.0, 0
     for r in rows:
         it = int(r["iter"])
-        if r.get("ms_per_iter") is not None:
+        if r.get("train_s") is not None:
+            t, last = r["train_s"], it
+        elif r.get("ms_per_iter") is not None:
             t += r["ms_per_iter"] / 1000 * (it - last)
             last = it
         seconds[it] = t
@@ -100,19 +103,24 @@ def draw(runs, path):
         print("note: no plot: it needs matplotlib (pip install matplotlib)")
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    # runs on different tokenizers compare in bits per byte, not loss per token: each run's train loss scaled by its
+    # last evaluation's bits per byte over its loss (its bytes per token)
+    bpb = len({(run["meta"].get("tokenizer"), run["meta"].get("vocab_size")) for run in runs}) > 1
     for i, run in enumerate(runs):
         color = f"C{i}"
-        train = [(int(r["iter"]), r["loss"]) for r in run["rows"] if r.get("loss") is not None]
+        scale = run["evals"][-1][2] / run["evals"][-1][1] if bpb and run["evals"] else 1.0
+        train = [(int(r["iter"]), r["loss"] * scale) for r in run["rows"] if r.get("loss") is not None]
         for ax, x_of in ((axes[0], lambda it: it), (axes[1], lambda it, run=run: run["seconds"].get(it, 0.0))):
             if train:
                 ax.plot([x_of(it) for it, _ in train], [v for _, v in train], color=color, alpha=0.35, lw=1,
                         label=f"{run['name']} train")
             if run["evals"]:
-                ax.plot([x_of(e[0]) for e in run["evals"]], [e[1] for e in run["evals"]], color=color, marker="o",
+                ax.plot([x_of(e[0]) for e in run["evals"]], [e[2 if bpb else 1] for e in run["evals"]], color=color,
+                        marker="o",
                         ms=3, lw=1.5, label=f"{run['name']} val")
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("seconds of training")
-    axes[0].set_ylabel("loss")
+    axes[0].set_ylabel("bits per byte (the runs' tokenizers differ)" if bpb else "loss")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)

@@ -197,7 +197,7 @@ dataset = config["dataset"] = dataset.removeprefix("data/")  # --dataset=data/x 
 data_dir = os.path.join("data", dataset)
 meta, tokenizer = read_dataset(data_dir)
 grown = vocab_fits(record and record.meta, meta, init_from, dataset)  # True: the dataset adds tokens
-if config["lora_rank"] and (problem := lora_problem(config, fsdp, grown)):
+if config["lora_rank"] and (problem := lora_problem(config, grown)):
     die(problem)
 splits = {split: open_split(data_dir, meta, split) for split in ("train", "val")}
 
@@ -323,7 +323,7 @@ log.start(iter_num, meta, dict(config=config, model_config=vars(model_config), p
                                gpu=gpu_name, dtype=dtype, world_size=world_size, torch=torch.__version__, argv=sys.argv,
                                optimizer_params=dict(muon=muon_names, adamw=adam_names)),
           ["iter", "loss", "train_loss", "val_loss", "val_bpb", "val_loss_ema", "lr", "ms_per_iter", "tok_per_s",
-           "grad_norm", "gflops", "mfu", *tasks],
+           "grad_norm", "gflops", "mfu", "train_s", *tasks],
           (wandb_project, wandb_run_name or f"{model_type} {model_config.describe()}",
            dict(config, model_config=vars(model_config))) if wandb_log else None)
 log.print(f"{model_type}: {model_config.describe()}")
@@ -370,7 +370,7 @@ while True:
                   + "".join(f", {task} {value:.4f}" for task, value in scores.items()))
         if iter_num > start_iter or iter_num == 0:  # not again for the step a resume starts from
             log.record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_bpb=losses["val_bpb"],
-                       val_loss_ema=losses["val_ema"], **scores)
+                       val_loss_ema=losses["val_ema"], train_s=train_time, **scores)
         improved = losses["val"] < best_val_loss
         best_val_loss, evals_since_best = (losses["val"], 0) if improved else (best_val_loss, evals_since_best + 1)
         if iter_num > start_iter and save_strategy in ("latest", "both"):
@@ -404,7 +404,7 @@ while True:
         bar.set_postfix_str(f"loss {loss_value:.4f}, {tok_per_s:,.0f} tok/s, {speed}")
         log.record(iter=iter_num, loss=loss_value, lr=lr_mult * learning_rate, ms_per_iter=step_time * 1000,
                    tok_per_s=tok_per_s, grad_norm=float(full(grad_norm)), gflops=flops / 1e9,
-                   mfu=flops / peak if peak else None)
+                   mfu=flops / peak if peak else None, train_s=train_time)
     if signals.agreed(device):  # a signal to any rank stops every rank after this same step
         break
 

@@ -6,7 +6,7 @@ dataset = "shakespeare_char"
 device = "cpu"
 max_time = 12.0  # seconds of training; the LR schedule runs on the elapsed fraction of it
 max_iters = 1_000_000  # the time budget ends the run
-eval_interval = 1_000_000  # evaluate at the start and the end only
+eval_interval = 250  # a point of the curve every 250 steps (evaluations are outside max_time: wall time only)
 eval_iters = 200
 log_interval = 25
 # one layer, fed the 2- and 3-grams ending at each character (ngram_emb): the tables give the local

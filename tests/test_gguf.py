@@ -266,3 +266,46 @@ def test_fine_tune_a_gguf_model_on_data_in_its_own_tokenizer(tmp_path):
     history = run("chat.py", "--out_dir=out-ft", "--max_new_tokens=5", cwd=tmp_path,
                   input="what is a list?\n/history\n").stdout
     assert "<|user|>what is a list?" in history  # the file's chat template (ours, carried in its metadata)
+
+
+def test_a_sentencepiece_vocabulary_reads_as_llama_cpp_and_transformers_tokenize(tmp_path, monkeypatch):
+    """A GGUF file whose tokenizer is SentencePiece-style BPE (tokenizer.ggml.model "llama", as Llama 2, Mistral and
+    Gemma files hold: pieces with "▁" and scores, <0xNN> byte pieces): our tokenizer from it splits text as llama.cpp
+    (the real client) and transformers' GGUF tokenizer do, characters outside the pieces through the bytes, and
+    decodes back to the text."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from tokenizers import SentencePieceBPETokenizer
+
+    import gguf_file
+    from checkpoint import Source, load_source
+    from conftest import corpus_text
+    from model import GPT, config_from_preset
+    from tokenizer import check_tokenizer
+    trained = SentencePieceBPETokenizer()
+    trained.train_from_iterator([corpus_text()[:20000]], vocab_size=400, show_progress=False)
+    pieces = [t for t, _ in sorted(trained.get_vocab().items(), key=lambda kv: kv[1]) if t != "<unk>"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]  # the later a piece was learned, the lower
+
+    def write_spm(writer, meta, vocab_size):
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_add_space_prefix(True)
+        writer.add_add_bos_token(False)
+
+    monkeypatch.setattr(gguf_file, "write_tokenizer", write_spm)
+    model = GPT(config_from_preset("gpt_plus", n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=len(tokens)))
+    gguf_file.write_gguf(Source(vars(model.config), model.state_dict(), {}), str(tmp_path / "spm.gguf"), "f32")
+    tok = check_tokenizer(load_source(f"gguf:{tmp_path / 'spm.gguf'}").meta)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "spm.gguf"), n_ctx=64, verbose=False, vocab_only=True)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    for text in ("The with statement:  two spaces", "x = [1, 2]\nif x:\n    pass", "ünïcode 😀 and 中文"):
+        ids = tok.encode(text)
+        assert ids == llm.tokenize(text.encode(), add_bos=False, special=False), text
+        assert ids == theirs.encode(text, add_special_tokens=False), text
+        assert tok.decode(ids) == text
