@@ -42,8 +42,10 @@ class Params:
     include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
 
 
-def params_of(body, limit):
-    """The sampling fields of a request, checked; ApiError (400) naming the first bad one."""
+def params_of(body, limit, defaults=None):
+    """The sampling fields of a request, checked, those it leaves out from defaults (the model's recommended
+    sampling) or the API's; ApiError (400) naming the first bad one."""
+    body = {**(defaults or {}), **{k: v for k, v in body.items() if v is not None}}
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name):
             raise ApiError(400, f"{name} is not supported; use repetition_penalty (> 1 lowers repeated tokens)", name)

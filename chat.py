@@ -182,13 +182,16 @@ def keys_held(active):
 
 
 def main():
-    config, _ = configure(globals())
+    config, explicit = configure(globals())
     check(config, RULES)
     config["interactive"] = interactive = sys.stdin.isatty()
     if interactive:  # Ctrl-C raises KeyboardInterrupt even when started with SIGINT ignored (as from a script)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     source = source_of(config)
     model, tokenizer = load_for_inference(config)
+    # the model's recommended sampling (its generation_config.json), for each setting not given here
+    taken = {k: v for k, v in ((tokenizer.meta or {}).get("generation") or {}).items() if k not in explicit}
+    config.update(taken)
     try:
         tokenizer.encode(system_prompt + user_prefix + assistant_prefix)
     except ValueError as e:  # once, here, rather than every turn
@@ -205,6 +208,9 @@ def main():
             pass
         write(f"chatting with {source} ({num_weights(model) / 1e6:.1f}M parameters, context {model.config.block_size} "
               f"tokens). /help for commands, /exit to leave.\n")
+        if taken:
+            write("sampling as the model recommends (generation_config.json): " +
+                  ", ".join(f"{k}={v}" for k, v in taken.items()) + "; /set or --KEY=VALUE changes it\n")
     while True:
         try:
             line = input("You: " if interactive else "")

@@ -318,7 +318,7 @@ def export_hf(record, dest):
     stops = [i for i in dict.fromkeys(stops + [config["eos_token_id"]]) if i is not None] or [None]
     stops = stops[0] if len(stops) == 1 else stops
     write_json(os.path.join(dest, "generation_config.json"),  # generate() stops at the end of a turn, too
-               dict(bos_token_id=config["bos_token_id"], eos_token_id=stops))
+               dict(bos_token_id=config["bos_token_id"], eos_token_id=stops, **meta_.get("generation", {})))
     path = os.path.join(dest, "model.safetensors")
     atomic_write(path, lambda f: f.write(save(tensors, metadata={"format": "pt"})), binary=True)
     if meta_:

@@ -108,7 +108,8 @@ def meta_from_hf(folder, arch, vocab_size):
                      for k in ("bos_token", "eos_token") if (v := settings.get(k))}
             meta = dict(tokenizer="bpe", tokenizer_json=text, **names)
         tok = check_tokenizer(meta)
-        meta.update(vocab_size=tok.vocab_size, dtype=token_dtype(tok.vocab_size), **chat_template_meta(folder, tok))
+        meta.update(vocab_size=tok.vocab_size, dtype=token_dtype(tok.vocab_size), **chat_template_meta(folder, tok),
+                    **generation_meta(folder))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         die(f"{path} is not a usable Hugging Face tokenizer.json ({type(e).__name__}: {str(e)[:160]}); "
             f"replace it with the model's own tokenizer.json")
@@ -149,3 +150,18 @@ def chat_template_meta(folder, tok):
     to_id = tok.tok.token_to_id if hasattr(tok, "tok") else tok.stoi.get
     stops = ([eos] if isinstance(eos, int) else list(eos or [])) + [to_id(specials.get("eos_token") or "")]
     return dict(chat_template=template, special_tokens=specials, stop_ids=sorted({i for i in stops if i is not None}))
+
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # generation_config.json's and ours
+
+
+def generation_meta(folder):
+    """The sampling a Hugging Face folder's generation_config.json recommends (do_sample false: greedy), as
+    {"generation": {...}}; {} when it recommends none. chat.py and serve.py start from it."""
+    path = os.path.join(folder, "generation_config.json")
+    settings = read_json(path, "generation_config.json") if os.path.isfile(path) else {}
+    found = {k: settings[k] for k in SAMPLING_KEYS if isinstance(settings.get(k), (int, float))
+             and not isinstance(settings.get(k), bool)}
+    if settings.get("do_sample") is False and found:
+        found["temperature"] = 0.0
+    return dict(generation=found) if found else {}

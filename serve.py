@@ -230,12 +230,17 @@ def known(tokenizer, text):
     return tokenizer.known(text)[0] if hasattr(tokenizer, "known") else text
 
 
+def recommended(tokenizer):
+    """The model's recommended sampling (its generation_config.json): what a request leaves out."""
+    return (getattr(tokenizer, "meta", None) or {}).get("generation", {})
+
+
 async def chat_completions(request: Request):
     state, body = request.app.state, await read_body(request)
     s = state.settings
     messages = [dict(m, content=known(state.tokenizer, m["content"]))
                 for m in messages_of(body, s["max_messages"], s["max_chars"])]
-    params = params_of(body, s["max_tokens_limit"])
+    params = params_of(body, s["max_tokens_limit"], recommended(state.tokenizer))
     try:
         ids, _, _ = fit_conversation(state.template, messages, max(state.block - params.max_tokens, state.block // 2))
     except ValueError as e:  # a template that refuses the conversation
@@ -255,7 +260,7 @@ async def completions(request: Request):
         raise ApiError(400, f"the prompt holds more than {state.settings['max_chars']:,} characters", "prompt")
     ids = encode_prompt(state.tokenizer, known(state.tokenizer, prompt))  # as sample.py primes it
     stop_ids = [state.tokenizer.eos_id] if state.tokenizer.eos_id is not None else []
-    params = params_of(body, state.settings["max_tokens_limit"])
+    params = params_of(body, state.settings["max_tokens_limit"], recommended(state.tokenizer))
     return await respond(request, "completion", ids, params, stop_ids, params.stops)
 
 
@@ -329,6 +334,9 @@ def main():
     app = make_app(engine, waiting, tokenizer, config)
     print(f"serving {config['model_name']} ({num_weights(model) / 1e6:.1f}M parameters, context "
           f"{model.config.block_size}) at http://{host}:{port} — OpenAI API at /v1, chat page at /", flush=True)
+    if recommended(tokenizer):
+        print("requests that leave them out sample as the model's generation_config.json recommends: "
+              + ", ".join(f"{k}={v}" for k, v in recommended(tokenizer).items()), flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error", access_log=False))
     # the engine keeps the main thread: torch's CPU thread pool runs ~2x slower from another thread while the main
     # one's pool waits, so the HTTP server gets the other thread

@@ -105,9 +105,11 @@ def test_family_chat_template_renders_as_transformers_and_masks_only_the_replies
                                                                           raw.token_to_id(end)])
     model = (transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**config, head_dim=16)) if name == "gemma3"
              else transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config)))
+    model.generation_config.update(do_sample=True, temperature=0.3, top_p=0.9)  # the model's recommended sampling
     model.save_pretrained(tmp_path)
     hf_tok.save_pretrained(tmp_path)
     source = load_source(f"hf:{tmp_path}")
+    assert source.meta["generation"] == dict(temperature=0.3, top_p=0.9, top_k=50)  # (top_k: transformers' default)
     tok = check_tokenizer(source.meta)
     ours = template_for(source.meta, tok)
     chat = [dict(role="system", content="Be brief."), dict(role="user", content="Hi there"),
@@ -120,3 +122,14 @@ def test_family_chat_template_renders_as_transformers_and_masks_only_the_replies
     kept = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
     assert kept.replace("\n", "") == f"Hello!{end}Blue.{end}"
     assert raw.token_to_id(end) in ours.stop_ids
+
+
+def test_a_request_that_leaves_sampling_out_samples_as_the_model_recommends():
+    """serve.py's requests: a field left out (or null) takes the model's generation_config.json value, one given wins,
+    and the API's own default applies where the model recommends nothing."""
+    from api import params_of
+    recommended = dict(temperature=0.3, top_p=0.9)
+    assert recommended.items() <= params_of({}, 100, recommended).sampling.items()
+    assert params_of(dict(temperature=0.7, top_p=None), 100, recommended).sampling["temperature"] == 0.7
+    assert params_of(dict(top_p=None), 100, recommended).sampling["top_p"] == 0.9
+    assert params_of({}, 100, {}).sampling["temperature"] == 1.0
