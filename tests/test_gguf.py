@@ -113,7 +113,7 @@ def bpe_run(folder, qk_norm=False, preset="gpt_plus", **fields):
     # Qwen3: transformers' GGUF reader takes head_dim as 128 whatever the file says, so this model has that
     qwen3 = dict(qk_norm=True, qk_norm_scale=True, head_dim=128) if qk_norm else {}
     shape = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64, **qwen3)
-    model = GPT(config_from_preset(preset, vocab_size=meta["vocab_size"], **{**shape, **fields}))
+    model = GPT(config_from_preset(preset, **{"vocab_size": meta["vocab_size"], **shape, **fields}))
     for p in model.parameters():  # not the init's zeros and ones: every weight matters to the logits
         p.data.add_(torch.randn_like(p) * 0.05)
     source = Source(vars(model.config), model.state_dict(), meta)
@@ -309,3 +309,23 @@ def test_a_sentencepiece_vocabulary_reads_as_llama_cpp_and_transformers_tokenize
         assert ids == llm.tokenize(text.encode(), add_bos=False, special=False), text
         assert ids == theirs.encode(text, add_special_tokens=False), text
         assert tok.decode(ids) == text
+
+
+def test_a_phi3_gguf_reads_as_transformers_reads_it(tmp_path, monkeypatch):
+    """A GGUF file in llama.cpp's phi3 layout (fused attn_qkv and gate/up ffn_up, as its converter writes Phi-3):
+    read through gguf: with the logits transformers' GGUF loading gives the same file."""
+    import gguf_file
+    from checkpoint import build_model, load_source
+    # (transformers' Phi-3 takes its pad id as 32,000 whatever the file says: the vocabulary is padded to Phi-3's)
+    source, tok = bpe_run(tmp_path / "run", tie_weights=False, vocab_size=32064)
+    monkeypatch.setattr(gguf_file, "gguf_arch", lambda cfg: ("phi3", "phi3"))  # our runs export as llama; here phi3
+    gguf_file.write_gguf(source, str(tmp_path / "phi3.gguf"), "f32")
+    back = load_source(f"gguf:{tmp_path / 'phi3.gguf'}")
+    ids = tok.encode("Return the value of x, or None.\n")
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        mine = build_model(back, "cpu").eval()(x, x)[0]
+        assert (build_model(source, "cpu").eval()(x, x)[0] - mine).abs().max().item() <= 1e-5
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="phi3.gguf",
+                                                                   dtype=torch.float32).eval()
+        assert type(theirs).__name__ == "Phi3ForCausalLM" and (theirs(x).logits - mine).abs().max().item() <= 1e-4
