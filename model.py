@@ -330,11 +330,12 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - (self.transformer.wpe.weight.numel() if non_embedding and self.transformer.wpe is not None else 0)
 
-    def flops_per_token(self):
-        """Training FLOPs per token (forward + backward): 6 per weight plus attention (PaLM, appendix B)."""
+    def flops_per_token(self, window=0):
+        """Training FLOPs per token (forward + backward) on windows of `window` tokens (0: block_size): 6 per weight
+        plus attention (PaLM, appendix B)."""
         cfg = self.config
         lookups = sum(p.numel() for p in self.transformer.nte.parameters())  # n-gram tables: no matmul
-        return 6 * (self.num_params() - lookups) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        return 6 * (self.num_params() - lookups) + 12 * cfg.n_layer * cfg.n_embd * (window or cfg.block_size)
 
     def forward(self, idx, targets=None, cache=None, label_smoothing=0.0, return_logits=True):
         """idx: (B, T) token ids. With targets (B, T), returns logits (B, T, vocab) and the mean cross-entropy (targets

@@ -109,7 +109,8 @@ def test_a_base_that_changed_under_its_adapters_is_one_line(base, tmp_path):
 
 
 @pytest.mark.parametrize("flags,word", [(["--optimizer=muon"], "AdamW"), (["--init_from=scratch"], "trained model"),
-                                        (["--lora_targets=attn,emb"], "lora_targets"), (["--lora_base=int4"], "int8")])
+                                        (["--lora_targets=attn,emb"], "lora_targets"), (["--lora_base=int4"], "int8"),
+                                        (["--parallel=fsdp"], "FSDP")])
 def test_lora_settings_that_do_not_go_are_one_line(base, flags, word):
     proc = run("train.py", *LORA, "--max_iters=2", "--out_dir=out-lora-bad", *flags, cwd=base, ok=False)
     assert word in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -130,6 +131,27 @@ def test_peft_runs_the_exported_adapters_with_our_logits(base):
         assert (adapted(x).logits - ours(x, x)[0]).abs().max().item() <= 1e-5
     proc = run("convert.py", "--out_dir=out-lora-base", "--to=peft", "--dest=peft-none", cwd=base, ok=False)
     assert "no LoRA adapters" in proc.stderr
+    run("convert.py", "--out_dir=out-lora-peft", "--to=hf", "--dest=hf-lora-merged", cwd=base)  # merged, untied head
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(base / "hf-lora-merged")).eval()
+    with torch.no_grad():
+        assert (merged(x).logits - ours(x, x)[0]).abs().max().item() <= 1e-5
+
+
+def test_lora_under_ddp_takes_the_steps_of_one_process(base):
+    """torchrun with 2 CPU processes (gloo): the frozen base needs no gradient sync, the adapters end as one process's
+    (the same total_batch_size)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    args = [*LORA, "--max_iters=4", "--total_batch_size=256"]
+    run("train.py", *args, "--out_dir=out-lora-1p", cwd=base)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "train.py"), *args, "--out_dir=out-lora-2p"], cwd=base,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (torch.load(base / d / "ckpt.pt", weights_only=True)["model"] for d in ("out-lora-1p", "out-lora-2p"))
+    assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
 
 
 def test_lora_learns_what_the_frozen_base_cannot(base):
