@@ -12,6 +12,7 @@ them as a PEFT adapter folder. Not run by itself.
 import hashlib
 import math
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -149,6 +150,20 @@ def attach(model, config):
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, new)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@contextmanager
+def adapters_off(model):
+    """The base alone inside the block (every adapter's update scaled by 0): DPO's reference without a second copy."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    scalings = [m.scaling for m in layers]
+    for m in layers:
+        m.scaling = 0.0
+    try:
+        yield model
+    finally:
+        for m, scaling in zip(layers, scalings, strict=True):
+            m.scaling = scaling
 
 
 def adapters(model):

@@ -1,0 +1,93 @@
+"""
+Preference tuning's parts, for dpo.py: pairs as JSON Lines in TRL's shape (`prompt` + `chosen` + `rejected`, each a
+string or a list of messages) rendered in the model's chat template so that only the completions count, the summed
+log-probability of each completion, and the sigmoid DPO loss (Rafailov et al., 2023) with β and label smoothing
+(cDPO), with its implicit rewards. Not run by itself.
+"""
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from errors import die
+
+
+def messages(value, role, where):
+    """A prompt or a completion as a list of messages: a string is one message of `role`."""
+    if isinstance(value, str):
+        return [dict(role=role, content=value)]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 and m.get("role") in ("system", "user", "assistant") for m in value):
+        return value
+    die(f"{where}: a prompt, chosen or rejected field must be a string or a list of {{role, content}} messages")
+
+
+def encode_pair(template, row, block_size, where):
+    """(prompt ids, chosen completion ids, rejected completion ids) of one pair, each completion as the template
+    renders it after the prompt (its end of turn included); a prompt cut from the left so that prompt + the longer
+    completion fit block_size + 1 tokens."""
+    if not all(k in row for k in ("prompt", "chosen", "rejected")):
+        die(f"{where}: a pair needs prompt, chosen and rejected fields (TRL's preference format)")
+    prompt = messages(row["prompt"], "user", where)
+    try:
+        prompt_ids = template.encode(prompt, add_generation_prompt=True)
+        fulls = [template.encode(prompt + messages(row[key], "assistant", where)) for key in ("chosen", "rejected")]
+    except ValueError as e:  # characters a character vocabulary lacks, a template that refuses the conversation
+        die(f"{where}: {e}")
+    completions = []
+    for key, full in zip(("chosen", "rejected"), fulls, strict=True):
+        if full[:len(prompt_ids)] != prompt_ids:
+            die(f"{where}: the chat template does not render the {key} reply after the prompt as generation would "
+                f"start it; give completions as one assistant message")
+        completions.append(full[len(prompt_ids):][:block_size])
+    keep = block_size + 1 - max(map(len, completions))
+    return (prompt_ids[-keep:] if keep > 0 else prompt_ids[-1:]), *completions
+
+
+def read_pairs(path, template, block_size):
+    """Every pair of a JSON Lines file, encoded (encode_pair); one line for a line that is not a JSON object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    except OSError as e:
+        die(f"cannot read {path} ({e.strerror}); give --data=FILE.jsonl of preference pairs")
+    pairs = []
+    for n, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            die(f"{path} line {n} is not JSON; each line is one pair: {{\"prompt\": ..., \"chosen\": ..., "
+                f"\"rejected\": ...}}")
+        if not isinstance(row, dict):
+            die(f"{path} line {n} is not a JSON object with prompt, chosen and rejected")
+        pairs.append(encode_pair(template, row, block_size, f"{path} line {n}"))
+    if len(pairs) < 2:
+        die(f"{path} holds {len(pairs)} pair(s); DPO needs a few to train on and to hold out")
+    return pairs
+
+
+def completion_logps(model, pairs, device):
+    """The summed log-probability of each pair's chosen and of its rejected completion after its prompt: two tensors
+    (B,), from one right-padded forward over the 2B sequences."""
+    rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    width = max(len(p) + len(c) for p, c in rows) - 1
+    x = torch.zeros(len(rows), width, dtype=torch.long)
+    y = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: not a completion token
+    for b, (p, c) in enumerate(rows):
+        ids = torch.tensor(p + c)
+        x[b, :len(ids) - 1] = ids[:-1]
+        y[b, len(p) - 1:len(ids) - 1] = ids[len(p):]
+    x, y = x.to(device), y.to(device)
+    logits = model(x, torch.zeros_like(x))[0].float()  # (2B, T, vocab)
+    token = logits.log_softmax(-1).gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y >= 0)  # (2B, T)
+    return token.sum(-1).chunk(2)
+
+
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0):
+    """The sigmoid DPO loss over a batch (mean), and each pair's implicit rewards β·(log π − log π_ref) of the chosen
+    and the rejected completion; label_smoothing ε: the pair's labels taken as flipped with probability ε (cDPO)."""
+    chosen_rewards, rejected_rewards = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    margin = chosen_rewards - rejected_rewards
+    loss = -F.logsigmoid(margin) * (1 - label_smoothing) - F.logsigmoid(-margin) * label_smoothing
+    return loss.mean(), chosen_rewards.detach(), rejected_rewards.detach()
