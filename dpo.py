@@ -4,7 +4,7 @@ to prefer each pair's chosen completion over its rejected one, measured against 
 (with LoRA: the base with its adapters switched off, so no second copy is held). Pairs are JSON Lines in TRL's shape
 (prompt + chosen + rejected, strings or lists of messages), rendered in the model's own chat template. Its own script,
 not a loss of train.py's loop: its batches are pairs of completions after a prompt, not windows of the token bins,
-and it holds a reference; the parts are shared (preference.py, lora.py, the checkpoint, the LR schedule).
+and it holds a reference; the parts are shared (posttrain.py, lora.py, the checkpoint, the LR schedule).
 
     python dpo.py --init_from=out-sft-pydocs --data=pairs.jsonl --out_dir=out-dpo
     python dpo.py --init_from=hf:HuggingFaceTB/SmolLM2-135M-Instruct --data=pairs.jsonl --lora_rank=16
@@ -28,7 +28,7 @@ from errors import die
 from hardware import pick_device
 from lora import LORA_SETTINGS, adapters, adapters_off, attach, summary
 from optimizers import lr_factor
-from preference import completion_logps, dpo_loss, read_pairs
+from posttrain import completion_logps, dpo_loss, read_pairs
 from tokenizer import check_tokenizer
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 # Fine-tune SmolLM2-135M-Instruct with LoRA on your own conversations: adapters of rank 16 on every attention and MLP
-# matrix train (4.9M weights, 3.6% of the model), the base stays frozen, and the run folder holds the adapters only.
+# matrix train (4.1M weights, 3.0% of the model), the base stays frozen, and the run folder holds the adapters only.
 #   pip install huggingface_hub safetensors jinja2
 #   python prepare_bpe.py --input=pydocs_chat --tokenizer=hf:HuggingFaceTB/SmolLM2-135M-Instruct
 #   python train.py config/lora_smollm.py

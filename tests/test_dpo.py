@@ -1,4 +1,4 @@
-"""DPO (dpo.py, preference.py): the loss equals TRL's on fixed log-probabilities, the completions' log-probabilities
+"""DPO (dpo.py, posttrain.py): the loss equals TRL's on fixed log-probabilities, the completions' log-probabilities
 equal a per-pair forward, and a run on pairs a tiny model cannot yet tell apart learns to prefer the chosen ones
 (full weights, and LoRA with the base as its reference), every script loading the result; bad pairs are one line."""
 
@@ -34,7 +34,7 @@ def trl_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, beta):
 
 
 def test_dpo_loss_equals_trl_and_label_smoothing_is_cdpo():
-    from preference import dpo_loss
+    from posttrain import dpo_loss
     g = torch.Generator().manual_seed(0)
     chosen, rejected, ref_chosen, ref_rejected = (torch.randn(6, generator=g) * 5 - 20 for _ in range(4))
     for beta in (0.1, 0.5):
@@ -51,7 +51,7 @@ def test_completion_logps_are_each_pairs_own():
     """The batched, right-padded log-probabilities of each completion equal the sum over a forward of that pair
     alone, counting the completion's tokens only."""
     from model import GPT, GPTConfig
-    from preference import completion_logps
+    from posttrain import completion_logps
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=30, block_size=32)).eval()
     pairs = [([1, 2, 3], [4, 5], [6]), ([7], [8, 9, 10, 11], [12, 13])]

@@ -1,8 +1,9 @@
 """
-Preference tuning's parts, for dpo.py: pairs as JSON Lines in TRL's shape (`prompt` + `chosen` + `rejected`, each a
-string or a list of messages) rendered in the model's chat template so that only the completions count, the summed
-log-probability of each completion, and the sigmoid DPO loss (Rafailov et al., 2023) with β and label smoothing
-(cDPO), with its implicit rewards. Not run by itself.
+Post-training's parts, for dpo.py and rl.py: preference pairs as JSON Lines in TRL's shape (`prompt` + `chosen` +
+`rejected`, each a string or a list of messages) rendered in the model's chat template so that only the completions
+count; the log-probability of each completion token after its prompt; the sigmoid DPO loss (Rafailov et al., 2023)
+with β and label smoothing (cDPO) and its implicit rewards; and GRPO's group-relative advantages and token-level
+policy-gradient loss (with an optional KL penalty to a reference). Not run by itself.
 """
 
 import json
@@ -45,32 +46,38 @@ def encode_pair(template, row, block_size, where):
     return (prompt_ids[-keep:] if keep > 0 else prompt_ids[-1:]), *completions
 
 
-def read_pairs(path, template, block_size):
-    """Every pair of a JSON Lines file, encoded (encode_pair); one line for a line that is not a JSON object."""
+def read_jsonl(path, what):
+    """[(line number, object)] of a JSON Lines file; one line for a file that cannot be read or a line that is not
+    a JSON object (what: the shape a line should have, for the message)."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     except OSError as e:
-        die(f"cannot read {path} ({e.strerror}); give --data=FILE.jsonl of preference pairs")
-    pairs = []
+        die(f"cannot read {path} ({e.strerror}); give a JSON Lines file of {what}")
+    rows = []
     for n, line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            die(f"{path} line {n} is not JSON; each line is one pair: {{\"prompt\": ..., \"chosen\": ..., "
-                f"\"rejected\": ...}}")
+            row = None
         if not isinstance(row, dict):
-            die(f"{path} line {n} is not a JSON object with prompt, chosen and rejected")
-        pairs.append(encode_pair(template, row, block_size, f"{path} line {n}"))
+            die(f"{path} line {n} is not a JSON object; each line is one of {what}")
+        rows.append((n, row))
+    return rows
+
+
+def read_pairs(path, template, block_size):
+    """Every pair of a JSON Lines file, encoded (encode_pair)."""
+    what = '{"prompt": ..., "chosen": ..., "rejected": ...}'
+    pairs = [encode_pair(template, row, block_size, f"{path} line {n}") for n, row in read_jsonl(path, what)]
     if len(pairs) < 2:
         die(f"{path} holds {len(pairs)} pair(s); DPO needs a few to train on and to hold out")
     return pairs
 
 
-def completion_logps(model, pairs, device):
-    """The summed log-probability of each pair's chosen and of its rejected completion after its prompt: two tensors
-    (B,), from one right-padded forward over the 2B sequences."""
-    rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+def token_logps(model, rows, device):
+    """(log-probability of each completion token after its prompt, mask): (N, T) each, for rows of (prompt ids,
+    completion ids), from one right-padded forward; 0 where the mask is 0 (the prompt, the padding)."""
     width = max(len(p) + len(c) for p, c in rows) - 1
     x = torch.zeros(len(rows), width, dtype=torch.long)
     y = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: not a completion token
@@ -79,9 +86,16 @@ def completion_logps(model, pairs, device):
         x[b, :len(ids) - 1] = ids[:-1]
         y[b, len(p) - 1:len(ids) - 1] = ids[len(p):]
     x, y = x.to(device), y.to(device)
-    logits = model(x, torch.zeros_like(x))[0].float()  # (2B, T, vocab)
-    token = logits.log_softmax(-1).gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y >= 0)  # (2B, T)
-    return token.sum(-1).chunk(2)
+    logits = model(x, torch.zeros_like(x))[0].float()  # (N, T, vocab)
+    mask = (y >= 0).float()
+    return logits.log_softmax(-1).gather(-1, y.clamp(min=0)[..., None])[..., 0] * mask, mask
+
+
+def completion_logps(model, pairs, device):
+    """The summed log-probability of each pair's chosen and of its rejected completion after its prompt: two tensors
+    (B,), from one forward over the 2B sequences."""
+    rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    return token_logps(model, rows, device)[0].sum(-1).chunk(2)
 
 
 def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0):
@@ -91,3 +105,23 @@ def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing=0
     margin = chosen_rewards - rejected_rewards
     loss = -F.logsigmoid(margin) * (1 - label_smoothing) - F.logsigmoid(-margin) * label_smoothing
     return loss.mean(), chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def group_advantages(rewards, group):
+    """GRPO's advantages: each completion's reward less its group's mean (the completions of one prompt), over the
+    group's standard deviation; 0 for a group whose completions all scored alike (nothing to learn from it)."""
+    r = rewards.view(-1, group)
+    std = r.std(dim=1, keepdim=True)
+    return ((r - r.mean(dim=1, keepdim=True)) / std.clamp(min=1e-4) * (std > 0)).view(-1)
+
+
+def policy_loss(logps, mask, advantages, ref_logps=None, kl_coef=0.0):
+    """The policy-gradient loss of one on-policy step, token-level (DAPO's normalisation, nanochat's too): -A·log π of
+    every completion token, averaged over all the batch's completion tokens, so a long completion weighs by its
+    tokens; with kl_coef, plus kl_coef times the k3 estimate of KL(π || reference) per token (exp(d) - d - 1, d =
+    log π_ref - log π)."""
+    per_token = -advantages[:, None] * logps
+    if kl_coef:
+        d = ref_logps - logps
+        per_token = per_token + kl_coef * (d.exp() - d - 1)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
