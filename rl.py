@@ -41,7 +41,7 @@ from tokenizer import check_tokenizer
 init_from = ""  # the model: a run folder (an SFT run, say), hf:..., gguf:..., or resume (out_dir's checkpoint)
 out_dir = "out-rl"  # ckpt.pt (with its optimizer and RNG state: resumable) and metrics.csv
 overwrite = False  # replace a ckpt.pt already in out_dir (not with init_from=resume)
-task = "arithmetic"  # arithmetic (built in, offline) | FILE.jsonl of {"messages": [...], ...} prompts
+task = "arithmetic"  # arithmetic (built in, offline) | gsm8k (downloaded once) | FILE.jsonl of {"messages": [...]}
 reward = ""  # a Python file defining reward(prompt, completion, **fields) -> float; '' = the task's own
 eval_prompts = 64  # prompts held out for pass@1 (arithmetic: made from another seed)
 num_samples = 8  # completions per prompt: the group its advantages are relative to
@@ -80,14 +80,37 @@ def first_number_is_answer(prompt, completion, answer, **_):
     return float(bool(found) and found.group() == str(answer))
 
 
+def gsm8k(split):
+    """GSM8K's word problems (the harness's dataset, openai/gsm8k, downloaded once into the datasets cache) as prompts
+    with their final answers."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        die("--task=gsm8k needs the datasets package: pip install datasets")
+    try:
+        data = load_dataset("openai/gsm8k", "main", split=split)
+    except Exception as e:  # offline with nothing cached, no such dataset
+        die(f"could not get GSM8K ({type(e).__name__}); go online once (it is cached), or give --task=FILE.jsonl")
+    return [dict(messages=[dict(role="user", content=row["question"])], answer=row["answer"].split("####")[-1].strip()
+                 .replace(",", "")) for row in data]
+
+
+def last_number_is_answer(prompt, completion, answer, **_):
+    """GSM8K's reward: 1.0 when the completion's last number is the answer."""
+    found = NUMBER.findall(completion.replace(",", ""))
+    return float(bool(found) and found[-1] == str(answer))
+
+
 def load_task(config):
     """(training prompts, held-out prompts, reward function) of the settings."""
-    if config["task"] == "arithmetic":
+    if config["task"] == "gsm8k":
+        rows, held, score = gsm8k("train"), gsm8k("test")[:config["eval_prompts"]], last_number_is_answer
+    elif config["task"] == "arithmetic":
         rows, held, score = arithmetic(2000, config["seed"]), arithmetic(config["eval_prompts"], config["seed"] + 1), \
             first_number_is_answer
     else:
         if not os.path.isfile(config["task"]):
-            die(f"--task={config['task']} is neither arithmetic nor a JSON Lines file of prompts")
+            die(f"--task={config['task']} is neither arithmetic, gsm8k nor a JSON Lines file of prompts")
         rows = [row for _, row in read_jsonl(config["task"], '{"messages": [...], ...the reward\'s fields}')]
         if any(not isinstance(r.get("messages"), list) for r in rows):
             die(f"{config['task']}: every line needs a messages list (the prompt), beside the reward's fields")

@@ -241,6 +241,7 @@ else:
         model = GPT(model_config)
     if record is not None:
         log.print(load_weights(model, weights, strict_init, init_from))
+        del weights  # (the model holds its copy)
 n_params, flops_per_token = model.num_params(), model.flops_per_token(block_size)  # (the whole model's, with LoRA)
 lora_info = None
 if config["lora_rank"]:  # the base frozen, adapters on its matrices (a resume puts its adapters back)

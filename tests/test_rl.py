@@ -84,3 +84,11 @@ def test_a_reward_that_raises_or_is_not_a_number_is_one_line(base, body, word):
     (base / "bad_reward.py").write_text("def reward(prompt, completion, **fields):\n" + body)
     proc = run("rl.py", *ARGS, "--reward=bad_reward.py", "--max_iters=1", "--out_dir=out-rl-bad", cwd=base, ok=False)
     assert word in proc.stderr and "Write about" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_gsm8k_offline_with_nothing_cached_is_one_line(base, tmp_path):
+    pytest.importorskip("datasets")
+    proc = run("rl.py", "--init_from=out-rl-base", "--task=gsm8k", "--out_dir=out-rl-gsm", cwd=base, ok=False,
+               env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty"),
+                    "HF_DATASETS_CACHE": str(tmp_path / "empty")})
+    assert "GSM8K" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
