@@ -129,15 +129,16 @@ def load_task(config):
 
 
 def scored(score, row, prompt_text, completion):
-    """The reward of one completion, or one line naming the prompt when the reward raises or is not a number."""
+    """The reward of one completion, or one line naming the prompt (its last message) when the reward raises or is
+    not a number."""
     fields = {k: v for k, v in row.items() if k != "messages"}
+    name = str(row["messages"][-1].get("content", ""))[:80]
     try:
         value = score(prompt_text, completion, **fields)
     except Exception as e:
-        die(f"the reward raised {type(e).__name__} ({str(e)[:120]}) on the prompt {prompt_text[-80:]!r}; fix the "
-            f"reward file")
+        die(f"the reward raised {type(e).__name__} ({str(e)[:120]}) on the prompt {name!r}; fix the reward file")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        die(f"the reward returned {value!r}, not a number, on the prompt {prompt_text[-80:]!r}; return a float")
+        die(f"the reward returned {value!r}, not a number, on the prompt {name!r}; return a float")
     return float(value)
 
 

@@ -109,7 +109,7 @@ def test_family_chat_template_renders_as_transformers_and_masks_only_the_replies
     model.save_pretrained(tmp_path)
     hf_tok.save_pretrained(tmp_path)
     source = load_source(f"hf:{tmp_path}")
-    assert source.meta["generation"] == dict(temperature=0.3, top_p=0.9, top_k=50)  # (top_k: transformers' default)
+    assert source.meta["generation"] == dict(temperature=0.3, top_p=0.9)
     tok = check_tokenizer(source.meta)
     ours = template_for(source.meta, tok)
     chat = [dict(role="system", content="Be brief."), dict(role="user", content="Hi there"),

@@ -226,13 +226,16 @@ def test_plain_unpickler_reads_data_only():
         nanogpt.PlainUnpickler(io.BytesIO(pickle.dumps(dict(x=torch.zeros(1))))).load()
 
 
-def test_warm_start_lowers_block_size_and_refuses_to_grow_learned_positions(workdir):
+def test_warm_start_on_shorter_windows_keeps_the_context_and_refuses_to_grow_learned_positions(workdir):
+    """A fine-tune's --block_size below the source's is its training window: the model keeps the source's context
+    (nanoGPT would crop it); a longer one cannot grow learned positions."""
     base = [a for a in TINY if not a.startswith("--block_size")]
     run("train.py", *base, "--dataset=tiny_char", "--block_size=32", "--max_iters=2", "--out_dir=out-b32", cwd=workdir)
-    run("train.py", *base, "--dataset=tiny_char", "--block_size=16", "--max_iters=2", "--init_from=out-b32",
-        "--out_dir=out-b16", cwd=workdir)
+    proc = run("train.py", *base, "--dataset=tiny_char", "--block_size=16", "--max_iters=2", "--init_from=out-b32",
+               "--out_dir=out-b16", cwd=workdir)
     saved = torch.load(workdir / "out-b16" / "ckpt.pt", weights_only=True)
-    assert saved["model"]["transformer.wpe.weight"].shape[0] == 16
+    assert saved["model"]["transformer.wpe.weight"].shape[0] == 32 and saved["model_config"]["block_size"] == 32
+    assert saved["config"]["block_size"] == 16 and "x 16 = " in proc.stdout and "context: 32" in proc.stdout
     proc = run("train.py", *base, "--dataset=tiny_char", "--block_size=64", "--max_iters=2", "--init_from=out-b32",
                "--out_dir=out-b64", cwd=workdir, ok=False)
     assert "--block_size=32 or less" in proc.stderr

@@ -243,7 +243,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused(workdir):
     out, err = first.communicate(timeout=120)
     assert first.returncode == 143, err
     table = rows(workdir / "out-locked")  # one writer: a clean table, iterations in order
-    assert all(None not in r and len(r) == 12 for r in table)  # as many fields as the header, no line cut or merged
+    assert all(None not in r and len(r) == 13 for r in table)  # as many fields as the header, no line cut or merged
     assert [int(r["iter"]) for r in table] == sorted(int(r["iter"]) for r in table)
     stopped = torch.load(workdir / "out-locked" / "ckpt.pt", weights_only=True)["iter_num"]
     # free again
