@@ -11,7 +11,6 @@ and it holds a reference; the parts are shared (posttrain.py, lora.py, the check
     python chat.py --out_dir=out-dpo
 """
 
-import copy
 import csv
 import os
 import sys
@@ -28,7 +27,7 @@ from errors import die
 from hardware import pick_device
 from lora import LORA_SETTINGS, adapters, adapters_off, attach, summary
 from optimizers import lr_factor
-from posttrain import completion_logps, dpo_loss, read_pairs
+from posttrain import adamw, completion_logps, dpo_loss, frozen_copy, read_pairs
 from tokenizer import check_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -118,11 +117,10 @@ def main():
         fields["lora"] = summary(config, record.model)
         print(f"LoRA: {attach(model, config):,} trainable parameters; the reference is the base, adapters off")
     else:
-        reference = copy.deepcopy(model).requires_grad_(False).eval()
+        reference = frozen_copy(model)
     del record
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-                             dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)], lr=learning_rate)
+    opt = adamw(params, learning_rate, weight_decay)
     print(f"{len(train)} pairs to train on, {len(val)} held out; beta {beta}, {max_iters} steps of "
           f"{batch_size * gradient_accumulation_steps} pairs")
     schedule = dict(config, decay_lr=True, lr_decay_iters=0, max_time=0, lr_schedule="cosine")

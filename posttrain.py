@@ -6,6 +6,7 @@ with β and label smoothing (cDPO) and its implicit rewards; and GRPO's group-re
 policy-gradient loss (with an optional KL penalty to a reference). Not run by itself.
 """
 
+import copy
 import json
 
 import torch
@@ -125,3 +126,14 @@ def policy_loss(logps, mask, advantages, ref_logps=None, kl_coef=0.0):
         d = ref_logps - logps
         per_token = per_token + kl_coef * (d.exp() - d - 1)
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def frozen_copy(model):
+    """The reference a run is measured against: the starting model, copied and frozen (without LoRA)."""
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+def adamw(params, learning_rate, weight_decay):
+    """AdamW over the trainable parameters, weight decay on the matrices only (as train.py's groups)."""
+    return torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+                              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)], lr=learning_rate)

@@ -34,7 +34,7 @@ from generate import generate
 from hardware import pick_device
 from lora import LORA_SETTINGS, adapters, adapters_off, attach, summary
 from optimizers import lr_factor
-from posttrain import group_advantages, policy_loss, read_jsonl, token_logps
+from posttrain import adamw, frozen_copy, group_advantages, policy_loss, read_jsonl, token_logps
 from tokenizer import check_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -221,10 +221,9 @@ def main():
     dev = pick_device(device)
     torch.manual_seed(seed)
     model, template, tok, info, meta, state = setup(config, dev)
-    reference = None if config["lora_rank"] or not kl_coef else build_reference(model)
+    reference = None if config["lora_rank"] or not kl_coef else frozen_copy(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-                             dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)], lr=learning_rate)
+    opt = adamw(params, learning_rate, weight_decay)
     generator = torch.Generator(device=dev).manual_seed(seed)
     start = 0
     if state:
@@ -235,11 +234,6 @@ def main():
     make_out_dir(out_dir)  # every check is done: from here files are written
     fields = dict(model_config=vars(model.config), meta=meta, lora=info)
     run_loop(model, reference, template, tok, rows, held, opt, params, generator, start, config, dev, fields)
-
-
-def build_reference(model):
-    import copy
-    return copy.deepcopy(model).requires_grad_(False).eval()
 
 
 def save(model, opt, generator, it, config, fields):
