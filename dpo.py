@@ -8,6 +8,7 @@ and it holds a reference; the parts are shared (posttrain.py, lora.py, the check
 
     python dpo.py --init_from=out-sft-pydocs --data=pairs.jsonl --out_dir=out-dpo
     python dpo.py --init_from=hf:HuggingFaceTB/SmolLM2-135M-Instruct --data=pairs.jsonl --lora_rank=16
+    python dpo.py --init_from=hf:HuggingFaceTB/SmolLM2-135M-Instruct --data=arithmetic --lora_rank=16  # built in
     python chat.py --out_dir=out-dpo
 """
 
@@ -32,7 +33,7 @@ from tokenizer import check_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = ""  # the model to tune: a run folder (an SFT run, say), gpt2*, hf:ORG/NAME, gguf:FILE
-data = ""  # preference pairs, JSON Lines: {"prompt": ..., "chosen": ..., "rejected": ...} per line
+data = ""  # preference pairs, JSON Lines of {"prompt": ..., "chosen": ..., "rejected": ...}; arithmetic: built in
 out_dir = "out-dpo"  # ckpt.pt (the model, or the adapters with --lora_rank) and metrics.csv go here
 overwrite = False  # replace a ckpt.pt already in out_dir
 val_fraction = 0.1  # pairs held out: their accuracy (chosen rewarded over rejected) is logged at each evaluation
@@ -56,25 +57,30 @@ lora_rules = declare(globals(), LORA_SETTINGS)  # --lora_rank=16: adapters on th
 
 
 def evaluate(model, reference, pairs, config, dev):
-    """(loss, accuracy, mean reward margin) on the held-out pairs."""
-    losses, wins, margins = [], [], []
+    """(loss, accuracy, mean reward margin, the share of pairs whose chosen completion the model itself finds more
+    likely) on the held-out pairs."""
+    losses, wins, margins, prefers = [], [], [], []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(pairs), config["batch_size"]):
-            loss, chosen, rejected = step_loss(model, reference, pairs[start:start + config["batch_size"]], config, dev)
+            loss, chosen, rejected, prefer = step_loss(model, reference, pairs[start:start + config["batch_size"]],
+                                                       config, dev)
             losses.append(loss.item())
             wins += (chosen > rejected).tolist()
             margins += (chosen - rejected).tolist()
+            prefers += prefer.tolist()
     model.train()
-    return sum(losses) / len(losses), sum(wins) / len(wins), sum(margins) / len(margins)
+    return [sum(v) / len(v) for v in (losses, wins, margins, prefers)]
 
 
 def step_loss(model, reference, batch, config, dev):
-    """DPO's loss on a batch of pairs, and its rewards of the chosen and the rejected completions."""
+    """DPO's loss on a batch of pairs, its rewards of the chosen and the rejected completions, and whether the model
+    finds each chosen completion more likely than the rejected one."""
     chosen, rejected = completion_logps(model, batch, dev)
     with torch.no_grad(), (adapters_off(model) if reference is None else nullcontext()):
         ref_chosen, ref_rejected = completion_logps(reference or model, batch, dev)
-    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, config["beta"], config["label_smoothing"])
+    return *dpo_loss(chosen, rejected, ref_chosen, ref_rejected, config["beta"], config["label_smoothing"]), \
+        chosen.detach() > rejected.detach()
 
 
 def save(model, record_fields, iter_num, config):
@@ -93,7 +99,7 @@ def main():
                        seed=SEED) | lora_rules)
     if not init_from or not data:
         die("give --init_from=MODEL (the model to tune) and --data=FILE.jsonl (preference pairs)")
-    if not os.path.isfile(data):
+    if data != "arithmetic" and not os.path.isfile(data):
         die(f"--data={data} not found; give a JSON Lines file of prompt/chosen/rejected pairs")
     if os.path.exists(os.path.join(out_dir, "ckpt.pt")) and not overwrite:
         die(f"{out_dir}/ckpt.pt already exists; pick another --out_dir or pass --overwrite=True")
@@ -106,7 +112,7 @@ def main():
         die(f"{init_from} carries no usable tokenizer ({e}); DPO renders the pairs in the model's chat template")
     template = template_for(record.meta, tokenizer)
     model = build_model(record, dev)
-    pairs = read_pairs(data, template, min(block_size, model.config.block_size))
+    pairs = read_pairs(data, template, min(block_size, model.config.block_size), seed)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
     held = max(1, int(len(pairs) * val_fraction))
     val, train = [pairs[i] for i in order[:held]], [pairs[i] for i in order[held:]]
@@ -126,7 +132,8 @@ def main():
     schedule = dict(config, decay_lr=True, lr_decay_iters=0, max_time=0, lr_schedule="cosine")
     with open(os.path.join(out_dir, "metrics.csv"), "w", newline="", encoding="utf-8") as f:
         log = csv.writer(f)
-        log.writerow(["iter", "loss", "accuracy", "margin", "val_loss", "val_accuracy", "val_margin", "ms_per_iter"])
+        log.writerow(["iter", "loss", "accuracy", "margin", "val_loss", "val_accuracy", "val_margin", "val_prefers",
+                      "ms_per_iter"])
         train_loop(model, reference, train, val, opt, params, schedule, config, dev, fields, log)
 
 
@@ -136,9 +143,10 @@ def train_loop(model, reference, train, val, opt, params, schedule, config, dev,
     try:
         for it in range(config["max_iters"] + 1):
             if it % config["eval_interval"] == 0 or it == config["max_iters"]:
-                loss, acc, margin = evaluate(model, reference, val, config, dev)
-                print(f"step {it}: held-out loss {loss:.4f}, accuracy {acc:.3f}, reward margin {margin:.4f}")
-                log.writerow([it, "", "", "", f"{loss:.6g}", f"{acc:.4g}", f"{margin:.6g}", ""])
+                loss, acc, margin, prefers = evaluate(model, reference, val, config, dev)
+                print(f"step {it}: held-out loss {loss:.4f}, accuracy {acc:.3f}, reward margin {margin:.4f}, "
+                      f"the chosen more likely in {prefers:.3f}")
+                log.writerow([it, "", "", "", f"{loss:.6g}", f"{acc:.4g}", f"{margin:.6g}", f"{prefers:.4g}", ""])
                 if it:
                     save(model, fields, it, config)
             if it == config["max_iters"]:
@@ -150,7 +158,7 @@ def train_loop(model, reference, train, val, opt, params, schedule, config, dev,
             for _ in range(config["gradient_accumulation_steps"]):
                 batch = [train[(cursor + i) % len(train)] for i in range(config["batch_size"])]
                 cursor += config["batch_size"]
-                loss, chosen, rejected = step_loss(model, reference, batch, config, dev)
+                loss, chosen, rejected, _ = step_loss(model, reference, batch, config, dev)
                 (loss / config["gradient_accumulation_steps"]).backward()
                 total += loss.item() / config["gradient_accumulation_steps"]
                 wins += (chosen > rejected).tolist()
@@ -161,7 +169,7 @@ def train_loop(model, reference, train, val, opt, params, schedule, config, dev,
             opt.zero_grad(set_to_none=True)
             ms = (time.time() - t0) * 1000
             acc, margin = sum(wins) / len(wins), sum(margins) / len(margins)
-            log.writerow([it + 1, f"{total:.6g}", f"{acc:.4g}", f"{margin:.6g}", "", "", "", f"{ms:.1f}"])
+            log.writerow([it + 1, f"{total:.6g}", f"{acc:.4g}", f"{margin:.6g}", "", "", "", "", f"{ms:.1f}"])
             if (it + 1) % config["log_interval"] == 0:
                 print(f"iter {it + 1}: loss {total:.4f}, accuracy {acc:.3f}, reward margin {margin:.4f}, "
                       f"{ms:.0f} ms")

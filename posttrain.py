@@ -8,6 +8,7 @@ policy-gradient loss (with an optional KL penalty to a reference). Not run by it
 
 import copy
 import json
+import random
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,30 @@ def encode_pair(template, row, block_size, where):
     return (prompt_ids[-keep:] if keep > 0 else prompt_ids[-1:]), *completions
 
 
+def arithmetic(n, seed, held_out=False):
+    """n sums of two numbers below 100 made from the seed, as prompts with their answers (rl.py's task; sft.py's and
+    dpo.py's built-in data): a tenth of the 10,000 sums, picked by a hash, are only ever held out (held_out=True)."""
+    r = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        a, b = r.randrange(100), r.randrange(100)
+        if ((a * 31 + b * 17) % 97 < 10) == held_out:
+            rows.append(dict(messages=[dict(role="user", content=f"What is {a} + {b}?")], answer=str(a + b),
+                             reply=f"{a} + {b} = {a + b}"))
+    return rows
+
+
+def arithmetic_pairs(n, seed):
+    """n preference pairs on the sums (dpo.py's built-in data): the right sum chosen, a near miss rejected."""
+    r = random.Random(seed + 1)
+    pairs = []
+    for row in arithmetic(n, seed):
+        question, right = row["reply"].rpartition(" = ")[0], int(row["answer"])
+        wrong = right + r.choice([-10, -2, -1, 1, 2, 10])
+        pairs.append(dict(prompt=row["messages"], chosen=row["reply"], rejected=f"{question} = {wrong}"))
+    return pairs
+
+
 def read_jsonl(path, what):
     """[(line number, object)] of a JSON Lines file; one line for a file that cannot be read or a line that is not
     a JSON object (what: the shape a line should have, for the message)."""
@@ -67,10 +92,11 @@ def read_jsonl(path, what):
     return rows
 
 
-def read_pairs(path, template, block_size):
-    """Every pair of a JSON Lines file, encoded (encode_pair)."""
+def read_pairs(path, template, block_size, seed=0):
+    """Every pair of a JSON Lines file, encoded (encode_pair); path "arithmetic": 1,000 pairs on the sums."""
     what = '{"prompt": ..., "chosen": ..., "rejected": ...}'
-    pairs = [encode_pair(template, row, block_size, f"{path} line {n}") for n, row in read_jsonl(path, what)]
+    rows = enumerate(arithmetic_pairs(1000, seed), 1) if path == "arithmetic" else read_jsonl(path, what)
+    pairs = [encode_pair(template, row, block_size, f"{path} line {n}") for n, row in rows]
     if len(pairs) < 2:
         die(f"{path} holds {len(pairs)} pair(s); DPO needs a few to train on and to hold out")
     return pairs

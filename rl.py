@@ -12,7 +12,7 @@ exactly; --lora_rank trains adapters; Ctrl-C saves as train.py does.
 
 A prompts file is JSON Lines of {"messages": [...]} plus whatever the reward needs (e.g. "answer"); a reward file is
 Python defining reward(prompt, completion, **fields) -> float. The built-in task: sums of two numbers made from the
-seed, the reward 1 when the completion's first number is the sum.
+seed, the reward 1 when the completion's last number is the sum.
 """
 
 import os
@@ -34,7 +34,7 @@ from generate import generate
 from hardware import pick_device
 from lora import LORA_SETTINGS, adapters, adapters_off, attach, summary
 from optimizers import lr_factor
-from posttrain import adamw, frozen_copy, group_advantages, policy_loss, read_jsonl, token_logps
+from posttrain import adamw, arithmetic, frozen_copy, group_advantages, policy_loss, read_jsonl, token_logps
 from tokenizer import check_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -43,7 +43,7 @@ out_dir = "out-rl"  # ckpt.pt (with its optimizer and RNG state: resumable) and 
 overwrite = False  # replace a ckpt.pt already in out_dir (not with init_from=resume)
 task = "arithmetic"  # arithmetic (built in, offline) | gsm8k (downloaded once) | FILE.jsonl of {"messages": [...]}
 reward = ""  # a Python file defining reward(prompt, completion, **fields) -> float; '' = the task's own
-eval_prompts = 64  # prompts held out for pass@1 (arithmetic: made from another seed)
+eval_prompts = 64  # prompts held out for pass@1 (arithmetic: the same for every seed, never trained on)
 num_samples = 8  # completions per prompt: the group its advantages are relative to
 prompts_per_step = 4  # prompts per step (so num_samples * prompts_per_step rollouts)
 max_new_tokens = 24  # the longest completion
@@ -64,22 +64,6 @@ lora_rules = declare(globals(), LORA_SETTINGS)  # --lora_rank=16: adapters on th
 NUMBER = re.compile(r"-?\d+")
 
 
-def arithmetic(n, seed):
-    """n sums of two numbers below 100 as prompts, with their answers (the built-in task)."""
-    r = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = r.randrange(100), r.randrange(100)
-        rows.append(dict(messages=[dict(role="user", content=f"What is {a} + {b}")], answer=str(a + b)))
-    return rows
-
-
-def first_number_is_answer(prompt, completion, answer, **_):
-    """The built-in task's reward: 1.0 when the completion's first number is the answer."""
-    found = NUMBER.search(completion)
-    return float(bool(found) and found.group() == str(answer))
-
-
 def gsm8k(split):
     """GSM8K's word problems (the harness's dataset, openai/gsm8k, downloaded once into the datasets cache) as prompts
     with their final answers."""
@@ -96,7 +80,7 @@ def gsm8k(split):
 
 
 def last_number_is_answer(prompt, completion, answer, **_):
-    """GSM8K's reward: 1.0 when the completion's last number is the answer."""
+    """The built-in tasks' reward (GSM8K's, the sums'): 1.0 when the completion's last number is the answer."""
     found = NUMBER.findall(completion.replace(",", ""))
     return float(bool(found) and found[-1] == str(answer))
 
@@ -106,8 +90,8 @@ def load_task(config):
     if config["task"] == "gsm8k":
         rows, held, score = gsm8k("train"), gsm8k("test")[:config["eval_prompts"]], last_number_is_answer
     elif config["task"] == "arithmetic":
-        rows, held, score = arithmetic(2000, config["seed"]), arithmetic(config["eval_prompts"], config["seed"] + 1), \
-            first_number_is_answer
+        rows, held, score = arithmetic(2000, config["seed"]), arithmetic(config["eval_prompts"], 0, held_out=True), \
+            last_number_is_answer
     else:
         if not os.path.isfile(config["task"]):
             die(f"--task={config['task']} is neither arithmetic, gsm8k nor a JSON Lines file of prompts")

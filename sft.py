@@ -18,10 +18,11 @@ import numpy as np
 from chat_templates import ROLES
 from dataset import token_dtype, write_dataset
 from errors import die
+from posttrain import arithmetic
 
 
 def is_chat_input(spec):
-    return spec == "pydocs_chat" or spec.endswith(".jsonl") or (
+    return spec in ("pydocs_chat", "arithmetic") or spec.endswith(".jsonl") or (
         os.path.isdir(spec) and any(f.endswith(".jsonl") for f in os.listdir(spec)))
 
 
@@ -29,12 +30,15 @@ def read_conversations(spec):
     """(name, source, conversations) for --input: each conversation a checked list of {role, content} messages."""
     if spec == "pydocs_chat":
         return "pydocs_chat", "pydoc_data.topics as questions and answers", pydocs_chat()
+    if spec == "arithmetic":  # rl.py's task, answered: "What is 12 + 34?" -> "12 + 34 = 46"
+        return "arithmetic", "sums of two numbers below 100", [
+            r["messages"] + [dict(role="assistant", content=r["reply"])] for r in arithmetic(5000, 0)]
     if os.path.isdir(spec):
         files = sorted(Path(spec).glob("*.jsonl"))
     elif os.path.isfile(spec):
         files = [Path(spec)]
     else:
-        die(f"--input={spec!r} is not pydocs_chat, a .jsonl file or a folder of them")
+        die(f"--input={spec!r} is not pydocs_chat, arithmetic, a .jsonl file or a folder of them")
     conversations = []
     for path in files:
         try:

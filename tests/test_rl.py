@@ -92,3 +92,20 @@ def test_gsm8k_offline_with_nothing_cached_is_one_line(base, tmp_path):
                env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty"),
                     "HF_DATASETS_CACHE": str(tmp_path / "empty")})
     assert "GSM8K" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_built_in_sums_hold_out_what_sft_dpo_and_rl_train_on():
+    from posttrain import arithmetic, arithmetic_pairs
+    from rl import last_number_is_answer
+    from sft import read_conversations
+    held = {r["messages"][0]["content"] for r in arithmetic(300, 0, held_out=True)}
+    trained = {c[0]["content"] for c in read_conversations("arithmetic")[2]} | \
+        {r["messages"][0]["content"] for r in arithmetic(2000, 7)} | \
+        {p["prompt"][0]["content"] for p in arithmetic_pairs(1000, 7)}
+    assert len(held) > 250 and len(trained) > 4000 and not held & trained
+    for pair in arithmetic_pairs(50, 3):
+        a, b = map(int, pair["prompt"][0]["content"][8:-1].split(" + "))
+        assert pair["chosen"] == f"{a} + {b} = {a + b}" and pair["rejected"] != pair["chosen"]
+        assert pair["rejected"].startswith(f"{a} + {b} = ")
+    assert last_number_is_answer("", "12 + 34 = 46", "46") == 1.0
+    assert last_number_is_answer("", "12 + 34 = 45", "46") == 0.0
