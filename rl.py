@@ -205,6 +205,11 @@ def main():
     dev = pick_device(device)
     torch.manual_seed(seed)
     model, template, tok, info, meta, state = setup(config, dev)
+    for row in rows + held:  # every prompt renders in the model's template and vocabulary, or one line
+        try:
+            template.encode(row["messages"], add_generation_prompt=True)
+        except ValueError as e:
+            die(f"the prompt {str(row['messages'][-1].get('content', ''))[:80]!r} does not encode for this model ({e})")
     reference = None if config["lora_rank"] or not kl_coef else frozen_copy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, learning_rate, weight_decay)

@@ -70,12 +70,22 @@ def test_rl_resumes_exactly(base):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_lora_rl_on_the_built_in_task_logs_pass_at_1(base):
-    out = run("rl.py", "--init_from=out-rl-base", "--task=arithmetic", "--max_iters=1", "--num_samples=2",
+def test_the_arithmetic_recipe_sft_then_lora_rl_and_dpo(base):
+    """prepare_char.py --input=arithmetic, a few SFT steps, then rl.py and dpo.py on the built-in sums (the recipe of
+    config/sft_arith.py and config/rl_arith.py, in miniature); a model without '?' is one line."""
+    run("prepare_char.py", "--input=arithmetic", cwd=base)
+    run("train.py", "--dataset=arithmetic_char", "--out_dir=out-sft-arith", "--max_iters=20", "--eval_interval=20",
+        *TINY, "--block_size=48", cwd=base)
+    out = run("rl.py", "--init_from=out-sft-arith", "--task=arithmetic", "--max_iters=1", "--num_samples=2",
               "--prompts_per_step=2", "--max_new_tokens=4", "--eval_prompts=4", "--lora_rank=4", "--device=cpu",
               "--out_dir=out-rl-arith", cwd=base).stdout
     assert "held-out pass@1" in out and "rollouts" in out
     assert torch.load(base / "out-rl-arith" / "ckpt.pt", weights_only=True)["lora"]["rank"] == 4
+    out = run("dpo.py", "--init_from=out-sft-arith", "--data=arithmetic", "--max_iters=1", "--eval_interval=1",
+              "--device=cpu", "--out_dir=out-dpo-arith", cwd=base).stdout
+    assert "the chosen more likely in" in out
+    proc = run("rl.py", "--init_from=out-rl-base", "--task=arithmetic", "--out_dir=out-rl-q", cwd=base, ok=False)
+    assert "does not encode" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("body,word", [("    raise KeyError('answer')\n", "raised KeyError"),
