@@ -214,43 +214,48 @@ def main():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, learning_rate, weight_decay)
     generator = torch.Generator(device=dev).manual_seed(seed)
-    start = 0
+    start, elapsed = 0, 0.0
     if state:
         opt.load_state_dict(state["optimizers"][0])
         generator.set_state(state["rng"]["generator"])
         torch.set_rng_state(state["rng"]["torch"])
-        start = state["iter_num"]
+        start, elapsed = state["iter_num"], state.get("elapsed", 0.0)
     make_out_dir(out_dir)  # every check is done: from here files are written
     fields = dict(model_config=vars(model.config), meta=meta, lora=info)
-    run_loop(model, reference, template, tok, rows, held, opt, params, generator, start, config, dev, fields)
+    run_loop(model, reference, template, tok, rows, held, opt, params, generator, (start, elapsed), config, dev,
+             fields)
 
 
-def save(model, opt, generator, it, config, fields):
+def save(model, opt, generator, it, elapsed, config, fields):
     """out_dir/ckpt.pt: the weights (or adapters), the optimizer and RNG states and the step: a resumable run every
     script also loads."""
     weights = adapters(model) if config["lora_rank"] else model.state_dict()
     plain = {k: v for k, v in config.items() if k != "score"}
-    save_checkpoint(dict(fields, model=weights, config=plain, iter_num=it, optimizers=[opt.state_dict()],
+    save_checkpoint(dict(fields, model=weights, config=plain, iter_num=it, elapsed=elapsed,
+                         optimizers=[opt.state_dict()],
                          rng=dict(torch=torch.get_rng_state(), generator=generator.get_state())),
                     os.path.join(config["out_dir"], "ckpt.pt"))
 
 
-def run_loop(model, reference, template, tok, rows, held, opt, params, generator, start, config, dev, fields):
+def run_loop(model, reference, template, tok, rows, held, opt, params, generator, begin, config, dev, fields):
     """The steps: rollouts, rewards, advantages, the update; pass@1 and a checkpoint every eval_interval steps; a log
-    line and a metrics.csv row per step. Ctrl-C saves the step reached and exits 130."""
+    line and a metrics.csv row per step (elapsed_s: the run's seconds so far). Ctrl-C saves the step reached and
+    exits 130."""
     schedule = dict(config, decay_lr=True, lr_decay_iters=0, max_time=0, lr_schedule="cosine")
+    (start, elapsed), t_start = begin, time.time()
+    clock = lambda: elapsed + time.time() - t_start  # noqa: E731 (seconds of this run, a resumed one's included)
     metrics = open(os.path.join(config["out_dir"], "metrics.csv"), "a" if start else "w", encoding="utf-8")
     if not start:
-        metrics.write("iter,reward,pass1,loss,rollout_tok_per_s,update_tok_per_s\n")
+        metrics.write("iter,elapsed_s,reward,pass1,loss,rollout_tok_per_s,update_tok_per_s\n")
     it, per_step = start, config["prompts_per_step"]
     try:
         for it in range(start, config["max_iters"] + 1):
             if it % config["eval_interval"] == 0 or it == config["max_iters"]:
                 _, greedy, _ = rollouts(model, template, tok, held, config, generator, greedy=True)
                 print(f"step {it}: held-out pass@1 {greedy.mean().item():.3f}")
-                metrics.write(f"{it},,{greedy.mean().item():.4f},,,\n")
+                metrics.write(f"{it},{clock():.1f},,{greedy.mean().item():.4f},,,\n")
                 if it > start:
-                    save(model, opt, generator, it, config, fields)
+                    save(model, opt, generator, it, clock(), config, fields)
             if it == config["max_iters"]:
                 break
             for group in opt.param_groups:
@@ -264,11 +269,11 @@ def run_loop(model, reference, template, tok, rows, held, opt, params, generator
             t2 = time.time()
             print(f"iter {it + 1}: reward {rewards.mean().item():.3f}, loss {loss:.4f}, rollouts "
                   f"{n_tokens / (t1 - t0):,.0f} tok/s, update {n_tokens / (t2 - t1):,.0f} tok/s")
-            metrics.write(f"{it + 1},{rewards.mean().item():.4f},,{loss:.6g},{n_tokens / (t1 - t0):.1f},"
+            metrics.write(f"{it + 1},{clock():.1f},{rewards.mean().item():.4f},,{loss:.6g},{n_tokens / (t1 - t0):.1f},"
                           f"{n_tokens / (t2 - t1):.1f}\n")
             metrics.flush()
     except KeyboardInterrupt:
-        save(model, opt, generator, it, config, fields)
+        save(model, opt, generator, it, clock(), config, fields)
         print(f"stopped at iter {it}; resume with --init_from=resume --out_dir={config['out_dir']}", file=sys.stderr)
         sys.exit(130)
     finally:
