@@ -6,6 +6,7 @@ nanoGPT's) and meta.json (the vocabulary as a list of characters, counts, source
     python prepare_char.py --input=shakespeare      # tiny Shakespeare (downloaded once) -> data/shakespeare_char
     python prepare_char.py --input=notes.txt        # a file, a folder of *.txt, or an http(s) URL
     python prepare_char.py --input=pydocs_chat      # conversations (or chats.jsonl) for SFT, see sft.py
+    python prepare_char.py --input=arithmetic       # worked sums, the RL recipe's SFT data -> data/arithmetic_char
 """
 
 import os

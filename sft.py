@@ -1,11 +1,13 @@
 """
 Conversations for supervised fine-tuning (SFT): JSON Lines in (a file, or a folder of them), each rendered with the
 model's chat template (chat_templates.py, the same rendering as at inference, so in chat the model sees exactly
-what it was trained on) into token bins with a per-token loss mask; and the built-in pydocs_chat corpus
-(questions about Python answered with its reference docs' words). Not run by itself.
+what it was trained on) into token bins with a per-token loss mask; and the built-in corpora: pydocs_chat
+(questions about Python answered with its reference docs' words) and arithmetic (worked sums, the RL recipe's first
+stage). Not run by itself.
 
     python prepare_bpe.py --input=pydocs_chat && python train.py config/sft_pydocs.py
     python chat.py --out_dir=out-sft-pydocs
+    python prepare_char.py --input=arithmetic && python train.py config/sft_arith.py
 """
 
 import json
