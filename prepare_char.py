@@ -24,7 +24,7 @@ from sft import is_chat_input, read_conversations, write_chat_dataset
 from tokenizer import CharTokenizer
 
 # -----------------------------------------------------------------------------
-input = "pydocs"  # pydocs | shakespeare | a .txt file | a folder of *.txt | an http(s):// URL
+input = "pydocs"  # pydocs | shakespeare | a .txt file | a folder of *.txt | a URL | pydocs_chat | arithmetic | .jsonl
 out_dir = ""  # where to write; '' = data/<name>_char, e.g. data/pydocs_char
 val_fraction = 0.1  # share of the text held out for validation
 split = "tail"  # tail (the last val_fraction of the text) | random (whole chunks, seeded)
