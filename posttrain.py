@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from errors import die
+from sft import arithmetic
 
 
 def messages(value, role, where):
@@ -46,19 +47,6 @@ def encode_pair(template, row, block_size, where):
         completions.append(full[len(prompt_ids):][:block_size])
     keep = block_size + 1 - max(map(len, completions))
     return (prompt_ids[-keep:] if keep > 0 else prompt_ids[-1:]), *completions
-
-
-def arithmetic(n, seed, held_out=False):
-    """n sums of two numbers below 100 made from the seed, as prompts with their answers (rl.py's task; sft.py's and
-    dpo.py's built-in data): a tenth of the 10,000 sums, picked by a hash, are only ever held out (held_out=True)."""
-    r = random.Random(seed)
-    rows = []
-    while len(rows) < n:
-        a, b = r.randrange(100), r.randrange(100)
-        if ((a * 31 + b * 17) % 97 < 10) == held_out:
-            rows.append(dict(messages=[dict(role="user", content=f"What is {a} + {b}?")], answer=str(a + b),
-                             reply=f"{a} + {b} = {a + b}"))
-    return rows
 
 
 def arithmetic_pairs(n, seed):

@@ -34,7 +34,8 @@ from generate import generate
 from hardware import pick_device
 from lora import LORA_SETTINGS, adapters, adapters_off, attach, summary
 from optimizers import lr_factor
-from posttrain import adamw, arithmetic, frozen_copy, group_advantages, policy_loss, read_jsonl, token_logps
+from posttrain import adamw, frozen_copy, group_advantages, policy_loss, read_jsonl, token_logps
+from sft import arithmetic
 from tokenizer import check_tokenizer
 
 # -----------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import numpy as np
 from chat_templates import ROLES
 from dataset import token_dtype, write_dataset
 from errors import die
-from posttrain import arithmetic
 
 
 def is_chat_input(spec):
@@ -104,6 +103,19 @@ def write_chat_dataset(out_dir, conversations, tokenizer, template, meta, val_fr
           f"tokens, {meta['train_masked']:,} + {meta['val_masked']:,} of them the assistant's (in the loss)")
     print(f"wrote {out_dir}/train.bin, val.bin, *_mask.bin, *_starts.bin, meta.json ({template.name} template); "
           f"train with --dataset={os.path.basename(os.path.normpath(out_dir))}")
+
+
+def arithmetic(n, seed, held_out=False):
+    """n sums of two numbers below 100 made from the seed, as prompts with their answers (rl.py's task; sft.py's and
+    dpo.py's built-in data): a tenth of the 10,000 sums, picked by a hash, are only ever held out (held_out=True)."""
+    r = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        a, b = r.randrange(100), r.randrange(100)
+        if ((a * 31 + b * 17) % 97 < 10) == held_out:
+            rows.append(dict(messages=[dict(role="user", content=f"What is {a} + {b}?")], answer=str(a + b),
+                             reply=f"{a} + {b} = {a + b}"))
+    return rows
 
 
 def pydocs_chat(per_topic=4, turns=3, answer_chars=600, seed=0):

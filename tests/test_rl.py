@@ -105,9 +105,9 @@ def test_gsm8k_offline_with_nothing_cached_is_one_line(base, tmp_path):
 
 
 def test_the_built_in_sums_hold_out_what_sft_dpo_and_rl_train_on():
-    from posttrain import arithmetic, arithmetic_pairs
+    from posttrain import arithmetic_pairs
     from rl import last_number_is_answer
-    from sft import read_conversations
+    from sft import arithmetic, read_conversations
     held = {r["messages"][0]["content"] for r in arithmetic(300, 0, held_out=True)}
     trained = {c[0]["content"] for c in read_conversations("arithmetic")[2]} | \
         {r["messages"][0]["content"] for r in arithmetic(2000, 7)} | \
