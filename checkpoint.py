@@ -24,7 +24,7 @@ from lora import load_base, merged
 from model import GPT, MODEL_FIELDS, config_from_dict
 from nanogpt import from_nanogpt, strip_compiled
 from parallel import is_sharded
-from warmstart import warm_start
+from warmstart import adopt, warm_start
 
 TRAIN_STATE = "train.pt"  # beside the shards in a sharded (DCP) checkpoint folder: config, counters, RNG, tokenizer
 SOURCES = "a run folder, a checkpoint file, gpt2 | gpt2-medium | gpt2-large | gpt2-xl, hf:ORG/NAME, hf:DIR, gguf:FILE"
@@ -159,12 +159,13 @@ def read_hf_weights(folder):
 
 def build_model(record, device, strict=True, **overrides):
     """The model, any variant, rebuilt from a Source's stored config (fields overridden, e.g. dropout), with its
-    weights (none: a sharded checkpoint's, loaded later), on device (meta: no memory, for parallel.shard)."""
+    weights (none: a sharded checkpoint's, loaded later), on device (meta: no memory, for parallel.shard). The model
+    takes record.model's tensors as its own (on the CPU, in float32: no copy), so training it changes them."""
     try:
-        with torch.device(device):
+        with torch.device("meta" if record.model is not None else device):
             model = GPT(config_from_dict({**record.model_config, **overrides}))
         if record.model is not None:
-            model.load_state_dict(record.model, strict=strict)
+            adopt(model, record.model, device, strict)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         die(f"the checkpoint does not match this model code ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     return model

@@ -20,7 +20,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         V, chunk = w.size(0), max(1, CHUNK_BYTES // (4 * w.size(0)))
         count = (targets != -1).sum().clamp(min=1)  # the mean over the targets that count (0 if none do)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(w, dtype=torch.float32)
+        frozen = not ctx.needs_input_grad[1]  # a frozen head (LoRA): no (V, C) gradient to compute or keep
+        grad_h, grad_w = torch.empty_like(h), None if frozen else torch.zeros_like(w, dtype=torch.float32)
         for s in range(0, h.size(0), chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
             z = (hc @ w.t()).float()  # (n, V) this chunk's logits
@@ -37,14 +38,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if softcap:
                 dz.mul_(1 - (z / softcap).square())  # through the tanh: z = cap * tanh(raw / cap)
             grad_h[s:s + chunk] = (dz.to(w.dtype) @ w).to(h.dtype)
-            grad_w += (dz.t().to(hc.dtype) @ hc).float()
-        ctx.save_for_backward(grad_h, grad_w.to(w.dtype))
+            if not frozen:
+                grad_w += (dz.t().to(hc.dtype) @ hc).float()
+        ctx.save_for_backward(grad_h, None if frozen else grad_w.to(w.dtype))
         return loss / count
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+        return grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss, None, None, None
 
 
 def chunked_cross_entropy(h, w, targets, softcap=0.0, label_smoothing=0.0):

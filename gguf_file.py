@@ -51,9 +51,11 @@ def read_gguf(spec):
     path = local_path(spec)
     reader = open_reader(path)
     meta = metadata(reader)
-    names = {t.name for t in reader.tensors}
-    config = hf_config(meta, names, path)
-    return config, hf_tensors(reader, config, path), tokenizer_meta(meta, path), path
+    reader.fields.clear()  # (a vocabulary's ~100,000 small arrays: freed before the weights are dequantized)
+    config = hf_config(meta, {t.name for t in reader.tensors}, path)
+    tokenizer = tokenizer_meta(meta, path)
+    del meta
+    return config, hf_tensors(reader, config, path), tokenizer, path
 
 
 def hub_file(spec):
@@ -166,19 +168,29 @@ def unpermute(w, heads):
 
 def hf_tensors(reader, config, where):
     """Every tensor dequantized to float32 under its Hugging Face name, in Hugging Face's layout."""
-    from gguf import dequantize
     out = {}
     for t in reader.tensors:
-        try:
-            values = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            die(f"{where}: tensor {t.name} is of type {t.tensor_type.name}, which the gguf package cannot "
-                f"dequantize; convert the file to another type (llama.cpp's llama-quantize)")
-        w = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(tuple(reversed(t.shape.tolist())))  # a copy
+        w = dequantized(t, where)
         arch = config["model_type"]
         name = hf_name(t.name, {"gemma3_text": "gemma3"}.get(arch, arch))
         out[name] = to_hf_layout(w, name, config, arch)
     return out
+
+
+def dequantized(t, where, rows=1024):
+    """A GGUF tensor in float32, in memory of its own, dequantized `rows` rows at a time (the gguf package's
+    intermediates stay small next to a 49,152-row embedding)."""
+    from gguf import dequantize
+    shape = tuple(reversed(t.shape.tolist()))
+    data = t.data.reshape(-1, t.data.shape[-1])  # (rows, their values or quantized bytes)
+    out = np.empty((len(data), int(np.prod(shape)) // len(data)), dtype=np.float32)
+    try:
+        for i in range(0, len(data), rows):
+            out[i:i + rows] = dequantize(data[i:i + rows], t.tensor_type)
+    except NotImplementedError:
+        die(f"{where}: tensor {t.name} is of type {t.tensor_type.name}, which the gguf package cannot "
+            f"dequantize; convert the file to another type (llama.cpp's llama-quantize)")
+    return torch.from_numpy(out).reshape(shape)
 
 
 def to_hf_layout(w, name, config, arch):

@@ -121,7 +121,7 @@ def from_hf(cfg, tensors, arch, where):
                                getattr(torch, kind)(sizes)):
                 die(f"{where}: {names[0]} is not all {kind[:-1]}s, which yoctoGPT's {arch} equivalent cannot represent")
         else:
-            w = torch.cat(tensors_, dim=0)
+            w = torch.cat(tensors_, dim=0) if len(tensors_) > 1 else tensors_[0]
             state[ours] = w.t() if kind == "conv1d" else w + 1 if kind == "plus1" else w
     theirs.pop("lm_head.weight", None)  # a tied head saved anyway
     if theirs:

@@ -75,8 +75,10 @@ def stored(w, kind):
     w = w.detach()
     if kind != "int8":
         return (w.to(torch.bfloat16) if kind else w), None
-    scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127
-    return (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+    slabs = w.split(4096)  # a slab of rows at a time: no float32 temporary the size of an embedding
+    scale = torch.cat([r.float().abs().amax(dim=1) for r in slabs]).clamp(min=1e-12) / 127
+    return torch.cat([(r.float() / s[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+                      for r, s in zip(slabs, scale.split(4096), strict=True)]), scale
 
 
 class FrozenLinear(nn.Module):
@@ -128,7 +130,7 @@ class LoRALinear(nn.Module):
         return self.base.weight + self.scaling * self.lora_B @ self.lora_A
 
     def forward(self, x):
-        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        return self.base(x).add_(F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B), alpha=self.scaling)
 
 
 def attach(model, config):
@@ -137,18 +139,16 @@ def attach(model, config):
     kind, rank = config["lora_base"], config["lora_rank"]
     suffixes = tuple(s for t in config["lora_targets"].split(",") for s in TARGETS[t])
     model.requires_grad_(False)
-    wte, tied = model.transformer.wte, model.lm_head.weight is model.transformer.wte.weight
+    tied = model.lm_head.weight is model.transformer.wte.weight
     if kind:
-        model.transformer.wte = FrozenEmbedding(wte, kind)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear):
-            shared = (model.transformer.wte.q, model.transformer.wte.scale) if tied and kind and name == "lm_head" \
-                else None
-            new = FrozenLinear(module, kind, shared)
-            if name.endswith(suffixes):
-                new = LoRALinear(new, rank, config["lora_alpha"], config["lora_dropout"])
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, new)
+        model.transformer.wte = FrozenEmbedding(model.transformer.wte, kind)
+    for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]:  # (names: each freed as replaced)
+        shared = (model.transformer.wte.q, model.transformer.wte.scale) if tied and kind and name == "lm_head" else None
+        new = FrozenLinear(model.get_submodule(name), kind, shared)
+        if name.endswith(suffixes):
+            new = LoRALinear(new, rank, config["lora_alpha"], config["lora_dropout"])
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, new)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -313,13 +313,19 @@ class GPT(nn.Module):
         tables. assign(param, whole value) puts each in place: parallel.shard passes one that keeps this process's
         shard, for a model built on the meta device, so a sharded model starts from one process's weights."""
         cfg, g = self.config, torch.Generator().manual_seed(self.init_seed)
-        if cfg.tie_weights:  # (Module.to_empty unties them; FSDP keeps them tied)
-            self.transformer.wte.weight = self.lm_head.weight
+        self.tie_and_tables()
         for name, p in self.named_parameters():
             std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else cfg.init_std
             whole = torch.empty(p.shape, device="cpu").normal_(0.0, std, generator=g) if p.dim() >= 2 else (
                 torch.zeros(p.shape, device="cpu") if name.endswith("bias") else torch.ones(p.shape, device="cpu"))
             assign(p, whole)
+
+    def tie_and_tables(self):
+        """The head tied to the embedding (Module.to_empty and load_state_dict(assign=True) untie them; FSDP keeps them
+        tied) and the rotary tables, on the weights' device."""
+        cfg = self.config
+        if cfg.tie_weights:
+            self.transformer.wte.weight = self.lm_head.weight
         local = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_local_theta) if cfg.rope_local_theta else (None,) * 2
         tables = *rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta), *local, torch.arange(cfg.block_size)
         (self.rope_cos, self.rope_sin, self.rope_local_cos, self.rope_local_sin,

@@ -237,16 +237,17 @@ else:
     if model_config.vocab_size < meta["vocab_size"]:
         die(f"--init_from={init_from} has {model_config.vocab_size} token embeddings, fewer than data/{dataset}'s "
             f"{meta['vocab_size']} tokens; prepare the data with the tokenizer it was trained with")
-    with torch.device(build_on):
+    with torch.device(build_on if record is None else "meta"):  # a warm start: the model takes the source's tensors
         model = GPT(model_config)
     if record is not None:
-        log.print(load_weights(model, weights, strict_init, init_from))
-        del weights  # (the model holds its copy)
+        log.print(load_weights(model, weights, strict_init, init_from, build_on))
+        del weights
 n_params, flops_per_token = model.num_params(), model.flops_per_token(block_size)  # (the whole model's, with LoRA)
 lora_info = None
 if config["lora_rank"]:  # the base frozen, adapters on its matrices (a resume puts its adapters back)
     lora_info = {k: v for k, v in record.lora.items() if k != "adapters"} if init_from == "resume" else \
         summary(config, record.model)
+    record.model = None  # the model holds the base's weights alone: attach frees each float32 matrix as it goes
     log.print(f"LoRA: {attach(model, config):,} trainable parameters (rank {config['lora_rank']} on "
               f"{config['lora_targets']}), the base's {n_params:,} frozen in {config['lora_base'] or 'float32'}")
     if init_from == "resume":

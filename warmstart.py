@@ -66,7 +66,7 @@ def warm_start(source, overrides):
     return GPTConfig(**fields), state
 
 
-def load_weights(model, weights, strict, name):
+def load_weights(model, weights, strict, name, device="cpu"):
     """Load a warm start's weights into model; with strict=False only those that fit. Returns the report line."""
     own = model.state_dict()
     fits = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
@@ -74,5 +74,24 @@ def load_weights(model, weights, strict, name):
     if (missing or unexpected) and strict:
         die(f"{name} does not match this model (missing or reshaped: {missing[:3]}, unexpected: {unexpected[:3]}); "
             f"use the same architecture, or --strict_init=False to load what fits")
-    model.load_state_dict(fits, strict=False)
+    adopt(model, fits, device) if model.lm_head.weight.is_meta else model.load_state_dict(fits, strict=False)
     return f"warm start from {name}: {len(fits)} tensors loaded; missing keys {missing}; unexpected keys {unexpected}"
+
+
+def adopt(model, weights, device, strict=False):
+    """Weights for a model built on the meta device, on `device`: where they are all there, the tensors themselves
+    (no second copy of a model: the model and the caller's dict share them, each tensor moved and cast once), else
+    the model drawn from scratch and those given copied in (strict: a RuntimeError naming what does not match)."""
+    own = model.state_dict()
+    if own.keys() != weights.keys():
+        model.to_empty(device=device)
+        model.init_weights()
+        model.load_state_dict(weights, strict=strict)
+        return model
+    moved, key = {}, lambda v: (v.data_ptr(), v.shape)  # by memory: a tied embedding and head move once
+    for k, v in weights.items():
+        if key(v) not in moved:
+            moved[key(v)] = v.to(device=device, dtype=own[k].dtype)
+    model.load_state_dict({k: moved[key(v)] for k, v in weights.items()}, assign=True)
+    model.tie_and_tables()
+    return model

@@ -116,6 +116,40 @@ def test_a_model_built_on_the_meta_device_gets_the_weights_of_one_built_in_memor
     assert (empty.lm_head.weight is empty.transformer.wte.weight) == model.config.tie_weights
 
 
+def test_a_frozen_head_gets_no_gradient_and_the_rest_the_gradients_of_the_logits_loss(monkeypatch):
+    """LoRA's frozen head: the chunked loss computes no (vocab, C) gradient for it (nor keeps one), and the hidden
+    states' gradients are those of F.cross_entropy over the logits."""
+    import crossentropy
+    monkeypatch.setattr(crossentropy, "CHUNK_BYTES", 4 * TINY["vocab_size"] * 7)
+    model = build(dict(model_type="gpt_plus", tie_weights=False))
+    model.lm_head.weight.requires_grad_(False)
+    x = torch.randint(0, TINY["vocab_size"], (2, 20))
+    grads = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        model(x, torch.roll(x, -1, 1), return_logits=return_logits)[1].backward()
+        assert model.lm_head.weight.grad is None
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert all((grads[0][n] - grads[1][n]).abs().max() < 1e-5 for n in grads[0])
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:3], ids=str)
+def test_a_model_on_the_meta_device_adopts_its_weights_without_a_copy(variant):
+    """warmstart.adopt (every script's load, train.py's warm start): the model's parameters are the given tensors
+    themselves, tied where the config ties, with the rotary tables, computing the original's logits."""
+    from warmstart import adopt
+    model = build(variant)
+    clones = {}  # (a tied head and embedding: one tensor)
+    weights = {k: clones.setdefault(v.data_ptr(), v.clone()) for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        empty = build(variant)
+    adopt(empty, weights, "cpu")
+    assert all(p.data_ptr() == weights[n].data_ptr() for n, p in empty.named_parameters())
+    assert (empty.lm_head.weight is empty.transformer.wte.weight) == model.config.tie_weights
+    x = torch.randint(0, TINY["vocab_size"], (2, 12))
+    assert torch.equal(model(x, x)[0], empty(x, x)[0])
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=str)
 def test_one_step_changes_every_parameter(variant):
     model = build(variant)
