@@ -96,8 +96,8 @@ class FrozenLinear(nn.Module):
     def weight(self):
         return dequantize(self.q, self.scale, torch.float32)
 
-    def forward(self, x):
-        return FrozenProduct.apply(x, self.q, self.scale, self.bias)
+    def forward(self, x):  # (on rows: the custom function's output is no view, so LoRALinear may add to it in place)
+        return FrozenProduct.apply(x.reshape(-1, x.size(-1)), self.q, self.scale, self.bias).view(*x.shape[:-1], -1)
 
 
 class FrozenEmbedding(nn.Module):

@@ -6,12 +6,12 @@
 #   python chat.py --out_dir=out-lora-smollm
 #   python convert.py --out_dir=out-lora-smollm --to=hf --dest=hf-lora-smollm    # merged: a plain model
 #   python convert.py --out_dir=out-lora-smollm --to=peft --dest=peft-smollm     # the adapters, for peft
-# --lora_base=int8 keeps the frozen base in int8 (a scale per row) for the least memory; bfloat16 halves it.
+# --lora_base=int8 --grad_checkpoint=True: the least memory (1.15 GiB, not 1.7; BENCHMARKS.md) at ~1.7x the time a step.
 init_from = "hf:HuggingFaceTB/SmolLM2-135M-Instruct"
 out_dir = "out-lora-smollm"
 dataset = "pydocs_chat_bpe"
 block_size = 256  # chats are short; a step of 256-token windows is cheap, and the model keeps its own context
-batch_size = 1  # micro-steps of one window: the activations of 256 tokens, not 1,024 (peak ~2.2 GB, not ~4.6 GB)
+batch_size = 1  # micro-steps of one window: the activations of 256 tokens, not 1,024 (peak ~1.7 GiB)
 gradient_accumulation_steps = 8  # 8 * 1 * 256 = 2,048 tokens per step, as config/finetune_smollm.py
 max_iters = 100
 eval_interval = 25
@@ -22,7 +22,7 @@ lora_alpha = 32.0  # the update scaled by alpha / rank = 2 (the usual alpha = 2 
 lora_dropout = 0.0
 lora_targets = "attn,mlp"
 # the best of a sweep over 3e-4, 1e-3, 3e-3, 1e-2 (BENCHMARKS.md): ~30x full fine-tuning's best (3e-4), as B
-# starts at zero; after 20 steps its val loss is within 5% of full fine-tuning's at ~0.8x the time a step
+# starts at zero (2e-2 diverges); after 20 steps its val loss is 5-8% above full fine-tuning's at ~0.75x the time a step
 optimizer = "adamw"
 learning_rate = 1e-2
 min_lr = 1e-3
