@@ -181,7 +181,7 @@ def bench_model():
             optimizer, impl, kind = opts.pop("optimizer", "adamw"), opts.pop("impl", "yocto"), opts.pop("quantize", "")
             torch.manual_seed(0)
             own = source and replace(source, model={k: v.clone() for k, v in source.model.items()})  # (trained)
-            model = build_model(own, dev) if source else GPT(config_from_preset(opts.pop("model_type", "gpt"),
+            model = build_model(own, dev) if own else GPT(config_from_preset(opts.pop("model_type", "gpt"),
                                                                                    **opts)).to(dev)
             cfg = model.config  # auto: as train.py (step: the width and tokens per step) or sample.py would pick
             dtype = pick_dtype(dtype, dev, *((cfg.n_embd, batch_size * cfg.block_size) if mode == "step" else ()))

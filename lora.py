@@ -24,6 +24,7 @@ from warmstart import warm_start
 
 TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj"), "head": ("lm_head",)}
 BASES = ("", "bfloat16", "int8")
+SLAB = 4096  # rows quantized at a time
 LORA_SETTINGS = dict(
     lora_rank=(0, NON_NEGATIVE, "LoRA: the adapters' rank; 0 = off (every weight trains)"),
     lora_alpha=(16.0, ABOVE_ZERO, "LoRA: the adapters' update is scaled by lora_alpha / lora_rank"),
@@ -75,10 +76,10 @@ def stored(w, kind):
     w = w.detach()
     if kind != "int8":
         return (w.to(torch.bfloat16) if kind else w), None
-    slabs = w.split(4096)  # a slab of rows at a time: no float32 temporary the size of an embedding
+    slabs = w.split(SLAB)  # a slab of rows at a time: no float32 temporary the size of an embedding
     scale = torch.cat([r.float().abs().amax(dim=1) for r in slabs]).clamp(min=1e-12) / 127
     return torch.cat([(r.float() / s[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-                      for r, s in zip(slabs, scale.split(4096), strict=True)]), scale
+                      for r, s in zip(slabs, scale.split(SLAB), strict=True)]), scale
 
 
 class FrozenLinear(nn.Module):

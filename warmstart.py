@@ -66,15 +66,16 @@ def warm_start(source, overrides):
     return GPTConfig(**fields), state
 
 
-def load_weights(model, weights, strict, name, device="cpu"):
-    """Load a warm start's weights into model; with strict=False only those that fit. Returns the report line."""
+def load_weights(model, weights, strict, name, device):
+    """A warm start's weights for a model built on the meta device (see adopt), on device; with strict=False only
+    those that fit (the rest drawn from scratch). Returns the report line."""
     own = model.state_dict()
     fits = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     missing, unexpected = [k for k in own if k not in fits], [k for k in weights if k not in fits]
     if (missing or unexpected) and strict:
         die(f"{name} does not match this model (missing or reshaped: {missing[:3]}, unexpected: {unexpected[:3]}); "
             f"use the same architecture, or --strict_init=False to load what fits")
-    adopt(model, fits, device) if model.lm_head.weight.is_meta else model.load_state_dict(fits, strict=False)
+    adopt(model, fits, device)
     return f"warm start from {name}: {len(fits)} tensors loaded; missing keys {missing}; unexpected keys {unexpected}"
 
 
