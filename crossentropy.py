@@ -10,14 +10,18 @@ print(ce.chunked_cross_entropy(h, w, torch.arange(8)))"
 
 import torch
 
-CHUNK_BYTES = 2**26  # float32 logits per chunk: 64 MiB (333 tokens at GPT-2's vocabulary; a char model: one chunk)
+# float32 logits per chunk on a CPU: 8 MiB (41 tokens at GPT-2's vocabulary; a char model: one chunk), at the same
+# speed as larger chunks and a lower peak for the process (BENCHMARKS.md, LoRA); 8x that on a GPU, whose kernels want
+# more work each
+CHUNK_BYTES = 2**23
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, targets, softcap, label_smoothing):
         # h (N, C): the last hidden states; w (V, C): the head's weights; targets (N,), -1 = ignored
-        V, chunk = w.size(0), max(1, CHUNK_BYTES // (4 * w.size(0)))
+        V, budget = w.size(0), CHUNK_BYTES * (1 if h.device.type == "cpu" else 8)
+        chunk = max(1, budget // (4 * V))
         count = (targets != -1).sum().clamp(min=1)  # the mean over the targets that count (0 if none do)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         frozen = not ctx.needs_input_grad[1]  # a frozen head (LoRA): no (V, C) gradient to compute or keep
@@ -32,7 +36,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             picked = z.gather(1, tc.clamp(min=0)[:, None])  # (n, 1)
             nll = (1 - label_smoothing) * (lse - picked) + label_smoothing * (lse - z.mean(dim=-1, keepdim=True))
             loss += (nll * keep).sum()
-            dz = (z - lse).exp().sub_(label_smoothing / V)  # softmax minus the target distribution (smoothed)
+            dz = z.sub(lse).exp_().sub_(label_smoothing / V)  # softmax minus the target distribution (smoothed)
             dz.scatter_add_(1, tc.clamp(min=0)[:, None], torch.full_like(picked, label_smoothing - 1))
             dz.mul_(keep / count)
             if softcap:

@@ -121,7 +121,8 @@ class LoRALinear(nn.Module):
     def __init__(self, base, rank, alpha, dropout):
         super().__init__()
         out_features, in_features = base.q.shape
-        self.base, self.scaling, self.dropout = base, alpha / rank, nn.Dropout(dropout)
+        self.base, self.scaling = base, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=base.q.device))  # peft's init
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=base.q.device))

@@ -10,10 +10,29 @@ try:
 except ImportError:
     resource = None
 
+import os
+
 import torch
 import torch.distributed as dist
 
+from errors import die
 from hardware import DTYPES
+
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torchrun_env():
+    """(ddp, rank, local_rank, world_size) from the variables torchrun sets (RANK marks a process it launched);
+    one line when some are missing or not numbers (a stray RANK in the shell, say)."""
+    if "RANK" not in os.environ:
+        return False, 0, 0, 1
+    missing = [name for name in TORCHRUN_VARS if name not in os.environ]
+    numbers = [os.environ.get(name, "") for name in TORCHRUN_VARS[:3]]
+    if missing or not all(v.isdigit() for v in numbers):
+        what = f"{', '.join(missing)} not set" if missing else "RANK, LOCAL_RANK or WORLD_SIZE not a whole number"
+        die(f"RANK={os.environ['RANK']} is in the environment but {what}: torchrun sets them all; launch with "
+            f"torchrun, or unset RANK", every_rank=True)
+    return True, *(int(v) for v in numbers)
 
 
 def shard(model, dtype, device, inference=False):

@@ -40,7 +40,7 @@ from lora import LORA_SETTINGS, adapters, attach, summary
 from lora import check as lora_problem
 from model import GPT, MODEL_FIELDS, config_from_preset
 from optimizers import lr_factor, make_optimizers
-from parallel import full, memory_held, shard
+from parallel import full, memory_held, shard, torchrun_env
 from runlog import RunLog, StopSignals, lock_out_dir
 from training import Batches, Trainer, evaluate, mean_over_ranks, split_batch
 from warmstart import load_weights, vocab_fits, warm_start
@@ -137,7 +137,8 @@ seed = 1337  # seeds the weights, dropout and the batch stream
 lora_rules = declare(globals(), LORA_SETTINGS)  # LoRA (lora.py): --lora_rank=8 trains adapters on a frozen base
 # -----------------------------------------------------------------------------
 config, explicit = configure(globals())
-if os.environ.get("RANK", "0") == "0" and (busy := lock_out_dir(out_dir, probe=True)[1]):
+ddp, rank, local_rank, world_size = torchrun_env()  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+if rank == 0 and (busy := lock_out_dir(out_dir, probe=True)[1]):
     die(busy)  # another run holds out_dir: stop before reading or writing anything there
 signals = StopSignals()  # Ctrl-C and SIGTERM: at once before training starts; after the current step once it has
 
@@ -174,10 +175,7 @@ if init_from != "resume" and os.path.exists(ckpt_path) and not overwrite:
     die(f"{ckpt_path} already exists; continue it with --init_from=resume, pick another --out_dir, "
         f"or pass --overwrite=True to replace it")
 
-# distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-ddp = "RANK" in os.environ
-rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
-                                                                       ("WORLD_SIZE", 1)))
+# distributed setup (torchrun's processes)
 if ddp:
     if torch.cuda.is_available() and device in ("", "auto") or device.startswith("cuda"):
         device = f"cuda:{local_rank}"

@@ -89,6 +89,13 @@ def test_bad_settings_fail_with_one_line(workdir, argv, word):
     assert not (workdir / "out-bad" / "ckpt.pt").exists()
 
 
+def test_a_stray_rank_in_the_environment_is_one_line(workdir):
+    proc = run("train.py", "--dataset=tiny_char", "--out_dir=out-rank", *TINY, cwd=workdir, ok=False,
+               env={"RANK": "16"})  # no WORLD_SIZE: not a process torchrun launched
+    assert "torchrun" in proc.stderr and "WORLD_SIZE" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (workdir / "out-rank").exists()
+
+
 def test_atomic_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     """A save that dies half-way (a full disk) leaves the previous ckpt.pt whole, no temporary file behind, and
     says so in one line."""
