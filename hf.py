@@ -106,16 +106,18 @@ def to_hf(cfg, state, arch):
 
 def from_hf(cfg, tensors, arch, where):
     """Their state dict -> ours; stops with one line on a missing or unexpected tensor, or a learned
-    value we cannot represent (a qk-norm scale that is not 1, say)."""
+    value we cannot represent (a qk-norm scale that is not 1, say). `tensors` is emptied: each of theirs is freed as
+    ours takes its place (a fused q/k/v matrix is a new tensor: no second copy of a model at once)."""
     prefix = "transformer." if arch == "gpt2" else "model."  # some checkpoints leave the base prefix out
     theirs = {(k if k.startswith(prefix) or k == "lm_head.weight" else prefix + k): v for k, v in tensors.items()
               if not k.endswith(IGNORED)}
+    tensors.clear()
     state = {}
     for ours, names, kind, sizes in layout(cfg, arch):
         missing = [n for n in names if n not in theirs]
         if missing:
             die(f"{where} has no tensor {missing[0]}; is it a {arch} model of the shape config.json describes?")
-        tensors_ = [theirs.pop(n).float() for n in names]
+        tensors_ = [theirs.pop(n).float() for n in names]  # (popped: freed once ours is made)
         if kind in ("ones", "zeros"):
             if not torch.equal(tensors_[0] + float(arch == "gemma3_text" and kind == "ones"),
                                getattr(torch, kind)(sizes)):

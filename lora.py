@@ -76,10 +76,12 @@ def stored(w, kind):
     w = w.detach()
     if kind != "int8":
         return (w.to(torch.bfloat16) if kind else w), None
-    slabs = w.split(SLAB)  # a slab of rows at a time: no float32 temporary the size of an embedding
-    scale = torch.cat([r.float().abs().amax(dim=1) for r in slabs]).clamp(min=1e-12) / 127
-    return torch.cat([(r.float() / s[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-                      for r, s in zip(slabs, scale.split(SLAB), strict=True)]), scale
+    q, scale = torch.empty(w.shape, dtype=torch.int8, device=w.device), torch.empty(len(w), device=w.device)
+    for i in range(0, len(w), SLAB):  # a slab of rows at a time, into q: no temporary the size of an embedding
+        rows = w[i:i + SLAB].float()
+        s = scale[i:i + SLAB] = rows.abs().amax(dim=1).clamp_(min=1e-12) / 127
+        q[i:i + SLAB] = (rows / s[:, None]).round_().clamp_(-127, 127)
+    return q, scale
 
 
 class FrozenLinear(nn.Module):

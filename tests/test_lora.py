@@ -64,6 +64,16 @@ def test_a_bfloat16_or_int8_base_keeps_the_logits_close_in_less_memory():
     assert sizes["bfloat16"] <= 0.51 * sizes[""] and sizes["int8"] <= 0.3 * sizes[""]
 
 
+def test_int8_rows_are_the_same_quantized_a_slab_at_a_time(monkeypatch):
+    import lora
+    w = torch.randn(50, 32, generator=torch.Generator().manual_seed(2)) * torch.linspace(0.1, 3, 50)[:, None]
+    q, scale = lora.stored(w, "int8")
+    monkeypatch.setattr(lora, "SLAB", 7)  # an embedding's rows go a slab at a time, into one int8 tensor
+    assert all(torch.equal(a, b) for a, b in zip((q, scale), lora.stored(w, "int8"), strict=True))
+    assert q.dtype == torch.int8 and q.abs().amax(dim=1).eq(127).all()  # each row's largest at 127
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()  # off by half a step at most
+
+
 @pytest.fixture(scope="module")
 def base(workdir):
     """workdir with out-lora-base: a tiny gpt_plus (Llama layout) char model, the base the LoRA runs adapt."""
