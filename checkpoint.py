@@ -209,7 +209,7 @@ def restore_training(record, model, optimizers, scaler, ema, rank, device_type, 
     if record.shards:
         load_sharded(record.path, model, optimizers, ema if "ema" in record.shards else None)
     try:
-        states = [] if record.shards else state["optimizers"]  # (sharded: loaded above)
+        states = [] if record.shards else state["optimizers"] or []  # (sharded: loaded above; None: not kept)
         assert not states or len(optimizers) == len(states)
         if states and is_sharded(model):  # a whole ckpt.pt into parallel=fsdp
             load_whole_optimizers(model, optimizers, states)

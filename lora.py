@@ -52,8 +52,8 @@ def check(config, grown):
 
 
 def dequantize(q, scale, dtype):
-    w = q.to(dtype)
-    return w if scale is None else w * scale.to(dtype)[:, None]
+    w = q.to(dtype)  # (int8: a new tensor, scaled in place: one temporary the matrix's size, not two)
+    return w if scale is None else w.mul_(scale.to(dtype)[:, None])
 
 
 class FrozenProduct(torch.autograd.Function):

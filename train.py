@@ -62,6 +62,7 @@ strict_init = True  # warm start: False loads the weights that fit and reports m
 overwrite = False  # let init_from=scratch replace a checkpoint already in out_dir
 parallel = "ddp"  # under torchrun: ddp (a full copy per process) | fsdp (parameters, gradients, optimizer sharded)
 save_strategy = "latest"  # latest (ckpt.pt at every eval) | best (best.pt on a new best val loss) | both | none
+save_optimizer = True  # False: checkpoints without the optimizer state (a LoRA run: a third the size; no exact resume)
 early_stopping_patience = 0  # stop after this many evals without a new best val loss; 0 = never
 # data
 dataset = "pydocs_gpt2"  # a folder under data/ made by prepare_char.py or prepare_bpe.py
@@ -168,6 +169,8 @@ check(config, dict.fromkeys(["batch_size", "block_size", "gradient_accumulation_
                        "peak_flops"], NON_NEGATIVE)
       | dict.fromkeys(["beta1", "beta2", "muon_momentum", "label_smoothing", "ema_decay"], FRACTION)
       | dict(eps=ABOVE_ZERO, warmdown_frac=UNIT, seed=SEED, eval_tasks_limit=POSITIVE) | lora_rules)
+if not save_optimizer and parallel == "fsdp":
+    die("--save_optimizer=False writes whole checkpoints; --parallel=fsdp's sharded ones keep the optimizer: drop one")
 tasks = [t.strip() for t in eval_tasks.split(",") if t.strip()]
 if tasks:
     task_manager(tasks, eval_tasks_path)  # the harness is installed and knows every task
@@ -264,6 +267,8 @@ optimizers, muon_names, adam_names = make_optimizers(raw_model, config, fused=de
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # a no-op unless float16
 if init_from == "resume":
     restore_training(record, raw_model, optimizers, scaler, ema, rank, device_type, optimizer)
+    if not (record.shards or record.state["optimizers"]):
+        log.print(f"{record.path} holds no optimizer state (save_optimizer=False): the moments start again from zero")
 del record  # free the memory
 
 if compile:
@@ -298,7 +303,7 @@ def training_state():
     return dict(model=weights if whole else None, ema=ema.state_dict() if ema and whole else None, lora=lora_info,
                 shards=() if whole else ("model", "optimizers") + ("ema",) * bool(ema),
                 model_config=vars(model_config), config=config, scaler=scaler.state_dict(),
-                optimizers=[opt.state_dict() for opt in optimizers] if whole else None,
+                optimizers=[opt.state_dict() for opt in optimizers] if whole and save_optimizer else None,
                 iter_num=iter_num, best_val_loss=best_val_loss, train_time=train_time,
                 rng=rng_states(ddp, world_size, device_type), meta=meta,
                 sampler=dict(seed=seed, note="batches are a function of (seed, iter_num); nothing else to save"))

@@ -13,7 +13,7 @@ batch_size = 4
 gradient_accumulation_steps = 2  # 2 * 4 * 256 = 2,048 tokens per step
 # ~23 s a step on a 2-core AMD EPYC VM in float32, peak RSS ~5.5 GB (1 x 256 x 8 micro-steps: ~28 s, 3.4 GB), so 100
 # steps take ~40 minutes there, about 1.5 passes over pydocs_chat in SmolLM2's tokens; a GPU takes seconds. LoRA
-# (config/lora_smollm.py) takes less memory and time and writes 52 MB, not 1.6 GB
+# (config/lora_smollm.py) takes less memory and time and writes 23 MB, not 1.6 GB
 max_iters = 100
 eval_interval = 25
 eval_iters = 10

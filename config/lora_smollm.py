@@ -6,7 +6,7 @@
 #   python chat.py --out_dir=out-lora-smollm
 #   python convert.py --out_dir=out-lora-smollm --to=hf --dest=hf-lora-smollm    # merged: a plain model
 #   python convert.py --out_dir=out-lora-smollm --to=peft --dest=peft-smollm     # the adapters, for peft
-# --lora_base=int8 --grad_checkpoint=True: the least memory (1.1 GiB, not 1.6; BENCHMARKS.md) at ~1.7x the time a step.
+# --lora_base=int8 --grad_checkpoint=True: the least memory (1.1 GiB, not 1.6; BENCHMARKS.md) at ~1.5x the time a step.
 init_from = "hf:HuggingFaceTB/SmolLM2-135M-Instruct"
 out_dir = "out-lora-smollm"
 dataset = "pydocs_chat_bpe"
@@ -17,6 +17,8 @@ max_iters = 100
 eval_interval = 25
 eval_iters = 10
 save_strategy = "best"  # keep the adapters of the best val loss
+save_optimizer = False  # best.pt: the adapters, no AdamW state (the folder 23 MB, 4% of the base); True keeps the
+# moments (+35 MB) for an exact --init_from=resume
 lora_rank = 16
 lora_alpha = 32.0  # the update scaled by alpha / rank = 2 (the usual alpha = 2 * rank)
 lora_dropout = 0.0

@@ -107,6 +107,18 @@ def test_lora_run_saves_adapters_only_resumes_exactly_and_loads_everywhere(base)
     run("eval.py", "--out_dir=out-lora-8", "--text=tiny.txt", cwd=base)
 
 
+def test_a_lora_run_without_its_optimizer_state_is_a_third_the_size_and_resumes(base):
+    for out_dir, keep in (("out-lora-s", False), ("out-lora-w", True)):
+        run("train.py", *LORA, "--max_iters=4", f"--out_dir={out_dir}", f"--save_optimizer={keep}", cwd=base)
+    small, whole = (torch.load(base / d / "ckpt.pt", weights_only=True) for d in ("out-lora-s", "out-lora-w"))
+    adapter_bytes = sum(t.nbytes for t in small["model"].values())
+    assert small["optimizers"] is None and whole["optimizers"]
+    assert os.path.getsize(base / "out-lora-w" / "ckpt.pt") - os.path.getsize(base / "out-lora-s" / "ckpt.pt") >= \
+        2 * adapter_bytes  # AdamW's two moments of each adapter are what a whole checkpoint adds
+    out = run("train.py", "--init_from=resume", "--max_iters=6", "--out_dir=out-lora-s", cwd=base).stdout
+    assert "no optimizer state" in out and torch.load(base / "out-lora-s" / "ckpt.pt")["iter_num"] == 6
+
+
 def test_a_base_that_changed_under_its_adapters_is_one_line(base, tmp_path):
     import shutil
     shutil.copytree(base / "data", tmp_path / "data")

@@ -82,7 +82,8 @@ def test_scratch_refuses_to_overwrite_and_resume_checks_what_it_continues(workdi
                                        (["--optimizer=sgd"], "optimizer"),
                                        (["--n_head=3"], "n_head"), (["--block_size=100000"], "block_size"),
                                        (["--device=tpu"], "device"), (["--total_batch_size=1000"], "total_batch_size"),
-                                       (["--init_from=resume"], "not found")])
+                                       (["--init_from=resume"], "not found"),
+                                       (["--save_optimizer=False", "--parallel=fsdp"], "sharded")])
 def test_bad_settings_fail_with_one_line(workdir, argv, word):
     proc = run("train.py", "--dataset=tiny_char", "--out_dir=out-bad", *TINY, *argv, cwd=workdir, ok=False)
     assert word in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
